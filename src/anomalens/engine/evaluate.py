@@ -1,0 +1,74 @@
+"""Score a dataset's test split and compute every metric, overall and per defect type."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from anomalens.data import Dataset, Sample, read_mask
+from anomalens.metrics import f1_at_threshold, image_metrics, pixel_metrics
+from anomalens.models.base import Detector, Prediction
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    samples: list[Sample]
+    prediction: Prediction
+    masks: list[np.ndarray | None]
+
+
+def _masks(samples: list[Sample], prediction: Prediction) -> list[np.ndarray | None]:
+    """Ground truth per scored image: all-False for goods, None where a defect has no mask."""
+    out = []
+    for s, amap in zip(samples, prediction.maps):
+        if s.label == 0:
+            out.append(np.zeros(amap.shape, dtype=bool))
+        elif s.mask_path is None:
+            out.append(None)
+        else:
+            out.append(read_mask(s.mask_path, shape=amap.shape))
+    return out
+
+
+def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[np.ndarray | None],
+                    with_pixels: bool = True) -> dict[str, Any]:
+    labels = np.array([s.label for s in samples])
+    result: dict[str, Any] = {**image_metrics(labels, prediction.scores)}
+    if with_pixels and any(m is not None and m.any() for m in masks):
+        result.update(pixel_metrics(masks, prediction.maps))
+    else:
+        result.update(pixel_auroc=None, pixel_ap=None, aupro=None)
+    if prediction.calibration is not None:
+        at = f1_at_threshold(labels, prediction.scores, prediction.calibration.threshold)
+        result["at_threshold"] = {"threshold": prediction.calibration.threshold, **at}
+    return result
+
+
+def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on_error: str = "raise",
+             per_type: bool = True) -> Evaluation:
+    if not dataset.test:
+        raise ValueError(f"dataset '{dataset.name}' has no test images to evaluate on")
+    start = time.perf_counter()
+    prediction = detector.predict(dataset.test, progress=progress, on_error=on_error)
+    seconds = time.perf_counter() - start
+    by_key = {str(s.path): s for s in dataset.test}
+    samples = [by_key[k] for k in prediction.keys]
+    masks = _masks(samples, prediction)
+    metrics = compute_metrics(samples, prediction, masks)
+    metrics.update(dataset=dataset.name, model=detector.name, n_images=len(samples),
+                   n_skipped=len(prediction.skipped), predict_seconds=round(seconds, 3),
+                   images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None)
+    if per_type:
+        metrics["per_defect_type"] = {}
+        goods = [i for i, s in enumerate(samples) if s.label == 0]
+        for dtype in sorted({s.defect_type for s in samples if s.label == 1}):
+            idx = goods + [i for i, s in enumerate(samples) if s.defect_type == dtype and s.label == 1]
+            sub = Prediction([prediction.keys[i] for i in idx], prediction.scores[idx],
+                             [prediction.maps[i] for i in idx], prediction.calibration)
+            m = compute_metrics([samples[i] for i in idx], sub, [masks[i] for i in idx])
+            metrics["per_defect_type"][dtype] = {k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc",
+                                                                    "aupro")} | {"n": len(idx) - len(goods)}
+    return Evaluation(metrics, samples, prediction, masks)

@@ -1,0 +1,158 @@
+"""Turn what users pass (samples, paths, folders, arrays) into preprocessed batches.
+
+Every detector reads images through here, so corrupt files, progress and skip-and-log
+behave the same for all methods.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomalens.data import ImageReadError, Sample, list_images, read_image
+
+log = logging.getLogger(__name__)
+
+ImageLike = "Sample | str | Path | np.ndarray"
+
+
+@dataclass
+class InputItem:
+    """One image to score: where it came from and, once read, its pixels."""
+
+    key: str
+    path: Path | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    shapes: list[tuple[int, int]]  # original (H, W) of each image, for maps at input resolution
+    pixels: torch.Tensor  # (B, C, S, S) float32, normalized for the model
+
+
+@dataclass
+class SkipLog:
+    """Bad files met while reading with on_error='skip'."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, key: str, message: str) -> None:
+        self.skipped.append((key, message))
+        log.warning("skipped %s", message)
+
+
+def as_items(images: Iterable | np.ndarray | str | Path) -> list[InputItem]:
+    """Accept samples, paths, folders (expanded), a list of arrays or an (N,H,W[,C]) array."""
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if isinstance(images, np.ndarray):
+        images = list(images) if images.ndim in (3, 4) and images.dtype != object else [images]
+    items: list[InputItem] = []
+    for i, obj in enumerate(images):
+        if isinstance(obj, InputItem):
+            items.append(obj)
+        elif isinstance(obj, Sample):
+            items.append(InputItem(str(obj.path), path=obj.path))
+        elif isinstance(obj, (str, Path)):
+            p = Path(obj)
+            if p.is_dir():
+                items.extend(InputItem(str(f), path=f) for f in list_images(p, recursive=True))
+            else:
+                items.append(InputItem(str(p), path=p))
+        elif isinstance(obj, np.ndarray):
+            items.append(InputItem(f"array[{i}]", array=obj))
+        else:
+            raise TypeError(f"cannot use {type(obj).__name__} as an image: pass paths, Samples or numpy arrays")
+    return items
+
+
+def _as_float_image(array: np.ndarray, key: str) -> np.ndarray:
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3)):
+        raise ImageReadError(key, f"shape {a.shape} is not (H, W), (H, W, 1) or (H, W, 3)")
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    else:
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ImageReadError(key, "contains NaN/inf values")
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+
+
+def load_item(item: InputItem) -> np.ndarray:
+    if item.array is not None:
+        return _as_float_image(item.array, item.key)
+    return read_image(item.path)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to a square model input, make the channels the model wants, normalize."""
+
+    image_size: int
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        if t.shape[0] != self.channels:
+            # grayscale stays grayscale until here: only a 3-channel model gets it repeated
+            t = t.mean(0, keepdim=True) if self.channels == 1 else t[:1].expand(self.channels, -1, -1)
+        t = F.interpolate(t[None], size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+        mean = torch.tensor(self.mean[: self.channels]).view(-1, 1, 1)
+        std = torch.tensor(self.std[: self.channels]).view(-1, 1, 1)
+        return (t - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+
+
+def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size: int, *,
+                 on_error: str = "raise", skip_log: SkipLog | None = None,
+                 progress: "tqdm | None" = None) -> Iterator[Batch]:  # noqa: F821
+    """Read and preprocess in a background thread so decoding overlaps the model's compute."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+
+    def prepare(chunk: Sequence[InputItem]) -> Batch:
+        keys, shapes, tensors = [], [], []
+        for item in chunk:
+            try:
+                image = load_item(item)
+            except ImageReadError as err:
+                if on_error == "raise":
+                    raise
+                (skip_log or SkipLog()).add(item.key, str(err))
+                continue
+            keys.append(item.key)
+            shapes.append(image.shape[:2])
+            tensors.append(preprocess(image))
+        pixels = torch.stack(tensors) if tensors else torch.empty(0, preprocess.channels, preprocess.image_size,
+                                                                  preprocess.image_size)
+        return Batch(keys, shapes, pixels)
+
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            batch = pending.result()
+            pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            if progress is not None:
+                progress.update(len(chunks[i]))
+            if batch.keys:
+                yield batch

@@ -1,0 +1,253 @@
+"""The detector contract every method follows (scikit-learn style).
+
+`fit` learns normality from good images, `predict` returns image scores and pixel maps at
+each input's own resolution, `save`/`load` use one safetensors file whose JSON header holds
+the configuration: loading never runs code.
+"""
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from anomalens import __version__
+from anomalens.data import Sample, calibration_split
+from anomalens.engine.inputs import Batch, InputItem, Preprocess, SkipLog, as_items, iter_batches
+from anomalens.engine.progress import progress_bar
+from anomalens.thresholds import Calibration, calibrate
+
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read as an anomalens model."""
+
+
+@dataclass
+class Prediction:
+    """Scores and maps for a list of images, in input order.
+
+    `scores` are raw detector scores; `normalized_scores` put the calibration median at 0 and
+    the calibrated threshold at 1.0 (`is_anomalous` = normalized >= 1).
+    """
+
+    keys: list[str]
+    scores: np.ndarray
+    maps: list[np.ndarray]
+    calibration: Calibration | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def normalized_scores(self) -> np.ndarray | None:
+        return None if self.calibration is None else self.calibration.normalize(self.scores)
+
+    @property
+    def is_anomalous(self) -> np.ndarray | None:
+        n = self.normalized_scores
+        return None if n is None else n >= 1.0
+
+    def normalized_map(self, i: int) -> np.ndarray:
+        if self.calibration is None:
+            raise ValueError("the detector is not calibrated: fit it with calibration images")
+        return self.calibration.normalize_map(self.maps[i])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Options come as strings from `--set key=value`: convert them to the default's type."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(v) for v in value.split(",") if v.strip())
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"option {name}={value!r}: expected {type(default).__name__} like {default!r}") from None
+
+
+class Detector(ABC):
+    """Base class: subclasses set `name`, `defaults`, and implement the four hooks below."""
+
+    name: ClassVar[str]
+    #: options common to every detector; subclasses add theirs in `defaults`
+    base_defaults: ClassVar[dict[str, Any]] = {
+        "image_size": 256,
+        "batch_size": 8,
+        "device": "auto",
+        "calibration_fraction": 0.1,
+        "calibration_quantile": 0.99,
+        "seed": 0,
+    }
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        allowed = {**self.base_defaults, **self.defaults}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+        self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
+        self.calibration: Calibration | None = None
+        self.fit_info: dict[str, Any] = {}
+        self._fitted = False
+
+    # -- hooks -------------------------------------------------------------------------------
+    @abstractmethod
+    def _preprocess(self) -> Preprocess:
+        """How images are resized and normalized for this detector."""
+
+    @abstractmethod
+    def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
+        """Learn from batches of preprocessed good images."""
+
+    @abstractmethod
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (B,) and anomaly maps (B, S, S) at model resolution."""
+
+    @abstractmethod
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and JSON-safe metadata that fully describe the fitted detector."""
+
+    @abstractmethod
+    def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Inverse of `_state`."""
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        d = self.options["device"]
+        if d == "auto":
+            d = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(d)
+
+    def fit(self, images: Iterable | np.ndarray, calibration: Iterable | np.ndarray | None = None, *,
+            progress: bool = False) -> "Detector":
+        """Learn normality from good images and calibrate the threshold.
+
+        Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
+        for it (never test images).
+        """
+        items = as_items(images)
+        if calibration is None:
+            if len(items) < 2:
+                raise ValueError("fit needs at least 2 good images (one is held out for calibration)")
+            by_key = {it.key: it for it in items}
+            samples = [Sample(path=Path(it.key), label=0) for it in items]
+            fit_s, cal_s = calibration_split(samples, fraction=self.options["calibration_fraction"],
+                                             seed=self.options["seed"])
+            fit_items, cal_items = [by_key[str(s.path)] for s in fit_s], [by_key[str(s.path)] for s in cal_s]
+        else:
+            fit_items, cal_items = items, as_items(calibration)
+        if not fit_items:
+            raise ValueError("fit got no images")
+        torch.manual_seed(self.options["seed"])
+        self.fit_info = {}
+        start = time.perf_counter()
+        with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
+            self._fit_batches(iter_batches(fit_items, self._preprocess(), self.options["batch_size"],
+                                           progress=bar), len(fit_items))
+        self._fitted = True
+        fit_seconds = time.perf_counter() - start
+        cal = self.predict(cal_items, progress=progress, calibrated=False)
+        self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
+        self.fit_info.update(n_fit=len(fit_items), n_calibration=len(cal_items),
+                             fit_seconds=round(fit_seconds, 3), anomalens_version=__version__)
+        return self
+
+    def iter_predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
+                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+        """Yield (key, raw score, map at the image's own resolution) as each batch is scored,
+        so batch jobs can write results as they go and keep them if a later image fails."""
+        if not self._fitted:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() or load a model file first")
+        items = as_items(images)
+        with progress_bar(len(items), f"{self.name}: predict", enabled=progress) as bar:
+            for batch in iter_batches(items, self._preprocess(), self.options["batch_size"],
+                                      on_error=on_error, skip_log=skip_log, progress=bar):
+                scores, maps = self._score_batch(batch.pixels)
+                for key, score, amap, shape in zip(batch.keys, scores, maps, batch.shapes):
+                    yield key, float(score), resize_map(amap, shape)
+
+    def predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
+                calibrated: bool = True) -> Prediction:
+        """Score images; maps come back at each image's own resolution.
+
+        on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
+        """
+        skip_log = SkipLog()
+        rows = list(self.iter_predict(images, progress=progress, on_error=on_error, skip_log=skip_log))
+        return Prediction(keys=[r[0] for r in rows], scores=np.array([r[1] for r in rows], dtype=np.float64),
+                          maps=[r[2] for r in rows], calibration=self.calibration if calibrated else None,
+                          skipped=skip_log.skipped)
+
+    def save(self, path: str | Path) -> Path:
+        if not self._fitted:
+            raise RuntimeError(f"{self.name} is not fitted: nothing to save")
+        arrays, meta = self._state()
+        header = {"format_version": FORMAT_VERSION, "detector": self.name, "options": self.options,
+                  "calibration": self.calibration.to_dict() if self.calibration else None,
+                  "fit_info": self.fit_info, "state": meta}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                  metadata={"anomalens": json.dumps(header)})
+        tmp.replace(path)  # a crash mid-write never leaves a half model under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Detector":
+        from anomalens.registry import get_class
+
+        header, arrays = read_model_file(path)
+        detector = get_class(header["detector"])(**header["options"])
+        detector._restore(arrays, header["state"])
+        detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
+        detector.fit_info = header.get("fit_info", {})
+        detector._fitted = True
+        return detector
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if v != {**self.base_defaults, **self.defaults}[k]}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file '{path}' not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        arrays = load_file(str(path))
+        header = json.loads(meta["anomalens"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ModelFileError(f"'{path}' is not an anomalens model file ({type(err).__name__})") from None
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"'{path}' has model format {header.get('format_version')}, "
+                             f"this anomalens reads format {FORMAT_VERSION}")
+    return header, arrays
+
+
+def resize_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bring a model-resolution map back to the image's own (H, W)."""
+    if tuple(anomaly_map.shape) == tuple(shape):
+        return anomaly_map.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()

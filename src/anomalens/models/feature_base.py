@@ -1,0 +1,63 @@
+"""Shared plumbing of detectors built on a pretrained backbone (PatchCore, PaDiM, ...)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
+from anomalens.engine.inputs import Preprocess
+from anomalens.models.base import Detector
+
+
+class BackboneDetector(Detector):
+    """Adds the backbone options, a lazily built extractor and a checksum check on load."""
+
+    base_defaults = {
+        **Detector.base_defaults,
+        "backbone": "efficientnet_lite0",
+        "weights": "",  # local weight file; empty = the backbone's own (offline or published) weights
+        "engine": "auto",  # feature extraction: "onnx" (fast on CPU), "torch", or "auto"
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._extractor = None
+        self._runner = None
+        self._backbone_checksum: str | None = None
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        return BackboneSpec(name=self.options["backbone"], layers=tuple(self.options["layers"]),
+                            weights=self.options["weights"] or None)
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            self._extractor = build_backbone(self.backbone_spec, device=self.device)
+            checksum = weights_checksum(self._extractor)
+            if self._backbone_checksum is not None and checksum != self._backbone_checksum:
+                raise BackboneError(f"backbone {self.backbone_spec.name!r} now has other weights than when the "
+                                    "model was fitted: refit, or restore the original weight file")
+            self._backbone_checksum = checksum
+        return self._extractor
+
+    def _preprocess(self) -> Preprocess:
+        ex = self.extractor
+        return Preprocess(self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std))
+
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
+        if self._runner is None:
+            self._runner = make_feature_runner(self.extractor, self.options["image_size"], self.device,
+                                               engine=self.options["engine"])
+        outs = self._runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
+        return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
+
+    def _backbone_state(self) -> dict[str, Any]:
+        _ = self.extractor  # make sure the checksum is known
+        return {"backbone_checksum": self._backbone_checksum}
+
+    def _restore_backbone(self, meta: dict[str, Any]) -> None:
+        self._backbone_checksum = meta["backbone_checksum"]

@@ -1,0 +1,191 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory of locally aware patch features.
+
+Inference compute lives in `PatchCoreModel` (a plain nn.Module that exports to ONNX as it is);
+`PatchCore` holds the fitting: streaming feature extraction and a chunked greedy coreset.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.engine.inputs import Batch
+from anomalens.models.feature_base import BackboneDetector
+from anomalens.models.layers import GaussianBlur, upsample_to_input
+from anomalens.registry import register
+
+
+def locally_aware_embedding(features: list[torch.Tensor]) -> torch.Tensor:
+    """3x3 neighbourhood average of each stage, deeper stages upsampled to the first: (B, D, h, w)."""
+    size = features[0].shape[-2:]
+    out = []
+    for f in features:
+        f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+class PatchCoreModel(nn.Module):
+    """Features -> nearest memory patch -> reweighted image score and smoothed pixel map."""
+
+    def __init__(self, memory_bank: torch.Tensor, image_size: int, num_neighbors: int = 9,
+                 sigma: float = 4.0) -> None:
+        super().__init__()
+        self.register_buffer("memory_bank", memory_bank)
+        self.image_size = image_size
+        self.num_neighbors = num_neighbors
+        self.blur = GaussianBlur(sigma)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pure-torch path (exact search with cdist): used for export and as the reference."""
+        emb = locally_aware_embedding(features)
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        dist = torch.cdist(flat, self.memory_bank)
+        nn_dist, nn_idx = dist.min(dim=1)
+        support = torch.cdist(self.memory_bank[nn_idx], self.memory_bank).topk(
+            min(self.num_neighbors, self.memory_bank.shape[0]), largest=False).indices
+        return self.score(emb, nn_dist, nn_idx, support)
+
+    def score(self, emb: torch.Tensor, nn_dist: torch.Tensor, nn_idx: torch.Tensor,
+              support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and maps (B, S, S) from each patch's nearest-memory distance.
+
+        `support` holds, per patch, the num_neighbors nearest memory entries of its nearest memory
+        entry (itself first); it is only read at each image's most anomalous patch.
+        """
+        b, d, h, w = emb.shape
+        patch = nn_dist.view(b, h * w)
+        top = patch.argmax(dim=1)
+        rows = torch.arange(b, device=emb.device) * (h * w) + top
+        test_feat = emb.permute(0, 2, 3, 1).reshape(-1, d)[rows]  # (B, D)
+        neighbours = self.memory_bank[support.view(b * h * w, -1)[rows]]  # (B, k, D)
+        dists = torch.linalg.vector_norm(neighbours - test_feat.unsqueeze(1), dim=2)
+        # paper's eq. 7: down-weight scores whose nearest memory patch sits in a dense neighbourhood
+        weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
+        scores = weight * patch.max(dim=1).values
+        maps = upsample_to_input(patch.view(b, h, w), self.image_size, self.blur)
+        return scores, maps
+
+
+def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int) -> torch.Tensor:
+    """Indices of an approximate k-center coreset (PatchCore's greedy selection).
+
+    Written here because neither faiss nor scikit-learn offers greedy k-center; distances run on
+    a Johnson-Lindenstrauss random projection, as in the paper, to cut their cost.
+    """
+    n = features.shape[0]
+    if n_select >= n:
+        return torch.arange(n, device=features.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = features
+    if projection_dim and projection_dim < features.shape[1]:
+        proj = torch.randn(features.shape[1], projection_dim, generator=gen) / math.sqrt(projection_dim)
+        x = features @ proj.to(features.device, features.dtype)
+    sq = (x * x).sum(dim=1)
+    selected = torch.empty(n_select, dtype=torch.long, device=features.device)
+    idx = int(torch.randint(n, (1,), generator=gen))
+    min_d = torch.full((n,), float("inf"), device=features.device, dtype=x.dtype)
+    for i in range(n_select):
+        selected[i] = idx
+        c = x[idx]
+        d = sq - 2.0 * (x @ c) + sq[idx]
+        torch.minimum(min_d, d, out=min_d)
+        idx = int(torch.argmax(min_d))
+    return selected
+
+
+@register
+class PatchCore(BackboneDetector):
+    """PatchCore: memory of nominal patch features; anomaly = distance to the nearest one.
+
+    Options: coreset_ratio (fraction of all training patches kept, default 1 %),
+    coreset_min_size (a floor so tiny training sets keep enough patches), num_neighbors
+    (score reweighting), projection_dim (coreset distances), chunk_patches (memory bound of
+    the streaming coreset), sigma (map smoothing).
+    """
+
+    name = "patchcore"
+    defaults = {
+        "layers": (2, 3),
+        "coreset_ratio": 0.01,
+        "coreset_min_size": 1000,
+        "num_neighbors": 9,
+        "projection_dim": 64,
+        "chunk_patches": 16384,
+        "chunk_oversample": 4.0,
+        "sigma": 4.0,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.model: PatchCoreModel | None = None
+        self._index = None
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return locally_aware_embedding(self.features(pixels.to(self.device)))
+
+    def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
+        o = self.options
+        keep_ratio = min(1.0, o["coreset_ratio"] * o["chunk_oversample"])
+        kept: list[torch.Tensor] = []
+        buffer: list[torch.Tensor] = []
+        n_total = 0
+
+        def reduce_buffer() -> None:
+            # Stage 1 keeps an oversampled coreset of each chunk, so memory stays bounded by
+            # chunk_patches plus the candidates, however many images are given.
+            chunk = torch.cat(buffer)
+            buffer.clear()
+            n_keep = max(1, math.ceil(keep_ratio * chunk.shape[0]))
+            kept.append(chunk[greedy_coreset(chunk, n_keep, o["projection_dim"], o["seed"] + len(kept))])
+
+        for batch in batches:
+            emb = self._embed(batch.pixels)
+            flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+            n_total += flat.shape[0]
+            buffer.append(flat)
+            if sum(b.shape[0] for b in buffer) >= o["chunk_patches"]:
+                reduce_buffer()
+        if buffer:
+            reduce_buffer() if kept else kept.append(torch.cat(buffer))
+        candidates = torch.cat(kept)
+        target = max(math.ceil(o["coreset_ratio"] * n_total), min(n_total, o["coreset_min_size"]))
+        bank = candidates[greedy_coreset(candidates, target, o["projection_dim"], o["seed"])]
+        self._set_bank(bank.float().contiguous())
+        self.fit_info.update(n_patches=n_total, memory_bank=int(bank.shape[0]))
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.model = PatchCoreModel(bank, self.options["image_size"], self.options["num_neighbors"],
+                                    self.options["sigma"]).to(self.device).eval()
+        bank_np = bank.cpu().numpy()
+        self._index = faiss.IndexFlatL2(bank_np.shape[1])
+        self._index.add(bank_np)
+        # the support neighbourhood of every memory entry never changes: look it up once
+        k = min(self.options["num_neighbors"], bank_np.shape[0])
+        _, support = self._index.search(bank_np, k)
+        self._bank_support = torch.from_numpy(support).to(self.device)
+
+    @torch.inference_mode()
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        emb = self._embed(pixels)
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).contiguous()
+        sq_dist, idx = self._index.search(flat.cpu().numpy(), 1)
+        nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).to(self.device)
+        nn_idx = torch.from_numpy(idx[:, 0]).to(self.device)
+        scores, maps = self.model.score(emb, nn_dist, nn_idx, self._bank_support[nn_idx])
+        return scores.cpu().numpy(), maps.cpu().numpy()
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return {"memory_bank": self.model.memory_bank.cpu().numpy()}, self._backbone_state()
+
+    def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self._restore_backbone(meta)
+        self._set_bank(torch.from_numpy(arrays["memory_bank"]))

@@ -1,0 +1,4 @@
+"""Decision thresholds fitted on good images only."""
+from anomalens.thresholds.calibrate import Calibration, calibrate
+
+__all__ = ["Calibration", "calibrate"]
