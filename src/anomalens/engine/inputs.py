@@ -129,14 +129,16 @@ def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size:
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
 
-    def prepare(chunk: Sequence[InputItem]) -> Batch:
+    def prepare(chunk: Sequence[InputItem]) -> tuple[Batch, ImageReadError | None]:
         keys, shapes, tensors = [], [], []
+        error = None
         for item in chunk:
             try:
                 image = load_item(item)
             except ImageReadError as err:
                 if on_error == "raise":
-                    raise
+                    error = err  # the images before it in this batch are still scored
+                    break
                 (skip_log or SkipLog()).add(item.key, str(err))
                 continue
             keys.append(item.key)
@@ -144,15 +146,17 @@ def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size:
             tensors.append(preprocess(image))
         pixels = torch.stack(tensors) if tensors else torch.empty(0, preprocess.channels, preprocess.image_size,
                                                                   preprocess.image_size)
-        return Batch(keys, shapes, pixels)
+        return Batch(keys, shapes, pixels), error
 
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(prepare, chunks[0]) if chunks else None
         for i in range(len(chunks)):
-            batch = pending.result()
-            pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            batch, error = pending.result()
+            pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) and error is None else None
             if progress is not None:
-                progress.update(len(chunks[i]))
+                progress.update(len(batch.keys))
             if batch.keys:
                 yield batch
+            if error is not None:
+                raise error

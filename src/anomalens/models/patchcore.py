@@ -132,12 +132,16 @@ class PatchCore(BackboneDetector):
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return locally_aware_embedding(self.features(pixels.to(self.device)))
 
+    def _coreset_size(self, n_patches: int) -> int:
+        o = self.options
+        return max(math.ceil(o["coreset_ratio"] * n_patches), min(n_patches, o["coreset_min_size"]))
+
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         o = self.options
-        keep_ratio = min(1.0, o["coreset_ratio"] * o["chunk_oversample"])
         kept: list[torch.Tensor] = []
         buffer: list[torch.Tensor] = []
         n_total = 0
+        keep_ratio = 1.0
 
         def reduce_buffer() -> None:
             # Stage 1 keeps an oversampled coreset of each chunk, so memory stays bounded by
@@ -150,6 +154,9 @@ class PatchCore(BackboneDetector):
         for batch in batches:
             emb = self._embed(batch.pixels)
             flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+            if n_total == 0:  # every image gives as many patches: the final size is known now
+                expected = n_images * flat.shape[0] // batch.pixels.shape[0]
+                keep_ratio = min(1.0, o["chunk_oversample"] * self._coreset_size(expected) / expected)
             n_total += flat.shape[0]
             buffer.append(flat)
             if sum(b.shape[0] for b in buffer) >= o["chunk_patches"]:
@@ -157,8 +164,7 @@ class PatchCore(BackboneDetector):
         if buffer:
             reduce_buffer() if kept else kept.append(torch.cat(buffer))
         candidates = torch.cat(kept)
-        target = max(math.ceil(o["coreset_ratio"] * n_total), min(n_total, o["coreset_min_size"]))
-        bank = candidates[greedy_coreset(candidates, target, o["projection_dim"], o["seed"])]
+        bank = candidates[greedy_coreset(candidates, self._coreset_size(n_total), o["projection_dim"], o["seed"])]
         self._set_bank(bank.float().contiguous())
         self.fit_info.update(n_patches=n_total, memory_bank=int(bank.shape[0]))
 

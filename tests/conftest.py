@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny synthetic MVTec-layout data, generated once per test session."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail fast, never hang
+
+from anomalens.data import load_mvtec, make_synthetic_dataset  # noqa: E402
+
+# per-detector options that keep every test fast; methods not listed use FAST_DEFAULT
+FAST_DEFAULT = {"image_size": 64, "batch_size": 8}
+FAST_OPTIONS = {
+    "patchcore": {"coreset_min_size": 200},
+    "padim": {"n_features": 40},
+}
+
+
+def fast_options(name: str) -> dict:
+    return {**FAST_DEFAULT, **FAST_OPTIONS.get(name, {})}
+
+
+@pytest.fixture(scope="session")
+def texture_root(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("texture") / "tex", kind="texture", n_train=16,
+                                  n_test_good=6, n_test_defect=6, size=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def texture(texture_root):
+    return load_mvtec(texture_root)

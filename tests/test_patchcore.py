@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+from conftest import fast_options
+
+import anomalens
+from anomalens.models.patchcore import greedy_coreset
+
+
+def test_greedy_coreset_picks_distinct_points_and_covers_better_than_random():
+    gen = torch.Generator().manual_seed(0)
+    # clustered data: a good coreset visits every cluster, a random subset misses small ones
+    centers = torch.randn(20, 16, generator=gen) * 10
+    sizes = [500] + [5] * 19
+    x = torch.cat([c + torch.randn(n, 16, generator=gen) * 0.1 for c, n in zip(centers, sizes)])
+    idx = greedy_coreset(x, 20, projection_dim=0, seed=0)
+    assert len(set(idx.tolist())) == 20
+
+    def radius(sel):
+        return torch.cdist(x, x[sel]).min(dim=1).values.max()
+
+    random_sel = torch.randperm(len(x), generator=gen)[:20]
+    assert radius(idx) < 1.0 < radius(random_sel)
+
+
+def test_coreset_of_everything_is_everything():
+    assert greedy_coreset(torch.randn(10, 4), 50, 0, 0).tolist() == list(range(10))
+
+
+def test_faiss_search_matches_the_pure_torch_model(texture):
+    det = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+    from anomalens.engine.inputs import as_items, iter_batches
+
+    batch = next(iter_batches(as_items(texture.test), det._preprocess(), 8))
+    fast_scores, fast_maps = det._score_batch(batch.pixels)
+    with torch.inference_mode():
+        ref_scores, ref_maps = det.model(det.features(batch.pixels))
+    np.testing.assert_allclose(fast_scores, ref_scores.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast_maps, ref_maps.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_memory_bank_size_follows_ratio_and_floor(texture):
+    opts = {**fast_options("patchcore"), "coreset_ratio": 0.1, "coreset_min_size": 10, "chunk_patches": 512}
+    det = anomalens.create("patchcore", **opts).fit(texture.train)
+    n_patches = det.fit_info["n_patches"]
+    assert n_patches == det.fit_info["n_fit"] * 8 * 8  # 64 px at stride 8
+    assert det.fit_info["memory_bank"] == int(np.ceil(0.1 * n_patches))
+    det = anomalens.create("patchcore", **{**opts, "coreset_min_size": 100000}).fit(texture.train)
+    assert det.fit_info["memory_bank"] == n_patches  # the floor keeps every patch of a tiny set
+
+
+def test_fit_is_deterministic(texture):
+    a = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+    b = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+    assert torch.equal(a.model.memory_bank, b.model.memory_bank)
