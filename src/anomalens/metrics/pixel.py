@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 200_000_000
 _SUBSAMPLE_SEED = 0
 # MVTec AD's evaluation code labels regions with a 3x3 structure of ones (8-connectivity).
 _REGION_STRUCTURE = np.ones((3, 3), dtype=bool)
@@ -115,46 +115,46 @@ def _area_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
 
 
 def _auroc_ap(pairs: list[Pair], n_pixels: int, max_pixels: int) -> tuple[float | None, float | None, bool]:
-    """sklearn pixel AUROC and AP on concatenated float32 scores, subsampled above max_pixels.
+    """Pixel AUROC and AP on all positive and negative scores, subsampled above max_pixels.
 
     A separate function so the concatenated arrays are freed before AUPRO allocates its own.
     """
     subsample = n_pixels > max_pixels
     rng = np.random.default_rng(_SUBSAMPLE_SEED)
-    labels, scores = [], []
+    pos, neg = [], []
     for mask, amap in pairs:
-        y, s = mask.ravel(), amap.ravel()
+        y, s = mask.ravel(), amap.ravel().astype(np.float32, copy=False)
         if subsample:
             # Per-image Bernoulli draws avoid materializing a draw over all pixels at once.
             keep = rng.random(y.size) < max_pixels / n_pixels
             y, s = y[keep], s[keep]
-        labels.append(y)
-        scores.append(s.astype(np.float32, copy=False))
-    y_all = np.concatenate(labels)
-    s_all = np.concatenate(scores)
-    if not y_all.any() or y_all.all():
+        pos.append(s[y])
+        neg.append(s[~y])
+    pos_all, neg_all = np.concatenate(pos), np.concatenate(neg)
+    if not pos_all.size or not neg_all.size:
         warnings.warn("pixel subsample lacks one class; pixel AUROC/AP reported as None", UserWarning, stacklevel=3)
         return None, None, subsample
-    auroc, ap = _binary_auroc_ap(y_all, s_all)
+    auroc, ap = _binary_auroc_ap(pos_all, neg_all)
     return auroc, ap, subsample
 
 
-def _binary_auroc_ap(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """ROC AUC and average precision from one sort, with sklearn's definitions (tests cross-check).
+def _binary_auroc_ap(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """ROC AUC and average precision, exact and with sklearn's definitions (tests cross-check).
 
-    Written here because sklearn's roc_auc_score and average_precision_score each sort and
-    validate tens of millions of pixels again (about 17 s apiece on 3e7 pixels here).
+    Written here because sklearn's roc_auc_score and average_precision_score each argsort and
+    validate every pixel again (about 17 s apiece on 3e7 pixels here); this sorts the positive
+    and negative scores once each (a plain sort, far cheaper than an argsort) and ranks the
+    positives among the negatives with a binary search.
     """
-    order = np.argsort(scores)[::-1]
-    ranked = scores[order]
-    tps = np.cumsum(labels[order], dtype=np.int64)
-    ends = np.append(np.flatnonzero(ranked[:-1] != ranked[1:]), ranked.size - 1)  # last of each tie run
-    tps = tps[ends]
-    fps = ends + 1 - tps
-    tpr = np.concatenate(([0.0], tps / tps[-1]))
-    fpr = np.concatenate(([0.0], fps / fps[-1]))
-    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
-    ap = float(np.sum(np.diff(tpr) * (tps / (tps + fps))))  # recall steps x precision, as sklearn
+    neg = np.sort(neg)
+    values, counts = np.unique(pos, return_counts=True)  # ascending distinct positive scores
+    below = np.searchsorted(neg, values, side="left")
+    ties = np.searchsorted(neg, values, side="right") - below
+    # Mann-Whitney U: a negative below a positive counts 1, a tied one counts 1/2
+    auroc = float(np.sum(counts * (below + 0.5 * ties)) / (pos.size * neg.size))
+    tp = np.cumsum(counts[::-1])[::-1]  # positives scoring >= each value
+    fp = neg.size - below  # negatives scoring >= each value
+    ap = float(np.sum(counts / pos.size * tp / (tp + fp)))  # recall steps x precision, as sklearn
     return auroc, ap
 
 
