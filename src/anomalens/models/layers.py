@@ -8,25 +8,45 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class GaussianBlur(nn.Module):
-    """Separable Gaussian smoothing of (B, 1, H, W) maps, as PatchCore and PaDiM prescribe."""
+def _gaussian_kernel(sigma: float) -> tuple[torch.Tensor, int]:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum(), radius
 
-    def __init__(self, sigma: float) -> None:
+
+def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D bilinear upsampling followed by reflect-padded Gaussian blur.
+
+    Both steps are linear and separable, so a whole 2-D map is A @ P @ B.T: two small matmuls
+    instead of a 33-tap convolution over the full-size map (about 20x cheaper on a CPU).
+    """
+    basis = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # (n_in, 1, n_in): one unit impulse each
+    up = F.interpolate(basis, size=n_out, mode="linear", align_corners=False)
+    kernel, radius = _gaussian_kernel(sigma)
+    pad = min(radius, n_out - 1)  # reflect padding cannot exceed the signal; tiny maps clip the tails
+    up = F.pad(up, (pad, pad), mode="reflect")
+    k = kernel[radius - pad: radius + pad + 1]
+    cols = F.conv1d(up, (k / k.sum()).view(1, 1, -1))  # (n_in, 1, n_out)
+    return cols[:, 0, :].T.float().contiguous()
+
+
+class SmoothUpsample(nn.Module):
+    """(B, h, w) patch scores -> (B, size, size) pixel map: bilinear upsampling then Gaussian
+    smoothing, as PatchCore and PaDiM prescribe."""
+
+    def __init__(self, size: int, sigma: float) -> None:
         super().__init__()
-        radius = max(1, int(math.ceil(4 * sigma)))
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(x**2) / (2 * sigma**2))
-        self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)
-        self.radius = radius
+        self.size = size
+        self.sigma = sigma
+        self._matrices: dict[int, torch.Tensor] = {}
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        k = self.kernel.to(maps.dtype)
-        maps = F.pad(maps, (self.radius, self.radius, self.radius, self.radius), mode="reflect")
-        maps = F.conv2d(maps, k.view(1, 1, 1, -1))
-        return F.conv2d(maps, k.view(1, 1, -1, 1))
+    def matrix(self, n_in: int, device: torch.device) -> torch.Tensor:
+        if n_in not in self._matrices:
+            self._matrices[n_in] = _upsample_blur_matrix(n_in, self.size, self.sigma)
+        return self._matrices[n_in].to(device)
 
-
-def upsample_to_input(patch_maps: torch.Tensor, size: int, blur: GaussianBlur) -> torch.Tensor:
-    """(B, h, w) patch scores -> (B, size, size) smoothed pixel map."""
-    maps = F.interpolate(patch_maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
-    return blur(maps).squeeze(1)
+    def forward(self, patch_maps: torch.Tensor) -> torch.Tensor:
+        a = self.matrix(patch_maps.shape[-2], patch_maps.device)
+        b = self.matrix(patch_maps.shape[-1], patch_maps.device)
+        return a @ patch_maps @ b.T

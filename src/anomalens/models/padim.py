@@ -15,7 +15,7 @@ from torch import nn
 
 from anomalens.engine.inputs import Batch
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import GaussianBlur, upsample_to_input
+from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register
 
 
@@ -35,7 +35,7 @@ class PadimModel(nn.Module):
         self.register_buffer("mean", mean)  # (P, d)
         self.register_buffer("inv_cov", inv_cov)  # (P, d, d)
         self.image_size = image_size
-        self.blur = GaussianBlur(sigma)
+        self.upsample = SmoothUpsample(image_size, sigma)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         emb = concat_embedding(features, self.channel_idx)
@@ -43,7 +43,7 @@ class PadimModel(nn.Module):
         delta = emb.reshape(b, d, h * w).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (P, B, d)
         dist2 = (torch.bmm(delta, self.inv_cov) * delta).sum(-1)  # (P, B)
         dist = dist2.clamp_min(0).sqrt().T.reshape(b, h, w)
-        maps = upsample_to_input(dist, self.image_size, self.blur)
+        maps = self.upsample(dist)
         return maps.amax(dim=(1, 2)), maps
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from anomalens.engine.inputs import Batch
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import GaussianBlur, upsample_to_input
+from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register
 
 
@@ -42,7 +42,7 @@ class PatchCoreModel(nn.Module):
         self.register_buffer("memory_bank", memory_bank)
         self.image_size = image_size
         self.num_neighbors = num_neighbors
-        self.blur = GaussianBlur(sigma)
+        self.upsample = SmoothUpsample(image_size, sigma)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure-torch path (exact search with cdist): used for export and as the reference."""
@@ -71,7 +71,7 @@ class PatchCoreModel(nn.Module):
         # paper's eq. 7: down-weight scores whose nearest memory patch sits in a dense neighbourhood
         weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         scores = weight * patch.max(dim=1).values
-        maps = upsample_to_input(patch.view(b, h, w), self.image_size, self.blur)
+        maps = self.upsample(patch.view(b, h, w))
         return scores, maps
 
 
