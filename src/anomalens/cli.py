@@ -150,7 +150,7 @@ def predict(
                                                           skip_log=skip_log):
                 norm = float(cal.normalize(score))
                 nmap = cal.normalize_map(amap)
-                regions = find_regions(nmap, min_region)
+                regions = find_regions(nmap, min_region) if detector.localizes else []
                 flagged = norm >= 1.0
                 name = ""
                 if overlays:

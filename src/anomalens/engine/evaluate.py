@@ -35,6 +35,7 @@ def _masks(samples: list[Sample], prediction: Prediction) -> list[np.ndarray | N
 
 def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[np.ndarray | None],
                     with_pixels: bool = True) -> dict[str, Any]:
+    """Image metrics, pixel metrics where there is ground truth, and the calibrated operating point."""
     labels = np.array([s.label for s in samples])
     result: dict[str, Any] = {**image_metrics(labels, prediction.scores)}
     if with_pixels and any(m is not None and m.any() for m in masks):
@@ -57,7 +58,7 @@ def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on
     by_key = {str(s.path): s for s in dataset.test}
     samples = [by_key[k] for k in prediction.keys]
     masks = _masks(samples, prediction)
-    metrics = compute_metrics(samples, prediction, masks)
+    metrics = compute_metrics(samples, prediction, masks, with_pixels=detector.localizes)
     metrics.update(dataset=dataset.name, model=detector.name, n_images=len(samples),
                    n_skipped=len(prediction.skipped), predict_seconds=round(seconds, 3),
                    images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None)
@@ -68,7 +69,8 @@ def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on
             idx = goods + [i for i, s in enumerate(samples) if s.defect_type == dtype and s.label == 1]
             sub = Prediction([prediction.keys[i] for i in idx], prediction.scores[idx],
                              [prediction.maps[i] for i in idx], prediction.calibration)
-            m = compute_metrics([samples[i] for i in idx], sub, [masks[i] for i in idx])
+            m = compute_metrics([samples[i] for i in idx], sub, [masks[i] for i in idx],
+                                with_pixels=detector.localizes)
             metrics["per_defect_type"][dtype] = {k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc",
                                                                     "aupro")} | {"n": len(idx) - len(goods)}
     return Evaluation(metrics, samples, prediction, masks)

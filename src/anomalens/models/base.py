@@ -96,6 +96,9 @@ class Detector(ABC):
         "seed": 0,
     }
     defaults: ClassVar[dict[str, Any]] = {}
+    #: False for methods that only score whole images: their maps are constant (the image score
+    #: everywhere), pixel metrics are not computed and no regions are drawn for them
+    localizes: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         allowed = {**self.base_defaults, **self.defaults}
