@@ -109,6 +109,7 @@ class Detector(ABC):
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
         self._fitted = False
+        self._show_progress = False
 
     # -- hooks -------------------------------------------------------------------------------
     @abstractmethod
@@ -161,6 +162,7 @@ class Detector(ABC):
             raise ValueError("fit got no images")
         torch.manual_seed(self.options["seed"])
         self.fit_info = {}
+        self._show_progress = progress  # methods with long fitting steps show their own bars
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
             self._fit_batches(iter_batches(fit_items, self._preprocess(), self.options["batch_size"],

@@ -6,7 +6,7 @@ Inference compute lives in `PatchCoreModel` (a plain nn.Module that exports to O
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faiss
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.engine.inputs import Batch
+from anomalens.engine.progress import progress_bar
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register
@@ -75,7 +76,8 @@ class PatchCoreModel(nn.Module):
         return scores, maps
 
 
-def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int,
+                   on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Indices of an approximate k-center coreset (PatchCore's greedy selection).
 
     Written here because neither faiss nor scikit-learn offers greedy k-center; distances run on
@@ -99,6 +101,8 @@ def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, s
         d = sq - 2.0 * (x @ c) + sq[idx]
         torch.minimum(min_d, d, out=min_d)
         idx = int(torch.argmax(min_d))
+        if on_progress is not None and (i + 1) % 256 == 0:
+            on_progress(256)
     return selected
 
 
@@ -164,7 +168,10 @@ class PatchCore(BackboneDetector):
         if buffer:
             reduce_buffer() if kept else kept.append(torch.cat(buffer))
         candidates = torch.cat(kept)
-        bank = candidates[greedy_coreset(candidates, self._coreset_size(n_total), o["projection_dim"], o["seed"])]
+        n_bank = self._coreset_size(n_total)
+        with progress_bar(n_bank, "patchcore: coreset", enabled=self._show_progress, unit="patch") as bar:
+            bank = candidates[greedy_coreset(candidates, n_bank, o["projection_dim"], o["seed"],
+                                             on_progress=bar.update if bar else None)]
         self._set_bank(bank.float().contiguous())
         self.fit_info.update(n_patches=n_total, memory_bank=int(bank.shape[0]))
 
