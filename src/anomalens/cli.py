@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from anomalens.cli_extra import REPORT_HELP, benchmark, write_report
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Unsupervised visual anomaly detection and localization for industrial inspection.")
 err = Console(stderr=True)
@@ -180,6 +182,7 @@ def evaluate(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     data: Path = typer.Argument(..., help="dataset with a test split (MVTec layout or CSV)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all metrics to this JSON file"),
+    report: Optional[Path] = typer.Option(None, "--report", help=REPORT_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images instead of stopping"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -207,6 +210,8 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.metrics, indent=2))
         out.print(f"wrote {json_out}")
+    if report:
+        write_report(result, detector, report)
 
 
 @app.command()
@@ -227,8 +232,8 @@ def demo(
                                   size=128, seed=0)
     err.print(f"synthetic {kind} data in {data}")
     fit(data, model=model, output=output / "demo.model", set_=["image_size=128"], device="auto", quiet=quiet)
-    evaluate(output / "demo.model", data, json_out=output / "metrics.json", skip_bad=False, device="auto",
-             quiet=quiet)
+    evaluate(output / "demo.model", data, json_out=output / "metrics.json", report=output / "report.html",
+             skip_bad=False, device="auto", quiet=quiet)
     predict(output / "demo.model", [data / "test"], output=output / "predictions", overlays=True, skip_bad=False,
             min_region=16, device="auto", quiet=quiet)
 
@@ -246,6 +251,9 @@ def models() -> None:
         opts = {**cls.base_defaults, **cls.defaults}
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in opts.items()))
     out.print(table)
+
+
+app.command()(benchmark)
 
 
 def main() -> None:  # pragma: no cover

@@ -7,7 +7,7 @@ from typing import Any
 _REGISTRY: dict[str, type] = {}
 
 # method modules imported on first use, so `import anomalens` stays light
-_BUILTIN_MODULES = ("anomalens.models.patchcore", "anomalens.models.padim")
+_BUILTIN_MODULES = ("anomalens.models.patchcore", "anomalens.models.padim", "anomalens.models.classical")
 
 
 def register(cls: type) -> type:
