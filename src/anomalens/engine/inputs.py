@@ -97,6 +97,26 @@ def load_item(item: InputItem) -> np.ndarray:
     return read_image(item.path)
 
 
+INTENSITY_MODES = ("none", "standardize", "stretch")
+
+
+def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
+    """Per-image contrast normalization for dark or low-contrast images (thermal, metal, tiles).
+
+    "standardize": zero mean and unit spread, mapped to mean 0.5 and std 0.2; "stretch": the 1st
+    and 99th percentiles mapped to 0 and 1. Either hides a global brightness change of a whole
+    part, so it is an option, not the default.
+    """
+    if mode == "none":
+        return image
+    if mode == "standardize":
+        return ((image - image.mean()) / (image.std() + 1e-6) * 0.2 + 0.5).astype(np.float32)
+    if mode == "stretch":
+        lo, hi = np.percentile(image, (1, 99))
+        return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize to a square model input, make the channels the model wants, normalize."""
@@ -105,9 +125,10 @@ class Preprocess:
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    intensity: str = "none"
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = torch.from_numpy(np.ascontiguousarray(adjust_intensity(image, self.intensity)))
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         if t.shape[0] != self.channels:
             # grayscale stays grayscale until here: only a 3-channel model gets it repeated
@@ -119,7 +140,8 @@ class Preprocess:
         return (t - mean) / std
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+        return {"image_size": self.image_size, "channels": self.channels, "mean": list(self.mean),
+                "std": list(self.std), "intensity": self.intensity}
 
 
 def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size: int, *,

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from anomalens import __version__
 from anomalens.data import Sample, calibration_split
-from anomalens.engine.inputs import Batch, InputItem, Preprocess, SkipLog, as_items, iter_batches
+from anomalens.engine.inputs import INTENSITY_MODES, Batch, Preprocess, SkipLog, as_items, iter_batches
 from anomalens.engine.progress import progress_bar
 from anomalens.thresholds import Calibration, calibrate
 
@@ -89,6 +89,7 @@ class Detector(ABC):
     #: options common to every detector; subclasses add theirs in `defaults`
     base_defaults: ClassVar[dict[str, Any]] = {
         "image_size": 256,
+        "intensity": "none",  # per-image contrast normalization: none, standardize or stretch
         "batch_size": 8,
         "device": "auto",
         "calibration_fraction": 0.1,
@@ -106,6 +107,8 @@ class Detector(ABC):
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
         self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
+        if self.options["intensity"] not in INTENSITY_MODES:
+            raise ValueError(f"option intensity={self.options['intensity']!r}: use one of {', '.join(INTENSITY_MODES)}")
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
         self._fitted = False

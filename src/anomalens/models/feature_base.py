@@ -45,7 +45,7 @@ class BackboneDetector(Detector):
 
     def _preprocess(self) -> Preprocess:
         ex = self.extractor
-        return Preprocess(self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std))
+        return Preprocess(self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"])
 
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
