@@ -27,8 +27,9 @@ def test_coreset_of_everything_is_everything():
     assert greedy_coreset(torch.randn(10, 4), 50, 0, 0).tolist() == list(range(10))
 
 
-def test_faiss_search_matches_the_pure_torch_model(texture):
-    det = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_faiss_search_matches_the_pure_torch_model(texture, top_k):
+    det = anomalens.create("patchcore", **fast_options("patchcore"), top_k=top_k).fit(texture.train)
     from anomalens.engine.inputs import as_items, iter_batches
 
     batch = next(iter_batches(as_items(texture.test), det._preprocess(), 8))
@@ -53,3 +54,17 @@ def test_fit_is_deterministic(texture):
     a = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
     b = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
     assert torch.equal(a.model.memory_bank, b.model.memory_bank)
+
+
+def test_top_k_score_is_the_mean_of_the_highest_patch_distances(texture):
+    det = anomalens.create("patchcore", **fast_options("patchcore"), top_k=3).fit(texture.train)
+    from anomalens.engine.inputs import as_items, iter_batches
+    from anomalens.models.patchcore import locally_aware_embedding
+
+    batch = next(iter_batches(as_items(texture.test[:2]), det._preprocess(), 8))
+    scores, _ = det._score_batch(batch.pixels)
+    with torch.inference_mode():
+        emb = locally_aware_embedding(det.features(batch.pixels))
+        flat = emb.permute(0, 2, 3, 1).reshape(2, -1, emb.shape[1])
+        dist = torch.cdist(flat, det.model.memory_bank).min(dim=2).values
+    np.testing.assert_allclose(scores, dist.topk(3, dim=1).values.mean(1).numpy(), rtol=1e-4)

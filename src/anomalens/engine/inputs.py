@@ -104,8 +104,9 @@ def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     """Per-image contrast normalization for dark or low-contrast images (thermal, metal, tiles).
 
     "standardize": zero mean and unit spread, mapped to mean 0.5 and std 0.2; "stretch": the 1st
-    and 99th percentiles mapped to 0 and 1. Either hides a global brightness change of a whole
-    part, so it is an option, not the default.
+    and 99th percentiles mapped to 0 and 1 (not clipped: the darkest and brightest 1 % are often
+    the defect). Either hides a global brightness change of a whole part, so it is an option,
+    not the default.
     """
     if mode == "none":
         return image
@@ -113,7 +114,7 @@ def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
         return ((image - image.mean()) / (image.std() + 1e-6) * 0.2 + 0.5).astype(np.float32)
     if mode == "stretch":
         lo, hi = np.percentile(image, (1, 99))
-        return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+        return ((image - lo) / max(hi - lo, 1e-6)).astype(np.float32)
     raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
 
 

@@ -38,11 +38,12 @@ class PatchCoreModel(nn.Module):
     """Features -> nearest memory patch -> reweighted image score and smoothed pixel map."""
 
     def __init__(self, memory_bank: torch.Tensor, image_size: int, num_neighbors: int = 9,
-                 sigma: float = 4.0) -> None:
+                 sigma: float = 4.0, top_k: int = 0) -> None:
         super().__init__()
         self.register_buffer("memory_bank", memory_bank)
         self.image_size = image_size
         self.num_neighbors = num_neighbors
+        self.top_k = top_k
         self.upsample = SmoothUpsample(image_size, sigma)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +61,15 @@ class PatchCoreModel(nn.Module):
         """Image scores (B,) and maps (B, S, S) from each patch's nearest-memory distance.
 
         `support` holds, per patch, the num_neighbors nearest memory entries of its nearest memory
-        entry (itself first); it is only read at each image's most anomalous patch.
+        entry (itself first); it is only read at each image's most anomalous patch. With top_k > 0
+        the image score is instead the mean of the top_k patch distances, steadier on textured
+        parts where one noisy patch can outscore a small defect.
         """
         b, d, h, w = emb.shape
         patch = nn_dist.view(b, h * w)
+        maps = self.upsample(patch.view(b, h, w))
+        if self.top_k > 0:
+            return patch.topk(min(self.top_k, h * w), dim=1).values.mean(dim=1), maps
         top = patch.argmax(dim=1)
         rows = torch.arange(b, device=emb.device) * (h * w) + top
         test_feat = emb.permute(0, 2, 3, 1).reshape(-1, d)[rows]  # (B, D)
@@ -71,9 +77,7 @@ class PatchCoreModel(nn.Module):
         dists = torch.linalg.vector_norm(neighbours - test_feat.unsqueeze(1), dim=2)
         # paper's eq. 7: down-weight scores whose nearest memory patch sits in a dense neighbourhood
         weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
-        scores = weight * patch.max(dim=1).values
-        maps = self.upsample(patch.view(b, h, w))
-        return scores, maps
+        return weight * patch.max(dim=1).values, maps
 
 
 def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int,
@@ -112,7 +116,8 @@ class PatchCore(BackboneDetector):
 
     Options: coreset_ratio (fraction of all training patches kept, default 1 %),
     coreset_min_size (a floor so tiny training sets keep enough patches), num_neighbors
-    (score reweighting), projection_dim (coreset distances), chunk_patches (memory bound of
+    (score reweighting), top_k (0: the paper's reweighted maximum; k: mean of the k highest
+    patch distances), projection_dim (coreset distances), chunk_patches (memory bound of
     the streaming coreset), sigma (map smoothing).
     """
 
@@ -122,6 +127,7 @@ class PatchCore(BackboneDetector):
         "coreset_ratio": 0.01,
         "coreset_min_size": 1000,
         "num_neighbors": 9,
+        "top_k": 0,
         "projection_dim": 64,
         "chunk_patches": 16384,
         "chunk_oversample": 4.0,
@@ -177,7 +183,7 @@ class PatchCore(BackboneDetector):
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.model = PatchCoreModel(bank, self.options["image_size"], self.options["num_neighbors"],
-                                    self.options["sigma"]).to(self.device).eval()
+                                    self.options["sigma"], self.options["top_k"]).to(self.device).eval()
         bank_np = bank.cpu().numpy()
         self._index = faiss.IndexFlatL2(bank_np.shape[1])
         self._index.add(bank_np)
