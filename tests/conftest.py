@@ -13,6 +13,12 @@ FAST_OPTIONS = {
     "patchcore": {"coreset_min_size": 200},
     "padim": {"n_features": 40},
 }
+# classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
+_CLASSICAL_PYOD = {"lof": "n_neighbors=5", "feature_bagging": "n_neighbors=5", "iforest": "n_estimators=500",
+                   "lscp": "lof_neighbors=3,5,7;local_region_size=5"}
+FAST_OPTIONS.update({f"classical:{k}": {"features": "deep:3", "pyod": _CLASSICAL_PYOD.get(k, "")} for k in (
+    "abod", "cblof", "feature_bagging", "hbos", "iforest", "knn", "avg_knn", "lof", "ocsvm", "pca", "lscp", "inne",
+    "gmm", "kde", "lmdd")})
 
 
 def fast_options(name: str) -> dict:

@@ -67,12 +67,13 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from anomalens.backbones import BackboneSpec
+from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
 from anomalens.engine.inputs import Batch, Preprocess
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.layers import SmoothUpsample
@@ -99,11 +100,13 @@ class PyodEntry:
     neighbours: tuple[str, ...] = ()  # options that need more training vectors than their value
     max_samples: int = 0  # default cap on training vectors (0 = all)
     # rough seconds on a 2-core CPU for n training vectors of dimension d, m scored vectors:
-    # fit ~ fit_cost * (n/1000)**fit_power * (d/300) ; scoring ~ score_cost * m * (n/1000)**score_power * (d/300)
+    # fit ~ fit_cost * (n/1000)**fit_power * (d/300)**dim_power;
+    # scoring ~ score_cost * m * (n/1000)**score_power * (d/300)**dim_power  (measured on magnetic tile features)
     fit_cost: float = 0.1
     fit_power: float = 1.0
     score_cost: float = 1e-4
     score_power: float = 0.0
+    dim_power: float = 1.0  # both grow like (d/300)**dim_power
     note: str = ""
 
 
@@ -140,12 +143,12 @@ PYOD_TABLE: tuple[PyodEntry, ...] = (
     PyodEntry("inne", "INNE", "pyod.models.inne", "INNE", {"n_estimators": 200}, seeded=True, fit_cost=3.0,
               fit_power=0.3, score_cost=2.5e-3, note="isolation with nearest-neighbour ensembles"),
     PyodEntry("gmm", "GMM", "pyod.models.gmm", "GMM", {"n_components": 1, "covariance_type": "full", "reg_covar": 1e-3},
-              seeded=True, neighbours=("n_components",), fit_cost=1.0, score_cost=1e-4,
+              seeded=True, neighbours=("n_components",), fit_cost=1.0, score_cost=1e-4, dim_power=1.5,
               note="Gaussian mixture negative log-likelihood"),
     PyodEntry("kde", "KDE", "pyod.models.kde", "KDE", {"bandwidth": 1.0}, max_samples=5000, fit_cost=0.5,
               score_cost=5e-4, score_power=1.0, note="kernel density (negative log-density): capped at 5000"),
     PyodEntry("lmdd", "LMDD", "pyod.models.lmdd", "LMDD", {"n_iter": 10, "dis_measure": "aad"}, seeded=True,
-              max_samples=64, fit_cost=0.05, score_cost=0.03, score_power=1.0,
+              max_samples=64, fit_cost=0.05, score_cost=1.3, score_power=1.0,
               note="linear deviation-based (transductive): each image scored against a 64-vector reference set"),
 )
 TABLE: dict[str, PyodEntry] = {e.key: e for e in PYOD_TABLE}
@@ -233,28 +236,40 @@ def check_features(x: np.ndarray, what: str) -> None:
 
 def estimate_seconds(entry: PyodEntry, n: int, d: int, m: int = 0) -> tuple[float, float]:
     """Rough (fit, scoring of m vectors) seconds on a 2-core CPU; for warnings and the study's guard."""
-    scale = max(d, 1) / 300
+    scale = (max(d, 1) / 300) ** entry.dim_power
     fit = entry.fit_cost * (n / 1000) ** entry.fit_power * scale
     score = entry.score_cost * m * max(n / 1000, 1e-3) ** entry.score_power * scale
     return fit, score
 
 
 _NUMBA_CACHED = False
+_EXTRACTORS: dict[tuple, tuple[Any, str]] = {}
+_RUNNERS: dict[tuple, Any] = {}
 
 
 def _enable_numba_cache() -> None:
-    """Turn on numba's on-disk cache for PyOD's jitted helpers (HBOS, ABOD, LMDD), which PyOD
-    compiles without it: about 10 s saved in every new process after the first."""
+    """Turn on numba's on-disk cache for PyOD's jitted helpers (HBOS, ABOD, LMDD, CBLOF's distances),
+    which PyOD compiles without it: 5-10 s saved in every new process after the first."""
     global _NUMBA_CACHED
     if _NUMBA_CACHED:
         return
     _NUMBA_CACHED = True
-    for module, fn in (("pyod.models.hbos", "_calculate_outlier_scores"), ("pyod.models.abod", "_wcos"),
-                       ("pyod.models.lmdd", "_aad")):
+    try:
+        from numba.core.dispatcher import Dispatcher
+    except ImportError:  # pragma: no cover
+        return
+    modules = {e.module for e in PYOD_TABLE} | {"pyod.utils.stat_models", "pyod.utils.utility"}
+    for name in sorted(modules):
         try:
-            getattr(importlib.import_module(module), fn).enable_caching()
-        except Exception:  # noqa: BLE001 - no writable cache location or another numba: just compile
-            log.debug("numba cache not enabled for %s.%s", module, fn)
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover
+            continue
+        for fn in list(vars(module).values()):
+            if isinstance(fn, Dispatcher) and getattr(fn, "__module__", "").startswith("pyod"):
+                try:
+                    fn.enable_caching()
+                except Exception:  # noqa: BLE001 - no writable cache location: just compile
+                    log.debug("numba cache not enabled for %s", fn)
 
 
 @dataclass
@@ -356,6 +371,34 @@ class ClassicalDetector(BackboneDetector):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{self.name}: PyOD rejected options {self.options['pyod'] or '(defaults)'}: "
                              f"{str(err).splitlines()[0]}") from None
+
+    # one extractor and one runner per process and configuration, shared by the detectors (15 of them
+    # in a study): building and checking an ONNX session takes about a second each time
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            spec = self.backbone_spec
+            stamp = Path(spec.weights).stat().st_mtime if spec.weights and Path(spec.weights).exists() else None
+            key = (spec.name, spec.layers, spec.weights, stamp, str(self.device))
+            if key not in _EXTRACTORS:
+                extractor = build_backbone(spec, device=self.device)
+                _EXTRACTORS[key] = (extractor, weights_checksum(extractor))
+            extractor, checksum = _EXTRACTORS[key]
+            if self._backbone_checksum is not None and checksum != self._backbone_checksum:
+                raise BackboneError(f"backbone {spec.name!r} now has other weights than when the model was fitted: "
+                                    "refit, or restore the original weight file")
+            self._extractor, self._backbone_checksum = extractor, checksum
+        return self._extractor
+
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        if self._runner is None:
+            extractor = self.extractor
+            key = (id(extractor), self.options["image_size"], str(self.device), self.options["engine"])
+            if key not in _RUNNERS:
+                _RUNNERS[key] = make_feature_runner(extractor, self.options["image_size"], self.device,
+                                                    engine=self.options["engine"])
+            self._runner = _RUNNERS[key]
+        return super().features(pixels)
 
     @property
     def localizes(self) -> bool:  # type: ignore[override]
