@@ -60,9 +60,19 @@ class Padim(BackboneDetector):
         self.model: PadimModel | None = None
 
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
-        total = None
         n = 0
-        channel_idx = None
+        channel_idx = shift = total = outer = None
+        pending: list[torch.Tensor] = []
+
+        def flush() -> None:
+            # One bmm over many images: thousands of (d x B) @ (B x d) products with a tiny B
+            # are several times slower. Float32 on data shifted by the first batch's mean keeps
+            # the E[xx'] - mm' subtraction accurate; sums accumulate in float64.
+            x = torch.cat(pending, dim=1)  # (P, B, d)
+            pending.clear()
+            total.add_(x.sum(1, dtype=torch.float64))
+            outer.add_(torch.bmm(x.transpose(1, 2), x).double())
+
         for batch in batches:
             feats = self.features(batch.pixels.to(self.device))
             if channel_idx is None:
@@ -70,19 +80,24 @@ class Padim(BackboneDetector):
                 gen = torch.Generator().manual_seed(self.options["seed"])
                 k = min(self.options["n_features"], n_channels)
                 channel_idx = torch.randperm(n_channels, generator=gen)[:k].sort().values.to(self.device)
-            emb = concat_embedding(feats, channel_idx).double()
+            emb = concat_embedding(feats, channel_idx)
             b, d, h, w = emb.shape
             x = emb.reshape(b, d, h * w).permute(2, 0, 1)  # (P, B, d)
-            if total is None:
+            if shift is None:
+                shift = x.mean(1, keepdim=True)
                 total = torch.zeros(h * w, d, dtype=torch.float64, device=self.device)
                 outer = torch.zeros(h * w, d, d, dtype=torch.float64, device=self.device)
-            total += x.sum(1)
-            outer += torch.bmm(x.transpose(1, 2), x)
+            pending.append(x - shift)
             n += b
+            if sum(p.shape[1] for p in pending) >= 64:
+                flush()
+        if pending:
+            flush()
         if n < 2:
             raise ValueError("padim needs at least 2 training images to estimate covariances")
-        mean = total / n
-        cov = (outer - n * mean.unsqueeze(2) * mean.unsqueeze(1)) / (n - 1)
+        mean_shifted = total / n
+        cov = (outer - n * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)) / (n - 1)
+        mean = mean_shifted + shift[:, 0].double()
         cov += self.options["regularization"] * torch.eye(cov.shape[1], dtype=cov.dtype, device=cov.device)
         # Cholesky: covariances are symmetric positive definite, and batched linalg.inv is ~20x
         # slower on CPU for thousands of small matrices
