@@ -284,7 +284,9 @@ class Representation:
                 dtype = np.float32 if self._n_images * d * 4 <= HOLD_FLOAT32_BYTES else np.float16
                 self._held = np.empty((self._n_images, d), dtype=dtype)
             if self._n + b > self._held.shape[0]:  # more images than announced: grow
-                self._held = np.concatenate([self._held, np.empty_like(self._held[: max(b, self._n // 2)])])
+                grown = np.empty((max(self._n + b, 2 * self._held.shape[0]), self._held.shape[1]), self._held.dtype)
+                grown[: self._n] = self._held[: self._n]
+                self._held = grown
             self._held[self._n:self._n + b] = flat
         elif self.spec.kind == "deep":
             self._rows.append(pooled_features(self._backbone(pixels)).cpu().numpy().astype(np.float32))
