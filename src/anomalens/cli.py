@@ -187,8 +187,10 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Score the test split and report image AUROC, AP, F1-max, pixel AUROC, pixel AP, AUPRO,
-    per defect type, and precision/recall at the calibrated threshold.
+    """Score the test split and report every metric, overall and per defect type.
+
+    Image AUROC, AP, F1-max, pixel AUROC, pixel AP, AUPRO, and precision / recall / missed
+    defects / false alarms at the calibrated threshold; --report writes them as an HTML page.
 
     Example: anomalens evaluate tile.model ../shared/datasets/magnetic_tile/magnetic_tile --json metrics.json
     """
@@ -221,8 +223,10 @@ def demo(
     kind: str = typer.Option("object", help="synthetic data: object (a part seen from above) or texture"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Run the whole job on embedded synthetic data (no downloads, no external data):
-    generate a tiny dataset with drawn defects, fit, evaluate, and write overlays.
+    """Run the whole job on embedded synthetic data: no downloads, no external data.
+
+    Generates a tiny dataset of parts with drawn defects and exact masks, fits PatchCore,
+    evaluates it (metrics.json, report.html) and scores the test images (predictions/).
 
     Example: anomalens demo -o demo/
     """

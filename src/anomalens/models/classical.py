@@ -412,7 +412,7 @@ class ClassicalDetector(BackboneDetector):
     def _preprocess(self) -> Preprocess:
         if self.spec.uses_pixels:
             c = 3 if self.options["color"] else 1
-            return Preprocess(self.options["pixel_size"], c, (0.0,) * 3, (1.0,) * 3)
+            return Preprocess(self.options["pixel_size"], c, (0.0,) * 3, (1.0,) * 3, self.options["intensity"])
         return super()._preprocess()
 
     def _new_representation(self) -> Representation:
@@ -464,10 +464,13 @@ class ClassicalDetector(BackboneDetector):
         if n < 2:
             raise ValueError(f"{what}: needs at least 2 training vectors, got {n}")
         self._check_neighbours(n)
-        fit_s, _ = estimate_seconds(self.entry, n, d)
+        fit_s, per_1000 = estimate_seconds(self.entry, n, d, 1000)
         if fit_s > SLOW_WARNING_S:
             log.warning("%s: fitting on %d x %d features is estimated to take %.0f s; bound it with "
                         "--set max_samples=N (seeded subsample) or fewer features", self.name, n, d, fit_s)
+        if per_1000 > SLOW_WARNING_S and not self.spec.is_patch:
+            log.warning("%s: scoring is estimated at %.0f ms per image on %d x %d features; lower max_samples "
+                        "or use fewer features for large batches", self.name, per_1000, n, d)
         self.rep = representation
         self.train = train
         self.scale_mean = self.scale_std = None
