@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from anomalens.cli_classical import classical_study
 from anomalens.cli_extra import REPORT_HELP, benchmark, write_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -260,6 +261,7 @@ def models() -> None:
 
 
 app.command()(benchmark)
+app.command("classical-study")(classical_study)
 
 
 def main() -> None:  # pragma: no cover

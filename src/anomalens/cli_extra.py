@@ -31,7 +31,8 @@ def benchmark(
     data: Path = typer.Option(..., "--data", help="folder of MVTec-layout categories (searched 2 levels deep), "
                                                   "or one category folder"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for cells.jsonl, benchmark.json/.md/.html"),
-    models: str = typer.Option("patchcore,padim", "--models", help="comma-separated detector names"),
+    models: str = typer.Option("patchcore,padim", "--models", help="comma-separated detector names; "
+                                                                   "classical:all for the 15 PyOD detectors"),
     seeds: int = typer.Option(3, "--seeds", help="seeds 0..N-1 for methods that depend on the seed"),
     set_: list[str] = typer.Option([], "--set", help="model.option=value for that model only, repeatable "
                                                       "(e.g. --set patchcore.coreset_ratio=0.01); a bare "
@@ -51,7 +52,9 @@ def benchmark(
     from anomalens.cli import _fail, _user_errors, err, out
     from anomalens.engine.benchmark import parse_model_sets, run_benchmark
 
-    names = [m.strip() for m in models.split(",") if m.strip()]
+    from anomalens.models.classical import expand_models
+
+    names = expand_models(models)  # classical:all -> the 15 PyOD detectors
     try:
         sets = parse_model_sets(set_, names)
         if device != "auto":

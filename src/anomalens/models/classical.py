@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -124,13 +123,13 @@ PYOD_TABLE: tuple[PyodEntry, ...] = (
     PyodEntry("iforest", "Isolation Forest", "pyod.models.iforest", "IForest", {"n_estimators": 100}, seeded=True,
               fit_cost=0.3, fit_power=0.2, score_cost=2e-5, note="isolation forest"),
     PyodEntry("knn", "KNN", "pyod.models.knn", "KNN", {"method": "largest", "n_neighbors": 5},
-              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=4e-4, score_power=0.6,
+              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1,
               note="distance to the k-th nearest training vector"),
     PyodEntry("avg_knn", "average KNN", "pyod.models.knn", "KNN", {"method": "mean", "n_neighbors": 5},
-              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=4e-4, score_power=0.6,
+              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1,
               note="mean distance to the k nearest training vectors"),
     PyodEntry("lof", "LOF", "pyod.models.lof", "LOF", {"n_neighbors": 20}, neighbours=("n_neighbors",),
-              fit_cost=0.3, fit_power=1.5, score_cost=4e-4, score_power=0.6, note="local outlier factor (novelty)"),
+              fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1, note="local outlier factor (novelty)"),
     PyodEntry("ocsvm", "OCSVM", "pyod.models.ocsvm", "OCSVM", {"kernel": "rbf", "nu": 0.5, "gamma": "auto"},
               max_samples=5000, fit_cost=0.3, fit_power=2.0, score_cost=1e-4, score_power=1.0,
               note="one-class SVM (fit grows ~N^2): capped at 5000 training vectors"),
