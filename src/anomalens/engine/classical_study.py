@@ -79,25 +79,22 @@ class StudyResult:
 def parse_study_sets(pairs: Iterable[str], names: Sequence[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """`key=value` for every detector, `classical:knn.key=value` (or `knn.key=value`) for one.
 
-    The value may hold '=' and ';' (e.g. `classical:knn.pyod=n_neighbors=10;method=mean`)."""
+    The value may hold '=' and ';' (e.g. `classical:knn.pyod=n_neighbors=10;method=mean`). Shared
+    options are kept apart (the study records them once); scoped ones go through the benchmark's
+    parser after bare detector names get their `classical:` prefix."""
+    from anomalens.engine.benchmark import parse_model_sets
     from anomalens.models.classical import PREFIX
 
     common: dict[str, str] = {}
-    per: dict[str, dict[str, str]] = {n: {} for n in names}
+    scoped: list[str] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value or detector.key=value, got {pair!r}")
-        model, dot, option = key.rpartition(".")
-        if not dot:
-            common[option] = value
-            continue
-        model = model if model.startswith(PREFIX) else PREFIX + model
-        if model not in per:
-            raise ValueError(f"--set {pair!r}: {model} is not in this study's detectors")
-        per[model][option] = value
-    return common, per
+        model, dot, option = key.strip().partition(".")
+        if sep and key.strip() and not dot:
+            common[model] = value.strip()
+        else:
+            scoped.append(pair if not dot or model.startswith(PREFIX) else PREFIX + pair.strip())
+    return common, parse_model_sets(scoped, names)
 
 
 # -- features -------------------------------------------------------------------------------------------------------
