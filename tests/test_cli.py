@@ -95,3 +95,5 @@ def test_demo_runs_on_embedded_data(tmp_path):
     assert metrics["image_auroc"] >= 0.9
     assert (tmp_path / "demo" / "predictions" / "scores.csv").is_file()
     assert "image_auroc" in proc.stdout
+    again = run("demo", "-o", tmp_path / "demo", "-q")  # a second run reuses the data and overwrites results
+    assert "reusing synthetic" in again.stderr and (tmp_path / "demo" / "report.html").is_file()

@@ -233,9 +233,12 @@ def demo(
     """
     from anomalens.data import make_synthetic_dataset
 
-    data = make_synthetic_dataset(output / "data", kind=kind, n_train=60, n_test_good=12, n_test_defect=12,
-                                  size=128, seed=0)
-    err.print(f"synthetic {kind} data in {data}")
+    data = output / f"data-{kind}"
+    if (data / "train" / "good").is_dir():  # the generator is seeded: an earlier demo's data is the same
+        err.print(f"reusing synthetic {kind} data in {data}")
+    else:
+        make_synthetic_dataset(data, kind=kind, n_train=60, n_test_good=12, n_test_defect=12, size=128, seed=0)
+        err.print(f"synthetic {kind} data in {data}")
     # 12 calibration goods: a 0.99 quantile of fewer is little more than their maximum
     fit(data, model=model, output=output / "demo.model", set_=["image_size=128", "calibration_fraction=0.2"],
         device="auto", quiet=quiet)
