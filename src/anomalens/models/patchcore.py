@@ -37,12 +37,13 @@ def locally_aware_embedding(features: list[torch.Tensor]) -> torch.Tensor:
 class PatchCoreModel(nn.Module):
     """Features -> nearest memory patch -> reweighted image score and smoothed pixel map."""
 
-    def __init__(self, memory_bank: torch.Tensor, image_size: int, num_neighbors: int = 9,
+    def __init__(self, memory_bank: torch.Tensor, bank_support: torch.Tensor, image_size: int,
                  sigma: float = 4.0, top_k: int = 0) -> None:
         super().__init__()
         self.register_buffer("memory_bank", memory_bank)
+        # (M, k): each memory entry's k nearest memory entries (itself first), fixed once fitted
+        self.register_buffer("bank_support", bank_support)
         self.image_size = image_size
-        self.num_neighbors = num_neighbors
         self.top_k = top_k
         self.upsample = SmoothUpsample(image_size, sigma)
 
@@ -50,20 +51,16 @@ class PatchCoreModel(nn.Module):
         """Pure-torch path (exact search with cdist): used for export and as the reference."""
         emb = locally_aware_embedding(features)
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-        dist = torch.cdist(flat, self.memory_bank)
-        nn_dist, nn_idx = dist.min(dim=1)
-        support = torch.cdist(self.memory_bank[nn_idx], self.memory_bank).topk(
-            min(self.num_neighbors, self.memory_bank.shape[0]), largest=False).indices
-        return self.score(emb, nn_dist, nn_idx, support)
+        nn_dist, nn_idx = torch.cdist(flat, self.memory_bank).min(dim=1)
+        return self.score(emb, nn_dist, nn_idx)
 
-    def score(self, emb: torch.Tensor, nn_dist: torch.Tensor, nn_idx: torch.Tensor,
-              support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, emb: torch.Tensor, nn_dist: torch.Tensor,
+              nn_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and maps (B, S, S) from each patch's nearest-memory distance.
 
-        `support` holds, per patch, the num_neighbors nearest memory entries of its nearest memory
-        entry (itself first); it is only read at each image's most anomalous patch. With top_k > 0
-        the image score is instead the mean of the top_k patch distances, steadier on textured
-        parts where one noisy patch can outscore a small defect.
+        With top_k > 0 the image score is the mean of the top_k patch distances, steadier on
+        textured parts where one noisy patch can outscore a small defect; with top_k = 0 it is the
+        paper's reweighted maximum, which reads the support of the most anomalous patch only.
         """
         b, d, h, w = emb.shape
         patch = nn_dist.view(b, h * w)
@@ -73,7 +70,7 @@ class PatchCoreModel(nn.Module):
         top = patch.argmax(dim=1)
         rows = torch.arange(b, device=emb.device) * (h * w) + top
         test_feat = emb.permute(0, 2, 3, 1).reshape(-1, d)[rows]  # (B, D)
-        neighbours = self.memory_bank[support.view(b * h * w, -1)[rows]]  # (B, k, D)
+        neighbours = self.memory_bank[self.bank_support[nn_idx[rows]]]  # (B, k, D)
         dists = torch.linalg.vector_norm(neighbours - test_feat.unsqueeze(1), dim=2)
         # paper's eq. 7: down-weight scores whose nearest memory patch sits in a dense neighbourhood
         weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
@@ -183,15 +180,13 @@ class PatchCore(BackboneDetector):
         self.fit_info.update(n_patches=n_total, memory_bank=int(bank.shape[0]))
 
     def _set_bank(self, bank: torch.Tensor) -> None:
-        self.model = PatchCoreModel(bank, self.options["image_size"], self.options["num_neighbors"],
-                                    self.options["sigma"], self.options["top_k"]).to(self.device).eval()
         bank_np = bank.cpu().numpy()
         self._index = faiss.IndexFlatL2(bank_np.shape[1])
         self._index.add(bank_np)
         # the support neighbourhood of every memory entry never changes: look it up once
-        k = min(self.options["num_neighbors"], bank_np.shape[0])
-        _, support = self._index.search(bank_np, k)
-        self._bank_support = torch.from_numpy(support).to(self.device)
+        _, support = self._index.search(bank_np, min(self.options["num_neighbors"], bank_np.shape[0]))
+        self.model = PatchCoreModel(bank, torch.from_numpy(support), self.options["image_size"],
+                                    self.options["sigma"], self.options["top_k"]).to(self.device).eval()
 
     @torch.inference_mode()
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +195,7 @@ class PatchCore(BackboneDetector):
         sq_dist, idx = self._index.search(flat.cpu().numpy(), 1)
         nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).to(self.device)
         nn_idx = torch.from_numpy(idx[:, 0]).to(self.device)
-        scores, maps = self.model.score(emb, nn_dist, nn_idx, self._bank_support[nn_idx])
+        scores, maps = self.model.score(emb, nn_dist, nn_idx)
         return scores.cpu().numpy(), maps.cpu().numpy()
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
