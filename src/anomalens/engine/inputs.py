@@ -100,6 +100,12 @@ def load_item(item: InputItem) -> np.ndarray:
 INTENSITY_MODES = ("none", "standardize", "stretch")
 
 
+def check_intensity(mode: str) -> str:
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"option intensity={mode!r}: use one of {', '.join(INTENSITY_MODES)}")
+    return mode
+
+
 def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     """Per-image contrast normalization for dark or low-contrast images (thermal, metal, tiles).
 
@@ -108,14 +114,13 @@ def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     the defect). Either hides a global brightness change of a whole part, so it is an option,
     not the default.
     """
-    if mode == "none":
-        return image
     if mode == "standardize":
         return ((image - image.mean()) / (image.std() + 1e-6) * 0.2 + 0.5).astype(np.float32)
     if mode == "stretch":
         lo, hi = np.percentile(image, (1, 99))
         return ((image - lo) / max(hi - lo, 1e-6)).astype(np.float32)
-    raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
+    check_intensity(mode)
+    return image
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from anomalens import __version__
 from anomalens.data import Sample, calibration_split
-from anomalens.engine.inputs import INTENSITY_MODES, Batch, Preprocess, SkipLog, as_items, iter_batches
+from anomalens.engine.inputs import Batch, Preprocess, SkipLog, as_items, check_intensity, iter_batches
 from anomalens.engine.progress import progress_bar
 from anomalens.thresholds import Calibration, calibrate
 
@@ -107,8 +107,7 @@ class Detector(ABC):
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
         self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
-        if self.options["intensity"] not in INTENSITY_MODES:
-            raise ValueError(f"option intensity={self.options['intensity']!r}: use one of {', '.join(INTENSITY_MODES)}")
+        check_intensity(self.options["intensity"])
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
         self._fitted = False
