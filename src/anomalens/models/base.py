@@ -134,6 +134,15 @@ class Detector(ABC):
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Inverse of `_state`."""
 
+    def inference_module(self) -> torch.nn.Module | None:
+        """The fitted inference graph for ONNX export, or None where the method has none.
+
+        Contract: a module on the CPU mapping preprocessed pixels (B, C, S, S), exactly as
+        `_preprocess` yields them, to (scores (B,), maps (B, S, S)) equal to `_score_batch`.
+        Methods whose scoring is plain torch should score through this same module.
+        """
+        return None
+
     # -- public API ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
