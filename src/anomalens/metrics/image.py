@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
 def _validate(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +79,47 @@ def f1_at_threshold(labels: ArrayLike, scores: ArrayLike, threshold: float) -> d
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def partial_auroc_high_recall(labels: ArrayLike, scores: ArrayLike, min_tpr: float = 0.9) -> float | None:
+    """Area of the ROC curve above TPR = `min_tpr` (the high-recall range an inspection line runs
+    in), divided by its maximum (1 - min_tpr): 1.0 = perfect, a random ranking gets (1 - min_tpr) / 2.
+
+    Equals sklearn's partial AUC with max_fpr = 1 - min_tpr of the swapped problem (goods as
+    positives, negated scores), before sklearn's McClish standardization. None with one class.
+    """
+    if not 0.0 <= min_tpr < 1.0:
+        raise ValueError(f"min_tpr must be in [0, 1), got {min_tpr}")
+    y, s = _validate(labels, scores)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, s)
+    xs, hs = [fpr[0]], [max(tpr[0] - min_tpr, 0.0)]
+    for f0, t0, f1, t1 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:]):
+        if (t0 - min_tpr) * (t1 - min_tpr) < 0:  # the segment crosses TPR = min_tpr: split it there
+            xs.append(f0 + (min_tpr - t0) * (f1 - f0) / (t1 - t0))
+            hs.append(0.0)
+        xs.append(f1)
+        hs.append(max(t1 - min_tpr, 0.0))
+    return float(np.trapezoid(hs, xs) / (1.0 - min_tpr))
+
+
+def full_recall_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, Any]:
+    """The operating point that misses no defect (threshold = the lowest defect score): its FPR
+    (share of goods flagged) and accuracy. None without defects."""
+    y, s = _validate(labels, scores)
+    if not y.any():
+        return {"threshold_at_full_recall": None, "fpr_at_full_recall": None, "accuracy_at_full_recall": None}
+    threshold = float(s[y].min())
+    flagged = s >= threshold
+    n_good = int((~y).sum())
+    return {"threshold_at_full_recall": threshold,
+            "fpr_at_full_recall": float((flagged & ~y).sum() / n_good) if n_good else 0.0,
+            "accuracy_at_full_recall": float((flagged == y).mean())}
+
+
+def high_recall_metrics(labels: ArrayLike, scores: ArrayLike, min_tpr: float = 0.9) -> dict[str, Any]:
+    """Metrics for lines that must not miss defects: partial AUROC over TPR in [min_tpr, 1], and
+    FPR, accuracy and threshold at 100 % recall."""
+    return {"image_pauroc_high_recall": partial_auroc_high_recall(labels, scores, min_tpr),
+            "pauroc_min_tpr": min_tpr, **full_recall_metrics(labels, scores)}

@@ -1,0 +1,297 @@
+"""Score a production archive into the result store: stream, batch, commit, resume.
+
+Images stream from a folder, a CSV list or stdin through a bounded read-ahead (worker threads
+read, hash and preprocess them), are scored a batch at a time, and each batch is committed to
+the store in one transaction. A rerun skips what the store already holds for the model, so a
+killed job loses at most the batch in flight. Unreadable files are stored with their error.
+
+`Detector.iter_predict` takes a finished list and one reader thread; a production stream can
+be endless (stdin, watch mode) and needs the content hash, so this module drives the same
+detector hooks (`_preprocess`, `_score_batch`) itself.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomalens.data import IMAGE_EXTENSIONS, DatasetError, ImageReadError, list_images, read_image
+from anomalens.data.io import natural_sorted
+from anomalens.engine.progress import progress_bar
+from anomalens.models.base import Detector, resize_map
+from anomalens.report.overlay import find_regions, overlay_image
+from anomalens.store import ResultRecord, ResultStore
+
+#: saved maps are 16-bit PNGs of the normalized map clipped to [0, MAP_PNG_RANGE]: value / 65535 *
+#: MAP_PNG_RANGE is the normalized score, so the pixel threshold 1.0 is 65535 / MAP_PNG_RANGE
+MAP_PNG_RANGE = 4.0
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_id_for(model_path: str | Path, detector_name: str) -> tuple[str, str]:
+    """(model_id, sha256 of the file): the id names the method and pins the exact model file, so
+    results of another model (or a refit) never count as already scored."""
+    digest = file_sha256(model_path)
+    return f"{detector_name}-{digest[:16]}", digest
+
+
+def path_key(path: str | Path) -> str:
+    """How a file is named in the store: absolute (symlinks kept), so a rerun from another working
+    folder still finds what it scored."""
+    return os.path.abspath(os.fspath(path))
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_folder(folder: Path, pattern: str | None = None) -> list[Path]:
+    """Image files under `folder`, recursively, in natural order; `pattern` is a glob relative to the
+    folder (e.g. 'line3/**/*.png'). An empty folder gives [] (watch mode waits for files)."""
+    if not folder.is_dir():
+        raise DatasetError(f"input folder not found: '{folder}'")
+    if pattern is None:
+        try:
+            return list_images(folder, recursive=True)
+        except DatasetError:
+            return []
+    return natural_sorted((p for p in folder.glob(pattern) if p.is_file() and _is_image(p)), folder)
+
+
+def _csv_paths(csv_path: Path) -> Iterator[Path]:
+    """The 'path' column (or the first column without such a header); relative paths are relative to the CSV."""
+    with open(csv_path, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None:
+            return
+        column = header.index("path") if "path" in header else 0
+        if "path" not in header:
+            rows = iter([header, *rows])  # no header: the first row is a file too
+        for row in rows:
+            if not row or not row[column].strip():
+                continue
+            p = Path(row[column].strip())
+            yield p if p.is_absolute() else csv_path.parent / p
+
+
+def iter_input_paths(source: str | Path, pattern: str | None = None, stdin: TextIO | None = None) -> Iterator[Path]:
+    """The images named by INPUT: '-' = one path per line on stdin, a folder (recursive, optional
+    glob), a .csv list, or one image file. Streams: stdin is read as scoring goes."""
+    if str(source) == "-":
+        for line in stdin or sys.stdin:
+            if line.strip():
+                yield Path(line.strip())
+        return
+    source = Path(source)
+    if source.is_dir():
+        yield from list_folder(source, pattern)
+    elif source.suffix.lower() == ".csv" and source.is_file():
+        yield from _csv_paths(source)
+    elif source.is_file():
+        yield source
+    else:
+        raise DatasetError(f"input '{source}' not found: give a folder, a .csv list, an image or '-' for stdin")
+
+
+# -- scoring -------------------------------------------------------------------------------------
+@dataclass
+class Decoded:
+    """One file after the reader thread: pixels ready for the model, or the error that stopped it."""
+
+    key: str
+    content_sha256: str | None = None
+    shape: tuple[int, int] | None = None
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+
+
+@dataclass
+class ScoreSummary:
+    n_scored: int = 0  # images written with status 'ok'
+    n_errors: int = 0  # unreadable files written with status 'error'
+    n_skipped: int = 0  # already in the store for this model
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.n_scored + self.n_errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+class Scorer:
+    """Turns files into store records with one detector: decode (thread-safe), then score a batch."""
+
+    def __init__(self, detector: Detector, model_id: str, *, min_region: int = 16,
+                 maps_dir: str | Path | None = None) -> None:
+        if detector.calibration is None:
+            raise ValueError(f"model {model_id} is not calibrated: refit it (fit calibrates on held-out goods)")
+        self.detector = detector
+        self.model_id = model_id
+        self.min_region = min_region
+        self.maps_dir = Path(os.path.abspath(maps_dir)) / model_id if maps_dir else None
+        self.preprocess = detector._preprocess()
+        self.calibration = detector.decision_calibration  # the operating point's threshold when one is stored
+        if self.maps_dir:
+            self.maps_dir.mkdir(parents=True, exist_ok=True)
+
+    def decode(self, path: str | Path) -> Decoded:
+        key = path_key(path)
+        try:
+            digest = file_sha256(path)
+            image = read_image(path)
+            return Decoded(key, digest, image.shape[:2], self.preprocess(image))
+        except ImageReadError as err:
+            return Decoded(key, error=str(err))
+        except OSError as err:  # unreadable before decoding: permissions, a file gone since listing
+            return Decoded(key, error=f"cannot read '{path}': {err.strerror or err}")
+
+    def score(self, batch: list[Decoded]) -> list[ResultRecord]:
+        """Score the readable files of a batch together; unreadable ones become error records."""
+        good = [d for d in batch if d.error is None]
+        by_key: dict[str, ResultRecord] = {}
+        if good:
+            scores, maps = self.detector._score_batch(torch.stack([d.pixels for d in good]))
+            for d, score, amap in zip(good, scores, maps):
+                by_key[d.key] = self._record(d, float(score), resize_map(amap, d.shape))
+        return [by_key.get(d.key) or ResultRecord(self.model_id, d.key, status="error", error=d.error)
+                for d in batch]
+
+    def _record(self, d: Decoded, score: float, amap: np.ndarray) -> ResultRecord:
+        cal = self.calibration
+        nmap = cal.normalize_map(amap)
+        regions = find_regions(nmap, self.min_region) if self.detector.localizes else []
+        map_path = None
+        if self.maps_dir:
+            map_path = str(self.maps_dir / (hashlib.sha1(d.key.encode()).hexdigest()[:20] + ".png"))
+            save_map(nmap, map_path)
+        return ResultRecord(self.model_id, d.key, content_sha256=d.content_sha256, score=score,
+                            normalized_score=float(cal.normalize(score)),
+                            decision="defect" if score >= cal.threshold else "good",
+                            regions=[r.to_dict() for r in regions], map_path=map_path)
+
+    def score_paths(self, paths: Iterable[str | Path]) -> list[ResultRecord]:
+        """Decode and score in this thread (a distributed worker's batch)."""
+        return self.score([self.decode(p) for p in paths])
+
+
+def save_map(normalized_map: np.ndarray, path: str | Path) -> None:
+    """A normalized anomaly map as a 16-bit grayscale PNG (see MAP_PNG_RANGE)."""
+    values = np.clip(normalized_map / MAP_PNG_RANGE, 0, 1) * 65535
+    Image.fromarray(values.round().astype(np.uint16)).save(path)
+
+
+def load_map(path: str | Path) -> np.ndarray:
+    """Inverse of `save_map`: the normalized map (clipped to [0, MAP_PNG_RANGE]) as float32."""
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.float32) / 65535 * MAP_PNG_RANGE
+
+
+def iter_decoded(scorer: Scorer, paths: Iterable[Path], *, workers: int = 2, prefetch: int = 32) -> Iterator[Decoded]:
+    """Decode in `workers` threads, in input order, with at most `prefetch` images read ahead, so
+    memory stays flat however long the stream is."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="anomalens-decode") as pool:
+        pending = deque()
+        for path in paths:
+            pending.append(pool.submit(scorer.decode, path))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def pending_paths(paths: Iterable[Path], done: set[str], summary: ScoreSummary) -> Iterator[Path]:
+    """Paths not yet in the store (nor met earlier in this stream); counts the skipped ones."""
+    for p in paths:
+        key = path_key(p)
+        if key in done:
+            summary.n_skipped += 1
+            continue
+        done.add(key)
+        yield p
+
+
+def score_into_store(scorer: Scorer, store: ResultStore, paths: Iterable[Path], *, batch_size: int = 8,
+                     workers: int = 2, prefetch: int | None = None, progress: bool = False,
+                     retry_errors: bool = False, done: set[str] | None = None,
+                     on_batch: Callable[[list[ResultRecord]], None] | None = None) -> ScoreSummary:
+    """Score every path not yet stored for `scorer.model_id`, committing each batch as it finishes.
+
+    A list of paths gets a progress bar with an ETA; a stream (stdin) shows the rate only.
+    retry_errors: rescore files stored with status 'error' (e.g. after fixing them).
+    done: path keys to skip, when the caller knows them (saves reading them from the store).
+    """
+    summary = ScoreSummary()
+    start = time.perf_counter()
+    if done is None:
+        done = store.scored_paths(scorer.model_id, include_errors=not retry_errors)
+    todo = pending_paths(paths, done, summary)
+    total = None
+    if isinstance(paths, list):
+        todo = list(todo)
+        total = len(todo)
+    with progress_bar(total, f"score {scorer.model_id}", enabled=progress) as bar:
+        batch: list[Decoded] = []
+
+        def flush() -> None:
+            records = scorer.score(batch)
+            store.add_results(records)  # one transaction: a kill loses this batch at most
+            batch.clear()
+            n_errors = sum(r.status == "error" for r in records)
+            summary.n_errors += n_errors
+            summary.n_scored += len(records) - n_errors
+            if bar is not None:
+                bar.update(len(records))
+            if on_batch is not None:
+                on_batch(records)
+
+        for decoded in iter_decoded(scorer, todo, workers=workers, prefetch=prefetch or 4 * batch_size):
+            batch.append(decoded)
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) -> list[Path]:
+    """Overlays (image | heat map with regions) of the k most anomalous stored images, named by
+    rank, plus top.csv; maps are recomputed, so this needs no saved maps."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    top = store.top(scorer.model_id, k)
+    written = []
+    with open(out_dir / "top.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "path", "score", "normalized_score", "decision", "n_regions", "overlay"])
+        for rank, rec in enumerate(top, start=1):
+            decoded = scorer.decode(rec.path)
+            if decoded.error is not None:  # changed or gone since it was scored
+                writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error])
+                continue
+            _, maps = scorer.detector._score_batch(decoded.pixels[None])
+            nmap = scorer.calibration.normalize_map(resize_map(maps[0], decoded.shape))
+            regions = find_regions(nmap, scorer.min_region) if scorer.detector.localizes else []
+            name = f"{rank:04d}_{Path(rec.path).stem}.png"
+            title = f"#{rank} {Path(rec.path).name}  score {rec.normalized_score:.2f}  {rec.decision}"
+            overlay_image(read_image(rec.path), nmap, regions, title, rec.decision == "defect").save(out_dir / name)
+            writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, len(regions), name])
+            written.append(out_dir / name)
+    return written
