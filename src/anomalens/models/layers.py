@@ -47,6 +47,8 @@ class SmoothUpsample(nn.Module):
         return self._matrices[n_in].to(device)
 
     def forward(self, patch_maps: torch.Tensor) -> torch.Tensor:
-        a = self.matrix(patch_maps.shape[-2], patch_maps.device)
-        b = self.matrix(patch_maps.shape[-1], patch_maps.device)
+        # int(): under the ONNX tracer shapes are tensors, which would miss the cache and trace
+        # the float64 matrix construction; the matrices must enter the graph as constants
+        a = self.matrix(int(patch_maps.shape[-2]), patch_maps.device)
+        b = self.matrix(int(patch_maps.shape[-1]), patch_maps.device)
         return a @ patch_maps @ b.T

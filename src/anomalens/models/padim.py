@@ -5,6 +5,7 @@ mean and covariance over the training images, so memory does not grow with their
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -118,6 +119,10 @@ class Padim(BackboneDetector):
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         scores, maps = self.model(self.features(pixels.to(self.device)))
         return scores.cpu().numpy(), maps.cpu().numpy()
+
+    def inference_module(self) -> nn.Module:
+        """Backbone + PadimModel on the CPU (a copy: the detector keeps its device)."""
+        return copy.deepcopy(nn.Sequential(self.extractor, self.model)).cpu().eval()
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         m = self.model

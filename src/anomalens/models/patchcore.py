@@ -5,6 +5,7 @@ Inference compute lives in `PatchCoreModel` (a plain nn.Module that exports to O
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,16 +44,24 @@ class PatchCoreModel(nn.Module):
         self.register_buffer("memory_bank", memory_bank)
         # (M, k): each memory entry's k nearest memory entries (itself first), fixed once fitted
         self.register_buffer("bank_support", bank_support)
+        self.register_buffer("bank_sq_norm", (memory_bank * memory_bank).sum(dim=1))
         self.image_size = image_size
         self.top_k = top_k
         self.upsample = SmoothUpsample(image_size, sigma)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pure-torch path (exact search with cdist): used for export and as the reference."""
+        """Pure-torch path (exact nearest neighbour): the ONNX export graph and the reference."""
         emb = locally_aware_embedding(features)
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-        nn_dist, nn_idx = torch.cdist(flat, self.memory_bank).min(dim=1)
-        return self.score(emb, nn_dist, nn_idx)
+        # argmin of |m|^2 - 2 x.m (|x|^2 is the same for every m): one matmul and no (N, M, D)
+        # tensor, which cdist becomes in ONNX; the distance itself is then recomputed exactly
+        nn_idx = (self.bank_sq_norm - 2.0 * flat @ self.memory_bank.T).argmin(dim=1)
+        return self.score(emb, self.distance_to(flat, nn_idx), nn_idx)
+
+    def distance_to(self, flat: torch.Tensor, nn_idx: torch.Tensor) -> torch.Tensor:
+        """Exact distance of each patch (N, D) to its memory entry: the expanded form's rounding
+        error (large for near matches) would make the faiss and the exported path disagree."""
+        return torch.linalg.vector_norm(flat - self.memory_bank[nn_idx], dim=1)
 
     def score(self, emb: torch.Tensor, nn_dist: torch.Tensor,
               nn_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +201,14 @@ class PatchCore(BackboneDetector):
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         emb = self._embed(pixels)
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).contiguous()
-        sq_dist, idx = self._index.search(flat.cpu().numpy(), 1)
-        nn_dist = torch.from_numpy(np.sqrt(np.maximum(sq_dist[:, 0], 0))).to(self.device)
+        _, idx = self._index.search(flat.cpu().numpy(), 1)
         nn_idx = torch.from_numpy(idx[:, 0]).to(self.device)
-        scores, maps = self.model.score(emb, nn_dist, nn_idx)
+        scores, maps = self.model.score(emb, self.model.distance_to(flat, nn_idx), nn_idx)
         return scores.cpu().numpy(), maps.cpu().numpy()
+
+    def inference_module(self) -> nn.Module:
+        """Backbone + PatchCoreModel on the CPU (a copy: the detector keeps its device)."""
+        return copy.deepcopy(nn.Sequential(self.extractor, self.model)).cpu().eval()
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {"memory_bank": self.model.memory_bank.cpu().numpy()}, self._backbone_state()

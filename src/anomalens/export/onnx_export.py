@@ -1,0 +1,176 @@
+"""Export a fitted detector to one self-describing ONNX file.
+
+The graph takes a float32 image batch in [0, 1], (B, C, S, S) at the model resolution (the layout
+`Preprocess` yields before normalizing), and holds the mean/std normalization, the detector's
+inference module and the calibrated score normalization. Resizing and the `intensity` option stay
+in the shared numpy input pipeline (engine/inputs.py): `intensity` takes its statistics from the
+image at its own resolution, before resizing, which a graph at model resolution cannot see.
+The ONNX metadata_props key "anomalens" holds a JSON header: detector, options, calibration,
+threshold, input description, anomalens version and the parity measured at export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalens import __version__
+from anomalens.engine.inputs import Preprocess
+from anomalens.thresholds import Calibration
+from anomalens.thresholds.calibrate import _scale
+
+FORMAT_VERSION = 1
+METADATA_KEY = "anomalens"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "normalized_map")
+#: parity bound: absolute for values up to 1, relative above (float32 resolves 500 only to 3e-5)
+TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The detector could not be exported, or its export does not reproduce its scores."""
+
+
+class NotExportableError(ExportError):
+    """The detector has no inference graph (classical PyOD methods)."""
+
+
+class ExportGraph(nn.Module):
+    """[0, 1] image batch -> raw and calibrated image scores and maps, in one graph."""
+
+    def __init__(self, core: nn.Module, preprocess: Preprocess, calibration: Calibration | None) -> None:
+        super().__init__()
+        c = preprocess.channels
+        self.core = core
+        self.register_buffer("mean", torch.tensor(preprocess.mean[:c]).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess.std[:c]).view(1, c, 1, 1))
+        # an uncalibrated detector exports its raw values as the "normalized" ones
+        cal = calibration or Calibration(threshold=1.0, center=0.0, pixel_threshold=1.0, pixel_center=0.0,
+                                         quantile=1.0, n_images=0)
+        self.center, self.scale = cal.center, _scale(cal.threshold, cal.center)
+        self.pixel_center, self.pixel_scale = cal.pixel_center, _scale(cal.pixel_threshold, cal.pixel_center)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores, maps = self.core((image - self.mean) / self.std)  # the same arithmetic as Preprocess
+        return (scores, (scores - self.center) / self.scale,
+                maps, (maps - self.pixel_center) / self.pixel_scale)
+
+
+def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
+    """Write `detector` as one ONNX file at `path` and check it against the torch detector.
+
+    Raises NotExportableError for methods without an inference graph and ExportError when
+    export fails or ONNX Runtime's scores or maps differ by more than 1e-4 on a random batch
+    (relative to the value where it exceeds 1). The file is written atomically.
+    """
+    import onnx
+
+    if not getattr(detector, "_fitted", False):
+        raise ExportError(f"{detector.name} is not fitted: fit it or load a model file first")
+    core = detector.inference_module()
+    if core is None:
+        raise NotExportableError(f"{detector.name} cannot be exported to ONNX: its scoring is not a neural "
+                                 "network graph (classical detectors run scikit-learn/PyOD models)")
+    pre = detector._preprocess()
+    graph = ExportGraph(core, pre, detector.decision_calibration).eval()
+    example = torch.rand(2, pre.channels, pre.image_size, pre.image_size,
+                         generator=torch.Generator().manual_seed(0))  # batch 2: no shape fixed to 1
+    with torch.no_grad():
+        graph(example)  # an eager call first builds cached constants (smoothing matrices) outside the trace
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # TracerWarnings about Python ints taken from shapes are expected: S is fixed by design
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph, (example,), str(tmp), dynamo=False,  # dynamo needs onnxscript
+                                  opset_version=opset, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                  dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
+                                  do_constant_folding=True)
+        except Exception as exc:  # the exporter fails with many error types
+            # e.g. "kernel of unknown shape": a kernel or channel count built from a tensor's size
+            # is unknown along the dynamic batch axis; int(...) sizes or a buffer avoid it
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            raise ExportError(f"ONNX export of {detector.name} failed ({type(exc).__name__}: {first_line})") from exc
+        parity = check_parity(detector, tmp, example.numpy())
+        if not parity["ok"]:
+            raise ExportError(f"ONNX export of {detector.name} does not reproduce its scores: max |score diff| "
+                              f"{parity['max_score_diff']:.3g}, max |map diff| {parity['max_map_diff']:.3g}")
+        model = onnx.load(str(tmp))
+        model.producer_name, model.producer_version = "anomalens", __version__
+        model.doc_string = f"anomalens {detector.name} detector; see the '{METADATA_KEY}' metadata entry"
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(export_metadata(detector, pre, opset, parity))
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)  # a failed export never leaves a half file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[str, Any]) -> dict[str, Any]:
+    """The JSON header stored in the ONNX file: everything needed to use it without anomalens' model file."""
+    cal, decision = detector.calibration, detector.decision_calibration
+    return {
+        "format": "anomalens-onnx", "format_version": FORMAT_VERSION, "anomalens_version": __version__,
+        "detector": detector.name, "options": detector.options, "localizes": detector.localizes,
+        "calibration": cal.to_dict() if cal else None, "operating_point": detector.operating_point,
+        "threshold": decision.threshold if decision else None,  # the image score that flags, as normalized
+        "fit_info": detector.fit_info, "opset": opset,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
+                  "channels": preprocess.channels, "size": [preprocess.image_size, preprocess.image_size],
+                  "resize": "bilinear, antialiased, from the image's own size",
+                  "intensity": preprocess.intensity, "intensity_applied": "before resizing, outside the graph"},
+        "preprocess": preprocess.to_dict(),
+        "outputs": list(OUTPUT_NAMES),
+        "parity": parity,
+    }
+
+
+def check_parity(detector, onnx_path: str | Path, images: np.ndarray) -> dict[str, Any]:
+    """Max |difference| of raw scores and maps between the torch detector and the ONNX file
+    on `images`, float32 (B, C, S, S) in [0, 1]; "ok" applies the export's tolerance."""
+    from anomalens.export.runtime import ort_session
+
+    pre = detector._preprocess()
+    c = pre.channels
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    ref_scores, ref_maps = detector._score_batch(
+        (x - torch.tensor(pre.mean[:c]).view(1, c, 1, 1)) / torch.tensor(pre.std[:c]).view(1, c, 1, 1))
+    scores, _, maps, _ = ort_session(onnx_path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+    score_diff = float(np.abs(scores - ref_scores).max())
+    map_diff = float(np.abs(maps - ref_maps).max())
+    ok = (score_diff <= TOLERANCE * max(1.0, float(np.abs(ref_scores).max()))
+          and map_diff <= TOLERANCE * max(1.0, float(np.abs(ref_maps).max())))
+    return {"max_score_diff": score_diff, "max_map_diff": map_diff, "n_images": int(x.shape[0]), "ok": ok}
+
+
+def cached_export(model_file: str | Path, opset: int = 17, cache_dir: str | Path | None = None) -> Path:
+    """The ONNX export of a saved model file, made once and then reused: keyed by the file's
+    bytes, the export format, the anomalens and torch versions and the opset, so a refit or
+    upgrade re-exports."""
+    import anomalens
+    from anomalens.backbones import onnx_cache_dir
+    from anomalens.models.base import ModelFileError
+
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise ModelFileError(f"model file '{model_file}' not found")
+    digest = hashlib.sha256(f"{FORMAT_VERSION}|{__version__}|{torch.__version__}|{opset}|".encode())
+    with open(model_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir() / "models"
+    path = folder / f"{model_file.stem}_{digest.hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        export_onnx(anomalens.load(model_file), path, opset)
+    return path

@@ -1,0 +1,105 @@
+"""Score images with an exported ONNX file through ONNX Runtime, as the torch detector does."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalens.engine.inputs import Preprocess
+from anomalens.models.base import Detector, ModelFileError
+from anomalens.thresholds import Calibration
+
+from .onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """A CPU ONNX Runtime session; `threads` intra-op threads (None: ONNX Runtime's default, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # idle workers would otherwise spin and steal cores from image decoding and other requests
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own, non-exported exception types
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise ModelFileError(f"'{path}' is not a loadable ONNX file ({first_line})") from None
+
+
+class OnnxDetector:
+    """A fitted detector running from its exported ONNX file: `predict` and `iter_predict` return
+    what the torch detector's do (raw scores, maps at each image's own size, its calibration).
+
+        det = OnnxDetector.load("tile.onnx", threads=2)   # or a model file: exported once, cached
+        result = det.predict(["part.png"])                 # result.normalized_scores, result.maps
+    """
+
+    def __init__(self, path: Path, session, metadata: dict[str, Any]) -> None:
+        self.path = path
+        self.session = session
+        self.metadata = metadata
+        self.name: str = metadata["detector"]
+        self.options: dict[str, Any] = dict(metadata["options"])
+        self.localizes: bool = metadata["localizes"]
+        self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
+        self.operating_point: dict[str, Any] | None = metadata["operating_point"]
+        self._fitted = True  # read by the shared predict loop
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, batch_size: int | None = None) -> "OnnxDetector":
+        """Open an exported .onnx file, or a model file (exported on first use and cached)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file '{path}' not found")
+        if path.suffix.lower() != ".onnx":
+            path = cached_export(path)
+        session = ort_session(path, threads)
+        raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        try:
+            metadata = json.loads(raw)
+        except (TypeError, json.JSONDecodeError):
+            raise ModelFileError(f"'{path}' is not an anomalens ONNX export (no '{METADATA_KEY}' metadata)") from None
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ModelFileError(f"'{path}' has ONNX export format {metadata.get('format_version')}, "
+                                 f"this anomalens reads format {FORMAT_VERSION}")
+        detector = cls(path, session, metadata)
+        if batch_size:
+            detector.options["batch_size"] = int(batch_size)
+        return detector
+
+    def _preprocess(self) -> Preprocess:
+        """The torch detector's preprocessing minus mean/std, which the graph applies."""
+        p = self.metadata["preprocess"]
+        c = p["channels"]
+        return Preprocess(p["image_size"], c, (0.0,) * c, (1.0,) * c, p["intensity"])
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """All graph outputs for float32 (B, C, S, S) images in [0, 1]: score, normalized_score,
+        anomaly_map, normalized_map (maps at the model resolution)."""
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        p = self.metadata["preprocess"]
+        expected = (p["channels"], p["image_size"], p["image_size"])
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"{self.path}: expected images of shape (B, {', '.join(map(str, expected))}), "
+                             f"got {x.shape}")
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})))
+
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = self.run(pixels.numpy())
+        return out["score"], out["anomaly_map"]
+
+    # the torch detector's own code, so reading, batching, skip-and-log, map resizing, the
+    # Prediction and the deciding threshold are the same for both runtimes
+    iter_predict = Detector.iter_predict
+    predict = Detector.predict
+    decision_calibration = Detector.decision_calibration
+
+    def __repr__(self) -> str:
+        return f"OnnxDetector({self.name!r}, path='{self.path}')"
