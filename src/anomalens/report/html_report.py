@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import os
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ GOOD_COLOR = "#2b7bba"
 DEFECT_COLOR = "#d64541"
 THUMB = (180, 240)  # the box (width, height) one gallery panel fits in, in pixels: two items a row
 MIN_REGION = 16  # the CLI's default --min-region, at the image's own resolution
+# LIME on the score for gallery images of detectors without a map: a few seconds per image
+EXPLAIN_SEGMENTS, EXPLAIN_SAMPLES, EXPLAIN_NORMALS = 48, 96, 16
 
 METRIC_ROWS = [
     ("image_auroc", "Image AUROC", "how well scores rank defective above good images (1 = perfect, 0.5 = chance)"),
@@ -360,8 +363,8 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample=Image.BILINEAR) -
 
 
 def _scale_region(r: Region, sy: float, sx: float) -> Region:
-    return Region(int(r.x0 * sx), int(r.y0 * sy), max(int(r.x0 * sx) + 1, round(r.x1 * sx)),
-                  max(int(r.y0 * sy) + 1, round(r.y1 * sy)), r.area, r.peak)
+    return replace(r, x0=int(r.x0 * sx), y0=int(r.y0 * sy), x1=max(int(r.x0 * sx) + 1, round(r.x1 * sx)),
+                   y1=max(int(r.y0 * sy) + 1, round(r.y1 * sy)))
 
 
 def _truth_panel(image: np.ndarray, mask: np.ndarray | None, label: int, header: int) -> Image.Image:
@@ -390,7 +393,26 @@ def _truth_panel(image: np.ndarray, mask: np.ndarray | None, label: int, header:
     return canvas
 
 
-def _gallery_item(evaluation: Evaluation, i: int, norm: float | None) -> str:
+def _score_explanation(evaluation: Evaluation, detector: Detector, image: np.ndarray) -> np.ndarray:
+    """LIME on the anomaly score, in [0, 1], for detectors whose own map is constant; the test
+    set's good images give the normal content that replaces a superpixel."""
+    from anomalens.explain.lime_maps import lime_score_map
+
+    goods = [s.path for s in evaluation.samples if s.label == 0][:EXPLAIN_NORMALS]
+    return lime_score_map(detector, image, goods or None, n_segments=EXPLAIN_SEGMENTS, num_samples=EXPLAIN_SAMPLES)
+
+
+def _regions_caption(regions: list[Region], how: str) -> str:
+    """The explanation panel's words: how many regions, and where the largest one is."""
+    if not regions:
+        return f"<br><small>{how}: no region</small>"
+    r = regions[0]
+    return (f"<br><small>{how}: {len(regions)} region{'s' if len(regions) != 1 else ''}; largest at "
+            f"x {r.x0}–{r.x1}, y {r.y0}–{r.y1}, {r.area_share:.1%} of the image, peak {r.peak:.2f}, "
+            f"mean {r.mean:.2f}</small>")
+
+
+def _gallery_item(evaluation: Evaluation, i: int, norm: float | None, detector: Detector | None = None) -> str:
     from anomalens.data import read_image
 
     sample = evaluation.samples[i]
@@ -404,12 +426,17 @@ def _gallery_item(evaluation: Evaluation, i: int, norm: float | None) -> str:
         image = _resize(image, amap.shape)
     nmap = pred.normalized_map(i) if pred.calibration is not None else amap / max(float(amap.max()), 1e-12)
     regions = find_regions(nmap, MIN_REGION) if pred.calibration is not None else []
+    how = "detector's map"
+    if detector is not None and not detector.localizes:  # a constant map says nothing about where
+        nmap = 2.0 * _score_explanation(evaluation, detector, image)  # half the strongest evidence -> 1.0
+        regions, how = find_regions(nmap, MIN_REGION), "LIME on the score"
     size = _thumb_size(*amap.shape)
     sy, sx = size[0] / amap.shape[0], size[1] / amap.shape[1]
     small_img, small_map = _resize(image, size), _resize(nmap, size)
     flagged = bool(norm is not None and norm >= 1.0)
     score_txt = f"score {norm:.2f}" if norm is not None else f"raw {pred.scores[i]:.4g}"
-    title = f"{score_txt}  {'DEFECT' if flagged else 'ok'}  ({len(regions)} region{'s' if len(regions) != 1 else ''})"
+    title = (f"{score_txt}  {'DEFECT' if flagged else 'ok'}  ({len(regions)} region{'s' if len(regions) != 1 else ''})"
+             + ("" if how == "detector's map" else f" [{how}]"))
     over = overlay_image(small_img, small_map, [_scale_region(r, sy, sx) for r in regions], title, flagged)
     truth = _truth_panel(small_img, evaluation.masks[i], sample.label, over.height - size[0])
     canvas = Image.new("RGB", (over.width + 4 + truth.width, over.height), (255, 255, 255))
@@ -426,11 +453,11 @@ def _gallery_item(evaluation: Evaluation, i: int, norm: float | None) -> str:
     rel = f"{sample.path.parent.name}/{sample.path.name}"
     return (f"<figure style='width:{canvas.width + 18}px'><img alt='{_e(rel)}' src='{png_data_uri(canvas)}'>"
             f"<figcaption>{tag}<b>{_e(rel)}</b> · "
-            f"{_e(kind)} · {score}</figcaption></figure>")
+            f"{_e(kind)} · {score}{_regions_caption(regions, how)}</figcaption></figure>")
 
 
 def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndarray,
-                     normalized: np.ndarray | None, n: int) -> str:
+                     normalized: np.ndarray | None, n: int, detector: Detector | None = None) -> str:
     if n <= 0:
         return "<section id=gallery><h2>Gallery</h2><p class=empty>Left out (n_gallery=0).</p></section>"
     ranking = normalized if normalized is not None else scores
@@ -447,7 +474,7 @@ def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndar
         return None if normalized is None else float(normalized[i])
 
     def block(title: str, note: str, idx: list[int], empty: str) -> str:
-        items = "".join(_gallery_item(evaluation, int(i), norm_of(int(i))) for i in idx)
+        items = "".join(_gallery_item(evaluation, int(i), norm_of(int(i)), detector) for i in idx)
         body = f"<div class=gallery>{items}</div>" if idx else f"<p class=empty>{empty}</p>"
         return f"<h3>{title}</h3><p class=legend>{note}</p>{body}"
 
@@ -455,6 +482,10 @@ def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndar
     n_miss = int(((normalized < 1.0) & (labels == 1)).sum()) if normalized is not None else None
     legend = ("Each row: the image | the image under the anomaly heat map (transparent below half the threshold; "
               "magenta boxes = defect regions ≥ 1.0) | the ground truth (green outline = defect mask).")
+    if detector is not None and not detector.localizes:
+        legend += (" This detector scores whole images only, so its heat map is LIME on the anomaly score: "
+                   "superpixels whose normal replacement lowers the score; boxes where the evidence reaches half "
+                   "its maximum.")
     parts = [
         block("Highest-scoring good images"
               + ("" if n_fa is None else f" — {n_fa} false alarm{'' if n_fa == 1 else 's'}"),
@@ -480,7 +511,7 @@ def render_evaluation_report(evaluation: Evaluation, detector: Detector, n_galle
     body = (_metrics_section(evaluation, detector, labels, normalized)
             + _curves_section(labels, scores, evaluation)
             + _scores_section(labels, scores, normalized, evaluation)
-            + _gallery_section(evaluation, labels, scores, normalized, max(0, int(n_gallery))))
+            + _gallery_section(evaluation, labels, scores, normalized, max(0, int(n_gallery)), detector))
     return page(title, _header(evaluation, detector, labels, flagged), body)
 
 

@@ -17,22 +17,31 @@ class Region:
     y1: int
     area: int  # pixels above threshold
     peak: float  # highest normalized score inside
+    area_share: float = 0.0  # area as a fraction of the whole image
+    mean: float = 0.0  # mean normalized score inside
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def find_regions(normalized_map: np.ndarray, min_area: int = 16) -> list[Region]:
-    """Connected areas where the normalized map reaches 1.0 (the calibrated pixel threshold),
-    largest first; specks under `min_area` pixels are noise from smoothing, not defects."""
-    labeled, n = ndimage.label(normalized_map >= 1.0, structure=np.ones((3, 3), bool))
+def find_regions(normalized_map: np.ndarray, min_area: int = 16, min_share: float = 0.0,
+                 threshold: float = 1.0) -> list[Region]:
+    """Connected areas where the normalized map reaches `threshold` (1.0 = the calibrated pixel
+    threshold), largest first; specks under `min_area` pixels or `min_share` of the image are
+    noise from smoothing, not defects."""
+    if min_area < 0 or not 0.0 <= min_share < 1.0:
+        raise ValueError(f"smallest region: min_area must be >= 0 and min_share in [0, 1), "
+                         f"got {min_area} and {min_share}")
+    labeled, n = ndimage.label(normalized_map >= threshold, structure=np.ones((3, 3), bool))
+    smallest = max(min_area, min_share * normalized_map.size)
     regions = []
     for i, sl in enumerate(ndimage.find_objects(labeled), start=1):
         inside = labeled[sl] == i
         area = int(inside.sum())
-        if area >= min_area:
-            regions.append(Region(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, area,
-                                  float(normalized_map[sl][inside].max())))
+        if area >= smallest:
+            values = normalized_map[sl][inside]
+            regions.append(Region(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, area, float(values.max()),
+                                  round(area / normalized_map.size, 6), float(values.mean())))
     return sorted(regions, key=lambda r: -r.area)
 
 
