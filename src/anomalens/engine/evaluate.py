@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from anomalens.data import Dataset, Sample, read_mask
-from anomalens.metrics import f1_at_threshold, image_metrics, pixel_metrics
+from anomalens.metrics import f1_at_threshold, high_recall_metrics, image_metrics, pixel_metrics
+from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.base import Detector, Prediction
 
 
@@ -37,7 +38,8 @@ def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[n
                     with_pixels: bool = True) -> dict[str, Any]:
     """Image metrics, pixel metrics where there is ground truth, and the calibrated operating point."""
     labels = np.array([s.label for s in samples])
-    result: dict[str, Any] = {**image_metrics(labels, prediction.scores)}
+    result: dict[str, Any] = {**image_metrics(labels, prediction.scores),
+                              **high_recall_metrics(labels, prediction.scores)}
     if with_pixels and any(m is not None and m.any() for m in masks):
         result.update(pixel_metrics(masks, prediction.maps))
     else:
@@ -45,6 +47,9 @@ def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[n
     if prediction.calibration is not None:
         at = f1_at_threshold(labels, prediction.scores, prediction.calibration.threshold)
         result["at_threshold"] = {"threshold": prediction.calibration.threshold, **at}
+        if result["pixel_auroc"] is not None:  # pixel F1 at the calibrated pixel threshold tau
+            result["at_threshold"].update(pixel_f1_at_threshold(masks, prediction.maps,
+                                                                prediction.calibration.pixel_threshold))
     return result
 
 

@@ -215,3 +215,20 @@ def pixel_metrics(
     result["aupro"] = _area_to(*_pro_curve(pairs, max_fpr), max_fpr)
     return result
 
+
+
+def pixel_f1_at_threshold(masks: Sequence[ArrayLike | None], maps: Sequence[ArrayLike],
+                          threshold: float) -> dict[str, Any]:
+    """Pixel precision, recall and F1 when a pixel is called defective iff its map value >= threshold
+    (the calibrated pixel threshold tau), pooled over all images whose mask is not None."""
+    tp = fp = fn = 0
+    for mask, amap in _pairs(masks, maps):
+        pred = amap >= threshold
+        tp += int(np.count_nonzero(pred & mask))
+        fp += int(np.count_nonzero(pred & ~mask))
+        fn += int(np.count_nonzero(~pred & mask))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"pixel_threshold": float(threshold), "pixel_precision": precision, "pixel_recall": recall,
+            "pixel_f1": f1}

@@ -24,7 +24,7 @@ from anomalens import __version__
 from anomalens.data import Sample, calibration_split
 from anomalens.engine.inputs import Batch, Preprocess, SkipLog, as_items, check_intensity, iter_batches
 from anomalens.engine.progress import progress_bar
-from anomalens.thresholds import Calibration, calibrate
+from anomalens.thresholds import Calibration, apply_operating_point, calibrate
 
 FORMAT_VERSION = 1
 
@@ -109,6 +109,9 @@ class Detector(ABC):
         self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
         check_intensity(self.options["intensity"])
         self.calibration: Calibration | None = None
+        #: threshold chosen on labelled data (`anomalens threshold`), saved in the model file; when
+        #: set it decides instead of the calibrated threshold (see `decision_calibration`)
+        self.operating_point: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
         self._fitted = False
         self._show_progress = False
@@ -174,6 +177,7 @@ class Detector(ABC):
         torch.manual_seed(self.options["seed"])
         self.fit_info = {}
         self._show_progress = progress  # methods with long fitting steps show their own bars
+        self._calibration_items = cal_items  # trainable methods compute a validation loss on them
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
             self._fit_batches(iter_batches(fit_items, self._preprocess(), self.options["batch_size"],
@@ -182,6 +186,7 @@ class Detector(ABC):
         fit_seconds = time.perf_counter() - start
         cal = self.predict(cal_items, progress=progress, calibrated=False)
         self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
+        self.operating_point = None  # chosen for the old fit: no longer valid
         self.fit_info.update(n_fit=len(fit_items), n_calibration=len(cal_items),
                              fit_seconds=round(fit_seconds, 3), anomalens_version=__version__)
         return self
@@ -209,8 +214,15 @@ class Detector(ABC):
         skip_log = SkipLog()
         rows = list(self.iter_predict(images, progress=progress, on_error=on_error, skip_log=skip_log))
         return Prediction(keys=[r[0] for r in rows], scores=np.array([r[1] for r in rows], dtype=np.float64),
-                          maps=[r[2] for r in rows], calibration=self.calibration if calibrated else None,
+                          maps=[r[2] for r in rows], calibration=self.decision_calibration if calibrated else None,
                           skipped=skip_log.skipped)
+
+    @property
+    def decision_calibration(self) -> Calibration | None:
+        """The calibration that decides: its threshold moved to the operating point when one is set."""
+        if self.calibration is None or not self.operating_point:
+            return self.calibration
+        return apply_operating_point(self.calibration, self.operating_point["threshold"])
 
     def save(self, path: str | Path) -> Path:
         if not self._fitted:
@@ -218,7 +230,7 @@ class Detector(ABC):
         arrays, meta = self._state()
         header = {"format_version": FORMAT_VERSION, "detector": self.name, "options": self.options,
                   "calibration": self.calibration.to_dict() if self.calibration else None,
-                  "fit_info": self.fit_info, "state": meta}
+                  "operating_point": self.operating_point, "fit_info": self.fit_info, "state": meta}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -235,6 +247,7 @@ class Detector(ABC):
         detector = get_class(header["detector"])(**header["options"])
         detector._restore(arrays, header["state"])
         detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
+        detector.operating_point = header.get("operating_point")
         detector.fit_info = header.get("fit_info", {})
         detector._fitted = True
         return detector

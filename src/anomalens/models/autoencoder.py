@@ -1,0 +1,235 @@
+"""Convolutional autoencoder (Bergmann et al., VISAPP 2019: "Improving unsupervised defect
+segmentation by applying structural similarity to autoencoders").
+
+The autoencoder learns to reconstruct good images; a defect is reconstructed badly, so the
+per-pixel residual (squared error or 1 - SSIM, max over channels, Gaussian-smoothed) is the
+anomaly map and its maximum the image score. `ResidualMap` and the SSIM helpers are shared
+with f-AnoGAN and GANomaly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d
+from torch import nn
+
+from anomalens.engine.training import Phase
+from anomalens.models.layers import SmoothUpsample
+from anomalens.models.trainable import TrainableDetector
+from anomalens.registry import register
+
+LOSSES = ("l2", "ssim", "l2+ssim")
+RESIDUALS = ("auto", "l2", "ssim")
+# Bergmann et al.'s deep AE for 256 px textures: 5 stride-2 levels to an 8x8 grid, latent 500
+PRESETS: dict[str, dict[str, Any]] = {
+    "bergmann": {"image_size": 256, "depth": 5, "width": 32, "latent": 500, "channels": 3, "loss": "l2+ssim"},
+}
+
+
+def _block(conv: nn.Module, channels: int) -> nn.Sequential:
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.01))
+
+
+def level_widths(depth: int, width: int) -> list[int]:
+    """Channels after each stride-2 level: width, ..., then doubling over the last two
+    (Bergmann's 32, 32, 32, 64, 128 for depth 5, width 32)."""
+    return [width * 2 ** max(0, i - depth + 3) for i in range(depth)]
+
+
+class ConvEncoder(nn.Module):
+    """(B, C, S, S) -> (B, latent, 1, 1): `depth` stride-2 4x4 convs (each but the first and last
+    followed by a 3x3 conv), 3x3 convs down to `width`, then a conv over the whole remaining grid."""
+
+    def __init__(self, channels: int, image_size: int, depth: int, width: int, latent: int) -> None:
+        super().__init__()
+        grid = image_size // 2**depth
+        if grid < 1 or grid * 2**depth != image_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of 2**depth = {2**depth}")
+        widths = level_widths(depth, width)
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i, c in enumerate(widths):
+            layers.append(_block(nn.Conv2d(c_in, c, 4, 2, 1), c))
+            if 0 < i < depth - 1:
+                layers.append(_block(nn.Conv2d(c, c, 3, 1, 1), c))
+            c_in = c
+        layers += [_block(nn.Conv2d(c_in, width * 2, 3, 1, 1), width * 2),
+                   _block(nn.Conv2d(width * 2, width, 3, 1, 1), width),
+                   nn.Conv2d(width, latent, grid)]  # linear bottleneck
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of `ConvEncoder`: (B, latent, 1, 1) -> (B, C, S, S), linear output."""
+
+    def __init__(self, channels: int, image_size: int, depth: int, width: int, latent: int) -> None:
+        super().__init__()
+        grid = image_size // 2**depth
+        widths = level_widths(depth, width)[::-1]
+        layers: list[nn.Module] = [_block(nn.ConvTranspose2d(latent, width, grid), width),
+                                   _block(nn.Conv2d(width, width * 2, 3, 1, 1), width * 2),
+                                   _block(nn.Conv2d(width * 2, widths[0], 3, 1, 1), widths[0])]
+        for i, c in enumerate(widths):
+            last = i == depth - 1
+            c_out = channels if last else widths[i + 1]
+            if 0 < i < depth - 1:
+                layers.append(_block(nn.Conv2d(c, c, 3, 1, 1), c))
+            up = nn.ConvTranspose2d(c, c_out, 4, 2, 1)
+            layers.append(up if last else _block(up, c_out))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, channels: int, image_size: int, depth: int, width: int, latent: int) -> None:
+        super().__init__()
+        self.encoder = ConvEncoder(channels, image_size, depth, width, latent)
+        self.decoder = ConvDecoder(channels, image_size, depth, width, latent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Model pixels in [-1, 1] -> [0, 1], the range SSIM's constants assume."""
+    return (x + 1) / 2
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-pixel SSIM (B, C, H, W) of [-1, 1] images, same size as the input.
+
+    pytorch_msssim only returns averaged SSIM (over a valid-convolution map), so the map is built
+    here from its Gaussian window with the standard constants (K1 = 0.01, K2 = 0.03, data range
+    1). Near the border the Gaussian averages only the pixels inside the image (zero padding
+    divided by the blurred ones), which also keeps the graph ONNX-exportable (no reflect Pad).
+    """
+    x, y = _unit(x.float()), _unit(y.float())
+    pad = window // 2
+    win = _fspecial_gauss_1d(window, sigma).to(x.device)  # (1, 1, window)
+    row, col = win.view(1, 1, 1, window), win.view(1, 1, window, 1)
+
+    def gauss(t: torch.Tensor) -> torch.Tensor:
+        # channels folded into the batch: one fixed-shape kernel, as ONNX export needs
+        flat = t.reshape(-1, 1, t.shape[-2], t.shape[-1])
+        flat = F.conv2d(F.conv2d(flat, row, padding=(0, pad)), col, padding=(pad, 0))
+        return flat.reshape(t.shape)
+
+    weight = gauss(torch.ones_like(x[:1, :1]))
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return gauss(t) / weight
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str, window: int = 11) -> torch.Tensor:
+    """Mean L2, 1 - SSIM, or their sum, in float32 (SSIM is unstable in half precision)."""
+    x, recon = x.float(), recon.float()
+    loss = x.new_zeros(())
+    if "l2" in kind:
+        loss = loss + F.mse_loss(recon, x)
+    if "ssim" in kind:
+        loss = loss + 1 - ssim(_unit(recon), _unit(x), data_range=1.0, win_size=window)
+    return loss
+
+
+class ResidualMap(nn.Module):
+    """(image, reconstruction) -> (scores (B,), maps (B, S, S)): squared error or 1 - SSIM,
+    max over channels, Gaussian-smoothed; score = max (or mean) of the map."""
+
+    def __init__(self, kind: str, image_size: int, sigma: float, window: int = 11, score: str = "max") -> None:
+        super().__init__()
+        self.kind, self.window, self.score = kind, window, score
+        self.smooth = SmoothUpsample(image_size, sigma) if sigma > 0 else None
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "ssim":
+            maps = (1 - ssim_map(x, recon, self.window)).amax(1)
+        else:
+            maps = ((x.float() - recon.float()) ** 2).amax(1)
+        if self.smooth is not None:
+            maps = self.smooth(maps)
+        scores = maps.amax(dim=(1, 2)) if self.score == "max" else maps.mean(dim=(1, 2))
+        return scores, maps
+
+
+class AutoencoderScorer(nn.Module):
+    def __init__(self, ae: ConvAutoencoder, residual: ResidualMap) -> None:
+        super().__init__()
+        self.ae, self.residual = ae, residual
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.residual(x, self.ae(x))
+
+
+def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: option {option}={value!r}; use one of {', '.join(choices)}")
+
+
+@register
+class Autoencoder(TrainableDetector):
+    """Convolutional autoencoder. Options: preset ("bergmann": 256 px, depth 5, latent 500),
+    depth (stride-2 levels), width, latent, channels, loss (l2, ssim, l2+ssim), residual (map:
+    l2, ssim, or auto = ssim when the loss uses it), ssim_window, sigma (map smoothing), score
+    (max or mean of the map)."""
+
+    name = "autoencoder"
+    defaults = {"preset": "", "channels": 3, "depth": 4, "width": 32, "latent": 100, "loss": "l2+ssim",
+                "residual": "auto", "ssim_window": 11, "sigma": 2.0, "score": "max",
+                "epochs": 40, "lr": 5e-4, "weight_decay": 1e-5, "max_minutes": 12.0}
+
+    def __init__(self, **options: Any) -> None:
+        preset = options.get("preset", "")
+        if preset:
+            check_choice(self.name, "preset", preset, tuple(PRESETS))
+            options = {**PRESETS[preset], **options}  # explicit options win over the preset
+        super().__init__(**options)
+        o = self.options
+        check_choice(self.name, "loss", o["loss"], LOSSES)
+        check_choice(self.name, "residual", o["residual"], RESIDUALS)
+        check_choice(self.name, "score", o["score"], ("max", "mean"))
+        ConvEncoder(o["channels"], o["image_size"], o["depth"], 1, 1)  # validates image_size vs depth early
+
+    @property
+    def residual_kind(self) -> str:
+        if self.options["residual"] != "auto":
+            return self.options["residual"]
+        return "ssim" if "ssim" in self.options["loss"] else "l2"
+
+    def _build_modules(self) -> dict[str, nn.Module]:
+        o = self.options
+        return {"ae": ConvAutoencoder(o["channels"], o["image_size"], o["depth"], o["width"], o["latent"])}
+
+    def _phases(self) -> list[Phase]:
+        ae, o = self.modules["ae"], self.options
+        opt = torch.optim.Adam(ae.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            return reconstruction_loss(x, ae(x), o["loss"], o["ssim_window"])
+
+        def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
+            with ctx.autocast():
+                loss = loss_of(x)
+            ctx.update(loss, opt)
+            return {"loss": loss}
+
+        return [self.phase("reconstruct", step, {"adam": opt}, val_loss=loss_of)]
+
+    def _scorer(self) -> nn.Module:
+        o = self.options
+        return AutoencoderScorer(self.modules["ae"], ResidualMap(self.residual_kind, o["image_size"], o["sigma"],
+                                                                 o["ssim_window"], o["score"]))

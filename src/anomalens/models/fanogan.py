@@ -1,0 +1,181 @@
+"""f-AnoGAN (Schlegl et al., Medical Image Analysis 2019): fast unsupervised anomaly detection
+with generative adversarial networks.
+
+Phase 1 trains a WGAN-GP generator and critic on good images; phase 2 freezes both and trains
+an encoder with the izi_f loss, ||x - G(E(x))||^2 + kappa * ||f(x) - f(G(E(x)))||^2, f being the
+critic's last feature map. The anomaly score A(x) is that same sum; the map is the smoothed
+residual x - G(E(x)). The DCGAN-style networks here are shared with GANomaly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from anomalens.engine.training import Phase, StepContext
+from anomalens.models.autoencoder import ResidualMap, check_choice
+from anomalens.models.trainable import TrainableDetector
+from anomalens.registry import register
+
+
+def n_levels(image_size: int) -> int:
+    """Stride-2 levels between a 4x4 grid and the image; image_size must be 4 * 2**k."""
+    k = math.log2(image_size / 4) if image_size >= 8 else 0
+    if k < 1 or k != int(k):
+        raise ValueError(f"image_size must be 4 * a power of two (8, 16, ..., 64, 128, 256), got {image_size}")
+    return int(k)
+
+
+def level_channels(image_size: int, width: int) -> list[int]:
+    """Channels from the full-resolution level down: width, 2 width, ... capped at 8 width."""
+    return [width * min(2**i, 8) for i in range(n_levels(image_size))]
+
+
+class DCEncoder(nn.Module):
+    """(B, C, S, S) -> (output (B, out_dim), features (B, F)): 4x4 stride-2 convs to a 4x4 grid
+    (features), then a 4x4 conv to `out_dim`. BatchNorm is optional: a WGAN-GP critic must not
+    use it (the gradient penalty is per sample)."""
+
+    def __init__(self, channels: int, image_size: int, width: int, out_dim: int, batchnorm: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i, c in enumerate(level_channels(image_size, width)):
+            layers.append(nn.Conv2d(c_in, c, 4, 2, 1, bias=not (batchnorm and i > 0)))
+            if batchnorm and i > 0:  # DCGAN: no BatchNorm on the input layer
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(nn.LeakyReLU(0.2))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(c_in, out_dim, 4, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.head(f).flatten(1), f.flatten(1)
+
+
+class DCGenerator(nn.Module):
+    """(B, latent) -> (B, C, S, S) in [-1, 1]: 4x4 transposed convs up from a 4x4 grid."""
+
+    def __init__(self, latent: int, channels: int, image_size: int, width: int) -> None:
+        super().__init__()
+        widths = level_channels(image_size, width)[::-1]
+        layers: list[nn.Module] = [nn.ConvTranspose2d(latent, widths[0], 4, 1, 0, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        for i, c in enumerate(widths):
+            if i == len(widths) - 1:
+                layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), nn.Tanh()]
+            else:
+                layers += [nn.ConvTranspose2d(c, widths[i + 1], 4, 2, 1, bias=False), nn.BatchNorm2d(widths[i + 1]),
+                           nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+def gradient_penalty(critic: DCEncoder, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: (||grad critic(mix)|| - 1)^2 on random interpolates of real and fake images."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    mix = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    out, _ = critic(mix)
+    (grad,) = torch.autograd.grad(out.sum(), mix, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class FAnoGanScorer(nn.Module):
+    def __init__(self, generator: DCGenerator, critic: DCEncoder, encoder: DCEncoder, residual: ResidualMap,
+                 kappa: float, score: str = "izi_f") -> None:
+        super().__init__()
+        self.generator, self.critic, self.encoder, self.residual = generator, critic, encoder, residual
+        self.kappa, self.score = kappa, score
+
+    def izi_f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image izi_f anomaly score A(x) and the reconstruction G(E(x))."""
+        z, _ = self.encoder(x)
+        recon = self.generator(z)
+        _, f_x = self.critic(x)
+        _, f_r = self.critic(recon)
+        a_r = ((x.float() - recon.float()) ** 2).flatten(1).mean(1)
+        a_d = ((f_x.float() - f_r.float()) ** 2).mean(1)
+        return a_r + self.kappa * a_d, recon
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, recon = self.izi_f(x)
+        peaks, maps = self.residual(x, recon)
+        return (scores if self.score == "izi_f" else peaks), maps
+
+
+@register
+class FAnoGan(TrainableDetector):
+    """f-AnoGAN. Options: latent, width, channels, gan_epochs (phase 1; `epochs` is the encoder
+    phase), n_critic (critic steps per generator step), gp_weight, kappa, gan_share (fraction
+    of max_minutes for the GAN phase), sigma (map smoothing), score ("izi_f": the paper's A(x);
+    "residual": the residual map's maximum, for small defects that the mean dilutes)."""
+
+    name = "fanogan"
+    defaults = {"channels": 3, "latent": 128, "width": 16, "gan_epochs": 60, "n_critic": 5, "gp_weight": 10.0,
+                "kappa": 1.0, "gan_share": 0.7, "sigma": 2.0, "score": "izi_f", "epochs": 40, "lr": 1e-4,
+                "max_minutes": 12.0}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        n_levels(self.options["image_size"])  # validate early
+        check_choice(self.name, "score", self.options["score"], ("izi_f", "residual"))
+        if not 0 < self.options["gan_share"] < 1:
+            raise ValueError(f"fanogan: option gan_share must be in (0, 1), got {self.options['gan_share']}")
+
+    def _build_modules(self) -> dict[str, nn.Module]:
+        o = self.options
+        return {"generator": DCGenerator(o["latent"], o["channels"], o["image_size"], o["width"]),
+                "critic": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=False),
+                "encoder": DCEncoder(o["channels"], o["image_size"], o["width"], o["latent"], batchnorm=False)}
+
+    def _phases(self) -> list[Phase]:
+        o = self.options
+        gen, critic, enc = self.modules["generator"], self.modules["critic"], self.modules["encoder"]
+        # WGAN-GP's Adam settings (Gulrajani et al. 2017)
+        opt_g = torch.optim.Adam(gen.parameters(), lr=o["lr"], betas=(0.0, 0.9))
+        opt_d = torch.optim.Adam(critic.parameters(), lr=o["lr"], betas=(0.0, 0.9))
+        opt_e = torch.optim.Adam(enc.parameters(), lr=o["lr"], betas=(0.0, 0.9))
+        scorer = self._scorer()
+
+        def gan_step(x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+            z = torch.randn(x.shape[0], o["latent"], device=x.device)
+            with ctx.autocast():
+                fake = gen(z).detach()
+                wasserstein = critic(fake)[0].mean() - critic(x)[0].mean()
+                loss_d = wasserstein + o["gp_weight"] * gradient_penalty(critic, x, fake)
+            ctx.update(loss_d, opt_d)
+            losses = {"loss": loss_d, "wasserstein": -wasserstein}
+            if ctx.step % o["n_critic"] == o["n_critic"] - 1:
+                critic.requires_grad_(False)  # the generator step must not touch the critic's gradients
+                with ctx.autocast():
+                    loss_g = -critic(gen(torch.randn_like(z)))[0].mean()
+                ctx.update(loss_g, opt_g)
+                critic.requires_grad_(True)
+            return losses
+
+        def izi_f_loss(x: torch.Tensor) -> torch.Tensor:
+            return scorer.izi_f(x)[0].mean()
+
+        def encoder_step(x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+            gen.requires_grad_(False)  # phase 2 trains the encoder only
+            critic.requires_grad_(False)
+            with ctx.autocast():
+                loss = izi_f_loss(x)
+            ctx.update(loss, opt_e)
+            return {"loss": loss}
+
+        return [self.phase("gan", gan_step, {"generator": opt_g, "critic": opt_d}, epochs=o["gan_epochs"],
+                           patience=0, train_modules=("generator", "critic"), time_share=o["gan_share"]),
+                self.phase("encoder", encoder_step, {"encoder": opt_e}, val_loss=izi_f_loss,
+                           train_modules=("encoder",), time_share=1 - o["gan_share"])]
+
+    def _scorer(self) -> nn.Module:
+        o = self.options
+        m = self.modules
+        return FAnoGanScorer(m["generator"], m["critic"], m["encoder"],
+                             ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"])

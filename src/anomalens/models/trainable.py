@@ -1,0 +1,183 @@
+"""Base class of detectors trained by gradient descent (autoencoder, GANs, distillation, ...).
+
+`TrainableDetector` keeps the preprocessed training goods in memory, preprocesses the held-out
+calibration goods as validation data, builds the model's modules and runs
+`anomalens.engine.training.Trainer` over the phases the subclass defines. It adds the options
+every trainable method shares (epochs, lr, max_minutes, patience, augment, amp) and the fit-time
+arguments `checkpoint_dir` and `resume`. Saving writes every module's state_dict (safetensors);
+loading rebuilds the modules from the options and loads them back.
+
+A subclass implements three hooks (plus `defaults` and `name`)::
+
+    @register
+    class MyAE(TrainableDetector):
+        name = "my_ae"
+        defaults = {"channels": 3, "width": 32, "epochs": 30, "lr": 2e-4}
+
+        def _build_modules(self) -> dict[str, nn.Module]:      # fresh, untrained modules
+            return {"net": Net(self.options["channels"], self.options["width"])}
+
+        def _phases(self) -> list[Phase]:                       # what to train, on self.modules
+            net = self.modules["net"]
+            opt = torch.optim.Adam(net.parameters(), lr=self.options["lr"])
+            def step(x, ctx):
+                with ctx.autocast():
+                    loss = F.mse_loss(net(x), x)
+                ctx.update(loss, opt)
+                return {"loss": loss}
+            return [self.phase("train", step, {"adam": opt}, val_loss=lambda x: F.mse_loss(net(x), x))]
+
+        def _scorer(self) -> nn.Module:                         # pixels -> (scores (B,), maps (B,S,S))
+            return MyScorer(self.modules["net"])
+
+    det = MyAE(epochs=5).fit(goods, checkpoint_dir="ckpt", resume=True, progress=True)
+
+`self.phase(...)` fills epochs and patience from the options. `_scorer()` is used both for
+scoring and, deep-copied to the CPU, as `inference_module()` for ONNX export. Images are
+normalized to [-1, 1] with the `channels` option (3 where a subclass has none); override
+`_preprocess` for other normalizations (e.g. a pretrained backbone's mean/std).
+"""
+from __future__ import annotations
+
+import copy
+from abc import abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalens.engine.inputs import Batch, Preprocess, iter_batches
+from anomalens.engine.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
+from anomalens.models.base import Detector
+from anomalens.models.feature_base import BackboneDetector
+
+
+class TrainableDetector(Detector):
+    """Detector whose model is learned by the shared training engine."""
+
+    base_defaults = {
+        **Detector.base_defaults,
+        "image_size": 128,
+        "batch_size": 16,
+        "epochs": 50,
+        "lr": 1e-3,
+        "max_minutes": 0.0,  # wall-clock training budget; 0 = none
+        "patience": 0,  # early stopping after this many epochs without a better validation loss; 0 = off
+        "augment": "",  # training augmentations, comma-separated: flip, rotate, noise
+        "amp": True,  # bfloat16 mixed precision on CUDA
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        parse_augment(self.options["augment"])  # fail at construction, not after reading images
+        for key in ("epochs", "batch_size"):
+            if self.options[key] < 1:
+                raise ValueError(f"{self.name}: option {key} must be >= 1, got {self.options[key]}")
+        self.modules: dict[str, nn.Module] = {}
+        self._checkpoint_dir: Path | None = None
+        self._resume = False
+
+    # -- hooks -------------------------------------------------------------------------------
+    @abstractmethod
+    def _build_modules(self) -> dict[str, nn.Module]:
+        """Fresh modules of this model, built from the options."""
+
+    @abstractmethod
+    def _phases(self) -> list[Phase]:
+        """The training phases over `self.modules` (already on the device)."""
+
+    @abstractmethod
+    def _scorer(self) -> nn.Module:
+        """Module over `self.modules` mapping preprocessed pixels to (scores (B,), maps (B, S, S))."""
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def fit(self, images: Iterable | np.ndarray, calibration: Iterable | np.ndarray | None = None, *,
+            progress: bool = False, checkpoint_dir: str | Path | None = None,
+            resume: bool = False) -> "TrainableDetector":
+        """Like `Detector.fit`; `checkpoint_dir` gets a checkpoint after every epoch, and `resume`
+        continues from the one there (same options and images) instead of starting over."""
+        if resume and checkpoint_dir is None:
+            raise ValueError(f"{self.name}: resume needs the checkpoint_dir of the interrupted run")
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._resume = resume
+        return super().fit(images, calibration, progress=progress)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self._checkpoint_dir is None else self._checkpoint_dir / f"{self.name}.ckpt.safetensors"
+
+    def _preprocess(self) -> Preprocess:
+        channels = self.options.get("channels", 3)
+        return Preprocess(self.options["image_size"], channels, (0.5,) * channels, (0.5,) * channels,
+                          self.options["intensity"])
+
+    def phase(self, name: str, step: StepFn, optimizers: dict[str, torch.optim.Optimizer], **kwargs: Any) -> Phase:
+        """A Phase with epochs and patience from the options unless given."""
+        kwargs.setdefault("epochs", self.options["epochs"])
+        kwargs.setdefault("patience", self.options["patience"])
+        return Phase(name, step, optimizers=optimizers, **kwargs)
+
+    def _set_modules(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
+
+    def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
+        train = torch.cat([b.pixels for b in batches])
+        cal_items = getattr(self, "_calibration_items", [])
+        val_batches = [b.pixels for b in iter_batches(cal_items, self._preprocess(), self.options["batch_size"])]
+        val = torch.cat(val_batches) if val_batches else None
+        self._set_modules(self._build_modules())
+        config = TrainConfig(batch_size=self.options["batch_size"], seed=self.options["seed"], device=self.device,
+                             amp=self.options["amp"], checkpoint=self.checkpoint_path, resume=self._resume,
+                             max_minutes=self.options["max_minutes"], progress=self._show_progress, desc=self.name,
+                             augment=parse_augment(self.options["augment"]))
+        result = Trainer(self.modules, config).fit(self._phases(), train, val)
+        self.fit_info.update(training=result.summary(), history=result.history)
+
+    @torch.inference_mode()
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self._scorer()(pixels.to(self.device))
+        return scores.float().cpu().numpy(), maps.float().cpu().numpy()
+
+    def inference_module(self) -> nn.Module:
+        return copy.deepcopy(self._scorer()).cpu().eval()
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"{name}/{k}": v.detach().cpu().numpy() for name, m in self.modules.items()
+                  for k, v in m.state_dict().items()}
+        return arrays, {}
+
+    def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        modules = self._build_modules()
+        for name, m in modules.items():
+            prefix = f"{name}/"
+            m.load_state_dict({k[len(prefix):]: torch.from_numpy(v) for k, v in arrays.items()
+                               if k.startswith(prefix)})
+        self._set_modules(modules)
+
+
+class BackboneTrainableDetector(TrainableDetector, BackboneDetector):
+    """A TrainableDetector whose model uses the frozen pretrained backbone (`self.extractor`).
+
+    The backbone's weights are not saved: like PatchCore, the model file keeps their checksum
+    and loading checks it. Pixels are normalized with the backbone's mean/std. The backbone runs
+    inside the trained model's torch graph, so BackboneDetector's `engine` option does not apply.
+    """
+
+    stochastic = True  # the trained weights depend on `seed` (initialisation, shuffling): benchmarks repeat seeds
+    base_defaults = {**TrainableDetector.base_defaults,
+                     **{k: v for k, v in BackboneDetector.base_defaults.items() if k != "engine"},
+                     "image_size": 256, "batch_size": 8}
+
+    def _preprocess(self) -> Preprocess:
+        return BackboneDetector._preprocess(self)
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = super()._state()
+        return arrays, {**meta, **self._backbone_state()}
+
+    def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self._restore_backbone(meta)
+        super()._restore(arrays, meta)
