@@ -12,6 +12,19 @@ FAST_DEFAULT = {"image_size": 64, "batch_size": 8}
 FAST_OPTIONS = {
     "patchcore": {"coreset_min_size": 200},
     "padim": {"n_features": 40},
+    # reconstruction models: a small, shallow net learns the synthetic texture in ~40 short epochs; the GANs
+    # score by their residual map (the papers' latent scores need far more training than a unit test)
+    "autoencoder": {"depth": 2, "width": 16, "latent": 128, "loss": "l2", "channels": 1, "epochs": 40, "lr": 2e-3},
+    "fanogan": {"width": 8, "latent": 64, "gan_epochs": 20, "epochs": 40, "lr": 1e-3, "channels": 1, "n_critic": 2,
+                "score": "residual"},
+    "ganomaly": {"width": 8, "latent": 64, "epochs": 30, "lr": 1e-3, "channels": 1, "score": "residual"},
+    "stfpm": {"epochs": 10},
+    "reverse_distillation": {"epochs": 10},
+    "efficientad": {"epochs": 3, "out_channels": 64, "distill_steps": 10, "distill_batch_size": 4,
+                    "distill_crop": 64},
+    "utrad": {"windows": (4, 2), "dim": 32, "heads": 2, "depth": 1, "epochs": 3, "lr": 1e-3},
+    "vtadl": {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2, "mdn_hidden": 8, "batch_size": 4, "epochs": 20,
+              "lr": 2e-3},
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {"lof": "n_neighbors=5", "feature_bagging": "n_neighbors=5", "iforest": "n_estimators=500",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -13,12 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from anomalens.cli_classical import classical_study
+from anomalens.cli_explain import explain
+from anomalens.cli_export import Runtime, export
 from anomalens.cli_extra import REPORT_HELP, benchmark, write_report
+from anomalens.cli_score import score, threshold
+from anomalens.cli_serve import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Unsupervised visual anomaly detection and localization for industrial inspection.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # never break a file path across lines
+out = Console(soft_wrap=True)
 
 SET_HELP = "Model option as key=value, repeatable (see `anomalens models`), e.g. --set coreset_ratio=0.05"
 
@@ -68,6 +71,12 @@ def fit(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    resume: bool = typer.Option(False, "--resume", help="trained models: continue an interrupted fit from its "
+                                "checkpoint (same command otherwise)"),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="trained models: wall-clock training "
+                                             "budget in minutes (0 = none)"),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="trained models: where the "
+                                               "per-epoch checkpoint goes (default: <output>.checkpoints)"),
 ) -> None:
     """Learn normality from the training good images and calibrate the threshold.
 
@@ -75,23 +84,54 @@ def fit(
     (change with --set calibration_fraction=0.2); test images are never used.
 
     Example: anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile --model patchcore -o tile.model
+
+    Trained models (autoencoder, fanogan, ganomaly, ...) checkpoint every epoch; after a crash
+    or Ctrl-C, rerun the same command with --resume. Example:
+    anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
     """
     import anomalens
     from anomalens.data import load_dataset
+    from anomalens.models.trainable import TrainableDetector
 
     try:
         dataset = load_dataset(data)
         if not dataset.train:
             _fail(f"'{data}' has no training images")
-        detector = anomalens.create(model, device=device, **_parse_sets(set_))
+        sets = _parse_sets(set_)
+        if max_minutes is not None:
+            sets["max_minutes"] = str(max_minutes)
+        detector = anomalens.create(model, device=device, **sets)
         err.print(f"{dataset.summary()}")
-        detector.fit(dataset.train, progress=not quiet)
+        if isinstance(detector, TrainableDetector):
+            detector.fit(dataset.train, progress=not quiet, resume=resume,
+                         checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"))
+        elif resume or max_minutes is not None or checkpoint_dir is not None:
+            _fail(f"model {model!r} is not trained by epochs: --resume, --max-minutes and --checkpoint-dir "
+                  "do not apply to it")
+        else:
+            detector.fit(dataset.train, progress=not quiet)
         detector.save(output)
     except _user_errors() as e:
         _fail(str(e))
     info = detector.fit_info
     out.print(f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
               f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}")
+
+
+def _parse_min_region(text: str) -> tuple[int, float]:
+    """`--min-region-area`: '16' is pixels, '0.5%' a share of the image -> (min_area, min_share)."""
+    try:
+        if text.strip().endswith("%"):
+            share = float(text.strip()[:-1]) / 100
+            if not 0 <= share < 1:
+                raise ValueError
+            return 0, share
+        pixels = int(text)
+        if pixels < 0:
+            raise ValueError
+        return pixels, 0.0
+    except ValueError:
+        _fail(f"--min-region-area {text!r}: give pixels (16) or a share of the image below 100% (0.5%)")
 
 
 def _overlay_name(path: Path, used: set[str]) -> str:
@@ -112,8 +152,12 @@ def predict(
     overlays: bool = typer.Option(True, help="write an image | heat-map overlay PNG per image"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images (listed in skipped.txt) "
                                                             "instead of stopping at the first"),
-    min_region: int = typer.Option(16, help="smallest defect region reported, in pixels"),
+    min_region: str = typer.Option("16", "--min-region-area", "--min-region",
+                                   help="smallest defect region reported: pixels (16) or a share of the image (0.5%)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", case_sensitive=False,
+                                    help="torch, or onnx: score through ONNX Runtime (MODEL may then be a .onnx "
+                                         "file; a model file is exported once and cached)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score images: scores.csv (score, normalized score, verdict, regions) and overlay PNGs.
@@ -129,15 +173,26 @@ def predict(
     from anomalens.engine.inputs import SkipLog, as_items
     from anomalens.report.overlay import find_regions, overlay_image
 
+    min_area, min_share = _parse_min_region(str(min_region))
     try:
-        detector = anomalens.load(model_file)
-        detector.options["device"] = device
+        if runtime == "onnx":
+            from anomalens.export import ExportError, OnnxDetector
+
+            try:
+                detector = OnnxDetector.load(model_file)
+            except ExportError as e:
+                _fail(str(e))
+        else:
+            if model_file.suffix.lower() == ".onnx":
+                _fail(f"'{model_file}' is an ONNX file: score it with --runtime onnx")
+            detector = anomalens.load(model_file)
+            detector.options["device"] = device
         items = as_items(inputs)
         if not items:
             _fail("no images found in " + ", ".join(map(str, inputs)))
     except _user_errors() as e:
         _fail(str(e))
-    cal = detector.calibration
+    cal = detector.decision_calibration
     output.mkdir(parents=True, exist_ok=True)
     (output / "overlays").mkdir(exist_ok=True)
     skip_log = SkipLog()
@@ -146,14 +201,14 @@ def predict(
     with open(output / "scores.csv", "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
         writer = csv.writer(f_csv)
         writer.writerow(["path", "score", "normalized_score", "anomalous", "n_regions", "defect_area_px",
-                         "largest_box_x0_y0_x1_y1", "overlay"])
+                         "defect_area_share", "largest_box_x0_y0_x1_y1", "overlay"])
         try:
-            for key, score, amap in detector.iter_predict(items, progress=not quiet,
+            for key, raw_score, amap in detector.iter_predict(items, progress=not quiet,
                                                           on_error="skip" if skip_bad else "raise",
                                                           skip_log=skip_log):
-                norm = float(cal.normalize(score))
+                norm = float(cal.normalize(raw_score))
                 nmap = cal.normalize_map(amap)
-                regions = find_regions(nmap, min_region) if detector.localizes else []
+                regions = find_regions(nmap, min_area, min_share) if detector.localizes else []
                 flagged = norm >= 1.0
                 name = ""
                 if overlays:
@@ -161,8 +216,9 @@ def predict(
                     title = f"{Path(key).name}  score {norm:.2f} (threshold 1.00)  {'DEFECT' if flagged else 'ok'}"
                     overlay_image(read_image(key), nmap, regions, title, flagged).save(output / name)
                 box = " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1))) if regions else ""
-                writer.writerow([key, f"{score:.6g}", f"{norm:.4f}", int(flagged), len(regions),
-                                 sum(r.area for r in regions), box, name])
+                writer.writerow([key, f"{raw_score:.6g}", f"{norm:.4f}", int(flagged), len(regions),
+                                 sum(r.area for r in regions), f"{sum(r.area_share for r in regions):.6f}", box,
+                                 name])
                 f_reg.write(json.dumps({"path": key, "regions": [r.to_dict() for r in regions]}) + "\n")
                 f_csv.flush()
                 n += 1
@@ -241,7 +297,7 @@ def demo(
         err.print(f"synthetic {kind} data in {data}")
     # 12 calibration goods: a 0.99 quantile of fewer is little more than their maximum
     fit(data, model=model, output=output / "demo.model", set_=["image_size=128", "calibration_fraction=0.2"],
-        device="auto", quiet=quiet)
+        device="auto", quiet=quiet, resume=False, max_minutes=None, checkpoint_dir=None)
     evaluate(output / "demo.model", data, json_out=output / "metrics.json", report=output / "report.html",
              skip_bad=False, device="auto", quiet=quiet)
     predict(output / "demo.model", [data / "test"], output=output / "predictions", overlays=True, skip_bad=False,
@@ -264,7 +320,12 @@ def models() -> None:
 
 
 app.command()(benchmark)
+app.command()(score)
+app.command()(threshold)
+app.command()(export)
 app.command("classical-study")(classical_study)
+app.command()(explain)
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover

@@ -7,7 +7,11 @@ from typing import Any
 _REGISTRY: dict[str, type] = {}
 
 # method modules imported on first use, so `import anomalens` stays light
-_BUILTIN_MODULES = ("anomalens.models.patchcore", "anomalens.models.padim", "anomalens.models.classical")
+_BUILTIN_MODULES = ("anomalens.models.patchcore", "anomalens.models.padim", "anomalens.models.classical",
+                    "anomalens.models.autoencoder", "anomalens.models.fanogan", "anomalens.models.ganomaly",
+                    "anomalens.models.stfpm", "anomalens.models.reverse_distillation",
+                    "anomalens.models.efficientad",
+                    "anomalens.models.utrad", "anomalens.models.vtadl")
 
 
 def register(cls: type) -> type:
