@@ -163,8 +163,9 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
     assert "MB" in result.output and "max |score diff|" in result.output
 
     def scores(model_arg, runtime, out):
+        threads = ["--threads", "1"] if runtime == "onnx" else []
         res = runner.invoke(app, ["predict", str(model_arg), str(texture_root / "test"), "-o", str(out),
-                                  "--runtime", runtime, "--no-overlays", "-q"])
+                                  "--runtime", runtime, *threads, "--no-overlays", "-q"])
         assert res.exit_code == 0, res.output
         return {r["path"]: (float(r["score"]), r["anomalous"]) for r in csv.DictReader(open(out / "scores.csv"))}
 

@@ -158,6 +158,8 @@ def predict(
     runtime: Runtime = typer.Option(Runtime.torch, "--runtime", case_sensitive=False,
                                     help="torch, or onnx: score through ONNX Runtime (MODEL may then be a .onnx "
                                          "file; a model file is exported once and cached)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="--runtime onnx: ONNX Runtime threads (default: one per core)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score images: scores.csv (score, normalized score, verdict, regions) and overlay PNGs.
@@ -179,7 +181,7 @@ def predict(
             from anomalens.export import ExportError, OnnxDetector
 
             try:
-                detector = OnnxDetector.load(model_file)
+                detector = OnnxDetector.load(model_file, threads=threads)
             except ExportError as e:
                 _fail(str(e))
         else:
@@ -301,7 +303,7 @@ def demo(
     evaluate(output / "demo.model", data, json_out=output / "metrics.json", report=output / "report.html",
              skip_bad=False, device="auto", quiet=quiet)
     predict(output / "demo.model", [data / "test"], output=output / "predictions", overlays=True, skip_bad=False,
-            min_region=16, device="auto", quiet=quiet)
+            min_region="16", device="auto", runtime="torch", threads=None, quiet=quiet)
 
 
 @app.command()
