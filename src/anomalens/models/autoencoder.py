@@ -221,13 +221,7 @@ class Autoencoder(TrainableDetector):
         def loss_of(x: torch.Tensor) -> torch.Tensor:
             return reconstruction_loss(x, ae(x), o["loss"], o["ssim_window"])
 
-        def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
-            with ctx.autocast():
-                loss = loss_of(x)
-            ctx.update(loss, opt)
-            return {"loss": loss}
-
-        return [self.phase("reconstruct", step, {"adam": opt}, val_loss=loss_of)]
+        return [self.loss_phase("reconstruct", loss_of, {"adam": opt})]
 
     def _scorer(self) -> nn.Module:
         o = self.options

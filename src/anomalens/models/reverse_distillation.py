@@ -161,10 +161,4 @@ class ReverseDistillation(BackboneTrainableDetector):
         params = [*model.bottleneck.parameters(), *model.decoder.parameters()]
         opt = torch.optim.Adam(params, lr=self.options["lr"], betas=(0.5, 0.999))
 
-        def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
-            with ctx.autocast():
-                loss = model.loss(x)
-            ctx.update(loss, opt)
-            return {"loss": loss.detach()}
-
-        return [self.phase("train", step, {"adam": opt}, val_loss=model.loss)]
+        return [self.loss_phase("train", model.loss, {"adam": opt})]

@@ -91,10 +91,4 @@ class Stfpm(BackboneTrainableDetector):
         opt = torch.optim.SGD(model.student.parameters(), lr=o["lr"], momentum=o["momentum"],
                               weight_decay=o["weight_decay"])
 
-        def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
-            with ctx.autocast():
-                loss = model.loss(x)
-            ctx.update(loss, opt)
-            return {"loss": loss.detach()}
-
-        return [self.phase("train", step, {"sgd": opt}, val_loss=model.loss)]
+        return [self.loss_phase("train", model.loss, {"sgd": opt})]

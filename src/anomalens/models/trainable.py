@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,20 @@ class TrainableDetector(Detector):
         kwargs.setdefault("epochs", self.options["epochs"])
         kwargs.setdefault("patience", self.options["patience"])
         return Phase(name, step, optimizers=optimizers, **kwargs)
+
+    def loss_phase(self, name: str, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                   optimizers: dict[str, torch.optim.Optimizer]) -> Phase:
+        """The common case: one optimizer ({name: optimizer}) minimizing one loss, which is also
+        the validation loss."""
+        (opt,) = optimizers.values()
+
+        def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
+            with ctx.autocast():
+                loss = loss_fn(x)
+            ctx.update(loss, opt)
+            return {"loss": loss.detach()}
+
+        return self.phase(name, step, optimizers, val_loss=loss_fn)
 
     def _set_modules(self, modules: dict[str, nn.Module]) -> None:
         self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}

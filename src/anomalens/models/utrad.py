@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.engine.training import Phase, StepContext
+from anomalens.engine.training import Phase
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register
@@ -249,10 +249,4 @@ class Utrad(BackboneTrainableDetector):
             embedding = model.embed(x)
             return F.mse_loss(model.net(embedding), embedding)
 
-        def step(x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-            with ctx.autocast():
-                value = loss(x)
-            ctx.update(value, opt)
-            return {"loss": value.detach()}
-
-        return [self.phase("train", step, {"adam": opt}, val_loss=loss)]
+        return [self.loss_phase("train", loss, {"adam": opt})]

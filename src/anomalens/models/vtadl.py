@@ -26,7 +26,7 @@ from pytorch_msssim import SSIM
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from anomalens.engine.training import Phase, StepContext
+from anomalens.engine.training import Phase
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register
@@ -191,10 +191,4 @@ class Vtadl(TrainableDetector):
         opt = torch.optim.Adam(model.net.parameters(), lr=self.options["lr"],
                                weight_decay=self.options["weight_decay"])
 
-        def step(x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-            with ctx.autocast():
-                value = model.loss(x)
-            ctx.update(value, opt)
-            return {"loss": value.detach()}
-
-        return [self.phase("train", step, {"adam": opt}, val_loss=model.loss)]
+        return [self.loss_phase("train", model.loss, {"adam": opt})]
