@@ -34,6 +34,11 @@ FAST_OPTIONS.update({f"classical:{k}": {"features": "deep:3", "pyod": _CLASSICAL
     "gmm", "kde", "lmdd")})
 
 
+TRAINED = ("autoencoder", "fanogan", "ganomaly", "stfpm", "reverse_distillation", "efficientad", "utrad", "vtadl")
+for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
+    FAST_OPTIONS[_name]["min_steps"] = 0
+
+
 def fast_options(name: str) -> dict:
     return {**FAST_DEFAULT, **FAST_OPTIONS.get(name, {})}
 

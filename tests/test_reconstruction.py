@@ -1,6 +1,8 @@
 """Autoencoder, f-AnoGAN and GANomaly with tiny models on synthetic data: training lowers the
 loss, a resumed fit equals an uninterrupted one, save/load and the exportable inference module
 give identical scores, residual maps find planted defects, pixel F1 at tau, CLI resume."""
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,11 @@ from anomalens.models.autoencoder import ConvAutoencoder, ResidualMap, ssim_map
 from anomalens.models.fanogan import DCEncoder, gradient_penalty
 
 TINY = {
-    "autoencoder": {"image_size": 32, "depth": 2, "width": 8, "latent": 32, "epochs": 3, "lr": 2e-3},
-    "fanogan": {"image_size": 16, "width": 8, "latent": 16, "gan_epochs": 2, "epochs": 3, "lr": 1e-3},
-    "ganomaly": {"image_size": 16, "width": 8, "latent": 16, "epochs": 3, "lr": 1e-3},
+    "autoencoder": {"image_size": 32, "depth": 2, "width": 8, "latent": 32, "epochs": 3, "lr": 2e-3,
+                    "min_steps": 0},
+    "fanogan": {"image_size": 16, "width": 8, "latent": 16, "gan_epochs": 2, "epochs": 3, "lr": 1e-3,
+                "min_steps": 0},
+    "ganomaly": {"image_size": 16, "width": 8, "latent": 16, "epochs": 3, "lr": 1e-3, "min_steps": 0},
 }
 MODELS = list(TINY)
 
@@ -104,9 +108,20 @@ def test_resume_needs_a_checkpoint_dir(texture):
         _tiny("autoencoder").fit(texture.train, resume=True)
 
 
+def test_min_steps_scales_every_phase_on_a_small_training_set(texture):
+    # 16 goods less the calibration share at batch 8: 2 steps an epoch; 30 steps need 15 encoder epochs
+    det = _tiny("fanogan", min_steps=30).fit(texture.train)
+    epochs = Counter(row["phase"] for row in det.fit_info["history"])
+    assert det.steps_per_epoch == 2 and epochs == {"gan": 10, "encoder": 15}
+    assert Counter(r["phase"] for r in _tiny("fanogan").fit(texture.train).fit_info["history"]) == {"gan": 2,
+                                                                                                 "encoder": 3}
+    with pytest.raises(ValueError, match="min_steps must be >= 0"):
+        _tiny("autoencoder", min_steps=-1)
+
+
 def test_autoencoder_residual_map_finds_planted_defects(texture):
     det = anomalens.create("autoencoder", image_size=64, depth=2, width=16, latent=128, loss="l2", channels=1,
-                           epochs=25, lr=2e-3, batch_size=8).fit(texture.train)
+                           epochs=25, lr=2e-3, batch_size=8, min_steps=0).fit(texture.train)
     m = evaluate(det, texture, per_type=False).metrics
     assert m["pixel_auroc"] >= 0.9
     at = m["at_threshold"]  # pixel F1 at the calibrated pixel threshold tau

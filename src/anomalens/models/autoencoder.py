@@ -190,7 +190,7 @@ class Autoencoder(TrainableDetector):
     name = "autoencoder"
     defaults = {"preset": "", "channels": 3, "depth": 4, "width": 32, "latent": 100, "loss": "l2+ssim",
                 "residual": "auto", "ssim_window": 11, "sigma": 2.0, "score": "max",
-                "epochs": 40, "lr": 5e-4, "weight_decay": 1e-5, "max_minutes": 12.0}
+                "epochs": 40, "min_steps": 1500, "lr": 5e-4, "weight_decay": 1e-5, "max_minutes": 12.0}
 
     def __init__(self, **options: Any) -> None:
         preset = options.get("preset", "")

@@ -194,7 +194,7 @@ class EfficientAd(BackboneTrainableDetector):
     statistics)."""
 
     name = "efficientad"
-    defaults = {"layers": (2, 3), "out_channels": 384, "epochs": 2, "batch_size": 1, "lr": 1e-4,
+    defaults = {"layers": (2, 3), "out_channels": 384, "epochs": 2, "min_steps": 1300, "batch_size": 1, "lr": 1e-4,
                 "weight_decay": 1e-5, "max_minutes": 8.0, "distill_steps": 150, "distill_batch_size": 8,
                 "distill_crop": 128, "norm_images": 64}
 
@@ -202,7 +202,6 @@ class EfficientAd(BackboneTrainableDetector):
         super().__init__(**options)
         Autoencoder(self.options["image_size"], 1)  # validates image_size now, not after reading images
         self._teacher_init: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
-        self._n_train = 0
 
     # -- modules -----------------------------------------------------------------------------
     def _build_modules(self) -> dict[str, nn.Module]:
@@ -228,7 +227,6 @@ class EfficientAd(BackboneTrainableDetector):
         teacher.load_state_dict(self._distilled_teacher(train).state_dict())
         mean, std = self._teacher_statistics(teacher.eval(), train[: self.options["norm_images"]])
         self._teacher_init = (teacher.state_dict(), mean, std)
-        self._n_train = len(train)
         # distilling draws random numbers, loading the cached teacher does not: the same student and
         # autoencoder initialisation either way
         torch.manual_seed(self.options["seed"])
@@ -244,7 +242,7 @@ class EfficientAd(BackboneTrainableDetector):
         model = self._scorer()
         params = [*model.student.parameters(), *model.autoencoder.parameters()]
         opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        total = o["epochs"] * math.ceil(self._n_train / o["batch_size"])
+        total = self.phase_epochs(o["epochs"]) * self.steps_per_epoch
         # the paper's StepLR: learning rate x 0.1 after 95 % of the steps
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * total)), gamma=0.1)
         c = o["out_channels"]

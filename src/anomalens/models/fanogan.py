@@ -117,8 +117,8 @@ class FAnoGan(TrainableDetector):
 
     name = "fanogan"
     defaults = {"channels": 3, "latent": 128, "width": 16, "gan_epochs": 60, "n_critic": 5, "gp_weight": 10.0,
-                "kappa": 1.0, "gan_share": 0.7, "sigma": 2.0, "score": "izi_f", "epochs": 40, "lr": 1e-4,
-                "max_minutes": 12.0}
+                "kappa": 1.0, "gan_share": 0.7, "sigma": 2.0, "score": "izi_f", "epochs": 40, "min_steps": 1500,
+                "lr": 1e-4, "max_minutes": 12.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -56,7 +56,7 @@ class Ganomaly(TrainableDetector):
     name = "ganomaly"
     defaults = {"channels": 3, "latent": 100, "width": 32, "w_adv": 1.0, "w_con": 50.0, "w_enc": 1.0, "sigma": 2.0,
                 "score": "latent",
-                "epochs": 30, "lr": 2e-4, "max_minutes": 12.0}
+                "epochs": 30, "min_steps": 1200, "lr": 2e-4, "max_minutes": 12.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -139,8 +139,8 @@ class ReverseDistillation(BackboneTrainableDetector):
     is far shorter (`epochs`, `max_minutes`)."""
 
     name = "reverse_distillation"
-    defaults = {"layers": (1, 2, 3), "blocks": 2, "sigma": 4.0, "epochs": 10, "batch_size": 16, "lr": 0.005,
-                "max_minutes": 15.0}
+    defaults = {"layers": (1, 2, 3), "blocks": 2, "sigma": 4.0, "epochs": 10, "min_steps": 400, "batch_size": 16,
+                "lr": 0.005, "max_minutes": 15.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

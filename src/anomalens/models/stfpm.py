@@ -76,7 +76,7 @@ class Stfpm(BackboneTrainableDetector):
     default is far shorter (`epochs`, `max_minutes`)."""
 
     name = "stfpm"
-    defaults = {"layers": (1, 2, 3), "epochs": 10, "batch_size": 16, "lr": 0.4, "momentum": 0.9,
+    defaults = {"layers": (1, 2, 3), "epochs": 10, "min_steps": 400, "batch_size": 16, "lr": 0.4, "momentum": 0.9,
                 "weight_decay": 1e-4, "max_minutes": 15.0}
 
     def _build_modules(self) -> dict[str, nn.Module]:

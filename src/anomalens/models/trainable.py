@@ -3,9 +3,9 @@
 `TrainableDetector` keeps the preprocessed training goods in memory, preprocesses the held-out
 calibration goods as validation data, builds the model's modules and runs
 `anomalens.engine.training.Trainer` over the phases the subclass defines. It adds the options
-every trainable method shares (epochs, lr, max_minutes, patience, augment, amp) and the fit-time
-arguments `checkpoint_dir` and `resume`. Saving writes every module's state_dict (safetensors);
-loading rebuilds the modules from the options and loads them back.
+every trainable method shares (epochs, min_steps, lr, max_minutes, patience, augment, amp) and
+the fit-time arguments `checkpoint_dir` and `resume`. Saving writes every module's state_dict
+(safetensors); loading rebuilds the modules from the options and loads them back.
 
 A subclass implements three hooks (plus `defaults` and `name`)::
 
@@ -40,6 +40,7 @@ normalized to [-1, 1] with the `channels` option (3 where a subclass has none); 
 from __future__ import annotations
 
 import copy
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -63,6 +64,9 @@ class TrainableDetector(Detector):
         "image_size": 128,
         "batch_size": 16,
         "epochs": 50,
+        # small training sets: every phase's epochs scale up alike until the `epochs` phase runs at
+        # least this many steps (31 images at batch 16 are 2 steps an epoch); 0 = epochs as given
+        "min_steps": 0,
         "lr": 1e-3,
         "max_minutes": 0.0,  # wall-clock training budget; 0 = none
         "patience": 0,  # early stopping after this many epochs without a better validation loss; 0 = off
@@ -76,7 +80,10 @@ class TrainableDetector(Detector):
         for key in ("epochs", "batch_size"):
             if self.options[key] < 1:
                 raise ValueError(f"{self.name}: option {key} must be >= 1, got {self.options[key]}")
+        if self.options["min_steps"] < 0:
+            raise ValueError(f"{self.name}: option min_steps must be >= 0, got {self.options['min_steps']}")
         self.modules: dict[str, nn.Module] = {}
+        self._n_train = 0  # training images of the current fit
         self._checkpoint_dir: Path | None = None
         self._resume = False
 
@@ -114,9 +121,20 @@ class TrainableDetector(Detector):
         return Preprocess(self.options["image_size"], channels, (0.5,) * channels, (0.5,) * channels,
                           self.options["intensity"])
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._n_train / self.options["batch_size"])
+
+    def phase_epochs(self, epochs: int) -> int:
+        """`epochs` scaled up by the min_steps factor of this training set (see the option)."""
+        o = self.options
+        if not o["min_steps"] or not self._n_train:  # off, or phases built outside a fit (tests, tools)
+            return epochs
+        return max(epochs, math.ceil(epochs * o["min_steps"] / (o["epochs"] * self.steps_per_epoch)))
+
     def phase(self, name: str, step: StepFn, optimizers: dict[str, torch.optim.Optimizer], **kwargs: Any) -> Phase:
-        """A Phase with epochs and patience from the options unless given."""
-        kwargs.setdefault("epochs", self.options["epochs"])
+        """A Phase with epochs (scaled by `phase_epochs`) and patience from the options unless given."""
+        kwargs["epochs"] = self.phase_epochs(kwargs.get("epochs", self.options["epochs"]))
         kwargs.setdefault("patience", self.options["patience"])
         return Phase(name, step, optimizers=optimizers, **kwargs)
 
@@ -139,6 +157,7 @@ class TrainableDetector(Detector):
 
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         train = torch.cat([b.pixels for b in batches])
+        self._n_train = len(train)
         cal_items = getattr(self, "_calibration_items", [])
         val_batches = [b.pixels for b in iter_batches(cal_items, self._preprocess(), self.options["batch_size"])]
         val = torch.cat(val_batches) if val_batches else None

@@ -213,7 +213,7 @@ class Utrad(BackboneTrainableDetector):
 
     name = "utrad"
     defaults = {"layers": (2, 3), "windows": (4, 4, 2), "dim": 128, "heads": 4, "depth": 2, "mlp_ratio": 2.0,
-                "dropout": 0.1, "sigma": 4.0, "epochs": 10, "lr": 2e-4, "max_minutes": 15.0}
+                "dropout": 0.1, "sigma": 4.0, "epochs": 10, "min_steps": 800, "lr": 2e-4, "max_minutes": 15.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

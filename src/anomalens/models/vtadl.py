@@ -156,8 +156,8 @@ class Vtadl(TrainableDetector):
     name = "vtadl"
     defaults = {"image_size": 128, "batch_size": 8, "channels": 3, "patch_size": 8, "dim": 128, "depth": 4,
                 "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0, "n_gaussians": 10, "mdn_hidden": 32,
-                "mse_weight": 5.0, "ssim_weight": 0.5, "nll_weight": 1.0, "sigma": 4.0, "epochs": 30, "lr": 5e-4,
-                "weight_decay": 1e-4, "max_minutes": 15.0}
+                "mse_weight": 5.0, "ssim_weight": 0.5, "nll_weight": 1.0, "sigma": 4.0, "epochs": 30,
+                "min_steps": 2500, "lr": 5e-4, "weight_decay": 1e-4, "max_minutes": 15.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
