@@ -67,6 +67,17 @@ def test_save_load_and_inference_module_give_identical_scores(name, fitted, text
     assert maps.shape == (4, det.options["image_size"], det.options["image_size"])
 
 
+def test_fanogan_feature_residual_is_scaled_by_the_goods_features(fitted, texture):
+    det = fitted["fanogan"]
+    pixels = torch.cat([b.pixels for b in iter_batches(as_items(texture.train), det._preprocess(), 8)])
+    with torch.no_grad():
+        goods_square = float(det.modules["critic"](pixels)[1].pow(2).mean())
+    # measured on the fit's training goods (the calibration goods held out): close to all goods' value
+    assert float(det.modules["feature_scale"].value) == pytest.approx(goods_square, rel=0.2)
+    raw = _tiny("fanogan", feature_norm=False).fit(texture.train)
+    assert float(raw.modules["feature_scale"].value) == 1.0  # the paper's unscaled A(x)
+
+
 class _Crash(Exception):
     pass
 

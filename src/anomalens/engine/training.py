@@ -118,6 +118,10 @@ class Phase:
     patience: int = 0
     train_modules: tuple[str, ...] | None = None  # None: every module trains
     time_share: float = 1.0
+    # called under no_grad with the training images when the phase starts afresh (also when a
+    # resume lands on its first epoch), e.g. to measure frozen modules; what it sets must live in
+    # the modules' state (a buffer) so that a resume further into the phase finds it
+    on_start: Callable[[torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -331,6 +335,11 @@ class Trainer:
                         if cfg.max_minutes > 0 else math.inf)
             steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
             out_of_time = False
+            if phase.on_start is not None and pos["epoch"] == 0:
+                for m in self.modules.values():
+                    m.eval()
+                with torch.no_grad():
+                    phase.on_start(train)
             with progress_bar(steps_per_epoch * phase.epochs, f"{cfg.desc}: {phase.name}", enabled=cfg.progress,
                               unit="step") as bar:
                 if bar is not None:
