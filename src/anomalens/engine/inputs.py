@@ -10,12 +10,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from anomalens.data import ImageReadError, Sample, list_images, read_image
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ class Preprocess:
 
 def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size: int, *,
                  on_error: str = "raise", skip_log: SkipLog | None = None,
-                 progress: "tqdm | None" = None) -> Iterator[Batch]:  # noqa: F821
+                 progress: tqdm | None = None) -> Iterator[Batch]:
     """Read and preprocess in a background thread so decoding overlaps the model's compute."""
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
