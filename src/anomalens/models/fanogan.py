@@ -101,12 +101,11 @@ class FeatureScale(nn.Module):
 
 
 class FAnoGanScorer(nn.Module):
-    def __init__(self, generator: DCGenerator, critic: DCEncoder, encoder: DCEncoder, residual: ResidualMap,
-                 kappa: float, score: str = "izi_f", feature_scale: FeatureScale | None = None) -> None:
+    def __init__(self, generator: DCGenerator, critic: DCEncoder, encoder: DCEncoder, feature_scale: FeatureScale,
+                 residual: ResidualMap, kappa: float, score: str = "izi_f") -> None:
         super().__init__()
         self.generator, self.critic, self.encoder, self.residual = generator, critic, encoder, residual
-        self.kappa, self.score = kappa, score
-        self.feature_scale = feature_scale or FeatureScale()
+        self.feature_scale, self.kappa, self.score = feature_scale, kappa, score
 
     def izi_f(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image izi_f anomaly score A(x) and the reconstruction G(E(x))."""
@@ -136,8 +135,7 @@ class FAnoGan(TrainableDetector):
     name = "fanogan"
     defaults = {"channels": 3, "latent": 128, "width": 16, "gan_epochs": 60, "n_critic": 5, "gp_weight": 10.0,
                 "kappa": 1.0, "gan_share": 0.7, "sigma": 2.0, "score": "izi_f", "feature_norm": True, "epochs": 40,
-                "min_steps": 1500,
-                "lr": 1e-4, "max_minutes": 12.0}
+                "min_steps": 1500, "lr": 1e-4, "max_minutes": 12.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -202,5 +200,5 @@ class FAnoGan(TrainableDetector):
     def _scorer(self) -> nn.Module:
         o = self.options
         m = self.modules
-        return FAnoGanScorer(m["generator"], m["critic"], m["encoder"],
-                             ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"], m["feature_scale"])
+        return FAnoGanScorer(m["generator"], m["critic"], m["encoder"], m["feature_scale"],
+                             ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"])
