@@ -3,7 +3,7 @@
     python benchmarks/bench_classical_study.py                       # magnetic tile, the default five representations
     python benchmarks/bench_classical_study.py --data DIR --features raw,deep --out study/ --fresh
 
-Runs `anomalens.engine.classical_study.run_study` (a fresh study unless --resume), prints the
+Runs `anomalens.workflows.classical_study.run_study` (a fresh study unless --resume), prints the
 Markdown table and one JSON line: wall seconds, cells ok / skipped / failed, peak RSS of this
 process and of the cell workers (RUSAGE_CHILDREN), load average before and after (the machine may be
 shared: read the time with the load average). Target on magnetic tile: under 20 minutes.
@@ -24,7 +24,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ma
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from anomalens.engine.classical_study import DEFAULT_FEATURES, run_study
+    from anomalens.workflows.classical_study import DEFAULT_FEATURES, run_study
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))

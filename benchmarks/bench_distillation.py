@@ -4,7 +4,7 @@
         [--models efficientad,reverse_distillation,stfpm,patchcore] [-o benchmarks/results/distillation]
         [--set stfpm.max_minutes=5] [--latency] [--latency-only]
 
-A thin front to `anomalens benchmark` (engine/benchmark.py): one process per (model, category)
+A thin front to `anomalens benchmark` (workflows/benchmark.py): one process per (model, category)
 cell, finished cells kept in OUT/cells.jsonl and not recomputed, and the Markdown table (image
 AUROC, pixel AUROC, AUPRO, fit s, predict images/s, single-image latency, ...) printed and written
 with JSON and HTML beside it. The trained methods are deterministic for a seed, so one seed each.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from anomalens.engine.benchmark import parse_model_sets, run_benchmark
+from anomalens.workflows.benchmark import parse_model_sets, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_foundation.py [--data ../shared/datasets] [--repeats 3] [-o benchmarks/results/foundation]
                                           [--set patchcore.coreset_ratio=0.01]
 
-A thin front to `anomalens benchmark` (engine/benchmark.py): each (model, category, seed) run is
+A thin front to `anomalens benchmark` (workflows/benchmark.py): each (model, category, seed) run is
 its own process (peak RSS is that run's own), finished runs are kept in OUT/cells.jsonl and not
 recomputed, and the Markdown table of mean ± std (image AUROC, pixel AUROC, AUPRO, fit s,
 predict images/s, single-image latency, peak RSS, model file MB) is printed and written with
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anomalens.engine.benchmark import parse_model_sets, run_benchmark
+from anomalens.workflows.benchmark import parse_model_sets, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anomalens
 from anomalens.data import load_dataset
-from anomalens.engine.evaluate import evaluate
+from anomalens.workflows.evaluate import evaluate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -4,7 +4,7 @@
                                             [--models utrad,vtadl,patchcore] [-o benchmarks/results/transformers]
                                             [--set utrad.epochs=5]
 
-A thin front to `anomalens benchmark` (engine/benchmark.py): one process per (model, category)
+A thin front to `anomalens benchmark` (workflows/benchmark.py): one process per (model, category)
 run, finished runs kept in OUT/cells.jsonl and not recomputed, and the Markdown table (image
 AUROC, pixel AUROC, AUPRO, fit s, predict images/s, latency, peak RSS, model and ONNX MB)
 printed and written with JSON and HTML beside it. One seed per model: a trained transformer
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anomalens.engine.benchmark import parse_model_sets, run_benchmark
+from anomalens.workflows.benchmark import parse_model_sets, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

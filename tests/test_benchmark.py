@@ -9,7 +9,7 @@ import pytest
 from conftest import fast_options
 
 from anomalens.data import DatasetError
-from anomalens.engine.benchmark import (
+from anomalens.workflows.benchmark import (
     CellError,
     CellSpec,
     _child_main,
@@ -156,7 +156,7 @@ def test_outputs_json_markdown_html(two_categories, tmp_path):
 
 
 def test_one_real_cell_as_the_child_runs_it(texture_root, capsys):
-    """What `python -m anomalens.engine.benchmark --cell SPEC` does, in this process: run_cell, then
+    """What `python -m anomalens.workflows.benchmark --cell SPEC` does, in this process: run_cell, then
     the result line the parent parses."""
     spec = CellSpec("patchcore", "tex", str(texture_root), 1, fast_options("patchcore"))
     assert _child_main(["--cell", json.dumps(spec.to_dict())]) == 0
@@ -179,7 +179,7 @@ def test_child_process_reports_its_error_in_one_line(tmp_path):
 def cli_app():
     import typer
 
-    from anomalens.cli_extra import benchmark
+    from anomalens.cli.benchmark import benchmark
 
     app = typer.Typer()
     app.command()(benchmark)

@@ -89,9 +89,9 @@ def test_pyod_options_string_dict_and_validation(texture, tmp_path):
     assert format_pyod_options({"b": [1, 2], "a": True}) == "a=true;b=1,2"
     det = anomalens.create("classical:knn", pyod={"method": "mean", "n_neighbors": 3}, **PIXELS, features="raw")
     assert det.options["pyod"] == "method=mean;n_neighbors=3" and det.pyod_kwargs["n_neighbors"] == 3
-    from anomalens.cli import _parse_sets
+    from anomalens.cli.common import parse_sets
 
-    sets = _parse_sets(["pyod=n_neighbors=3;method=mean", "contamination=0.2", "standardize=false"])
+    sets = parse_sets(["pyod=n_neighbors=3;method=mean", "contamination=0.2", "standardize=false"])
     det = anomalens.create("classical:knn", features="raw", **sets)
     assert det.pyod_kwargs["contamination"] == 0.2 and det.options["standardize"] is False
     det.fit(texture.train)
@@ -166,7 +166,7 @@ def test_pyod_reading_is_pyods_predict_and_proba(texture):
 
 
 def _batches(det, samples):
-    from anomalens.engine.inputs import as_items, iter_batches
+    from anomalens.data.inputs import as_items, iter_batches
 
     return iter_batches(as_items(samples), det._preprocess(), det.options["batch_size"])
 
@@ -198,7 +198,7 @@ def test_patch_features_localize_a_synthetic_defect(texture):
         hits += bool(mask[np.unravel_index(np.argmax(amap), amap.shape)]) or amap[mask].mean() > amap[~mask].mean()
         assert pred.scores[defects.index(sample)] == pytest.approx(float(amap.max()), rel=1e-4)
     assert hits >= len(defects) - 1
-    from anomalens.engine.evaluate import evaluate
+    from anomalens.workflows.evaluate import evaluate
 
     metrics = evaluate(det, texture, per_type=False).metrics
     assert metrics["pixel_auroc"] is not None and metrics["pixel_auroc"] > 0.8
@@ -206,7 +206,7 @@ def test_patch_features_localize_a_synthetic_defect(texture):
 
 # -- the study -------------------------------------------------------------------------------------------------------------
 def test_study_writes_tables_and_resumes(texture_root, tmp_path):
-    from anomalens.engine.classical_study import run_study
+    from anomalens.workflows.classical_study import run_study
 
     out = tmp_path / "study"
     kwargs = dict(options=PIXELS, in_process=True)
@@ -227,7 +227,7 @@ def test_study_writes_tables_and_resumes(texture_root, tmp_path):
 
 
 def test_study_records_skips_with_reasons(texture_root, tmp_path):
-    from anomalens.engine.classical_study import run_study
+    from anomalens.workflows.classical_study import run_study
 
     res = run_study(texture_root, "lof,knn", "pca:50,raw", tmp_path / "s", options=PIXELS, in_process=True,
                     cell_budget_s=1e-6)
@@ -239,7 +239,7 @@ def test_study_records_skips_with_reasons(texture_root, tmp_path):
 
 
 def test_study_worker_enforces_the_budget(texture_root, tmp_path):
-    from anomalens.engine.classical_study import run_study
+    from anomalens.workflows.classical_study import run_study
 
     out = tmp_path / "w"
     res = run_study(texture_root, "knn", "raw", out, options=PIXELS, cell_budget_s=0.2, guard=False)
@@ -252,7 +252,7 @@ def test_cli_function(texture_root, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from anomalens.cli_classical import classical_study
+    from anomalens.cli.benchmark import classical_study
 
     app = typer.Typer()
     app.command()(classical_study)

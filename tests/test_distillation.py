@@ -7,8 +7,8 @@ from conftest import fast_options
 
 import anomalens
 from anomalens.data import read_image, read_mask
-from anomalens.engine.inputs import as_items, iter_batches
-from anomalens.engine.training import StepContext
+from anomalens.data.inputs import as_items, iter_batches
+from anomalens.models.training import StepContext
 from anomalens.export import export_onnx, ort_session
 from anomalens.metrics import image_metrics
 from anomalens.models.efficientad import (

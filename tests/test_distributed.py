@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.engine.scoring import Scorer, iter_input_paths, model_id_for, score_into_store
+from anomalens.workflows.scoring import Scorer, iter_input_paths, model_id_for, score_into_store
 from anomalens.store import ResultStore
 from conftest import fast_options
 
@@ -24,7 +24,7 @@ def model(texture, tmp_path_factory):
 
 def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
     pytest.importorskip("ray.data")
-    from anomalens.engine.distributed import score_with_ray
+    from anomalens.workflows.distributed import score_with_ray
 
     path, model_id, digest = model
     folder = tmp_path / "in"

@@ -17,14 +17,15 @@ from safetensors import safe_open
 import anomalens
 from anomalens.data import load_mvtec, make_synthetic_dataset, read_image
 from anomalens.data.synthetic import synthetic_image
-from anomalens.engine.evaluate import evaluate
-from anomalens.explain import AnomalyClassifier, explain_images, pseudo_labels, train_classifier
+from anomalens.workflows.evaluate import evaluate, gallery_indices
+from anomalens.explain import (AnomalyClassifier, explain_images, gallery_explanations, pseudo_labels,
+                               train_classifier)
 from anomalens.explain.cam import gradcam_maps
 from anomalens.explain.faithfulness import (deletion_curve, explanation_auroc, faithfulness_summary,
                                             pointing_hit)
 from anomalens.explain.lime_maps import baseline_image, lime_classifier_map
 from anomalens.report.html_report import write_evaluation_report
-from anomalens.report.overlay import find_regions
+from anomalens.inference import find_regions
 
 EXE = str(Path(sys.executable).parent / "anomalens")
 SIZE = 128
@@ -225,5 +226,13 @@ def test_cli_explain_and_predict_regions(patchcore, data, planted, tmp_path):
 
 def test_report_explains_gallery_images_of_a_detector_without_a_map(texture, tmp_path):
     knn = anomalens.create("classical:knn", **fast_options("classical:knn")).fit(texture.train)
-    text = write_evaluation_report(evaluate(knn, texture), knn, tmp_path / "r.html", n_gallery=1).read_text()
+    evaluation = evaluate(knn, texture)
+    plain = write_evaluation_report(evaluation, knn, tmp_path / "plain.html", n_gallery=1).read_text()
+    assert "LIME on the score" not in plain  # the report computes no explanation itself
+    explanations = gallery_explanations(knn, evaluation, n_gallery=1)
+    shown = {str(evaluation.samples[i].path) for idx in gallery_indices(evaluation, 1).values() for i in idx}
+    assert set(explanations) == shown and len(shown) >= 2  # the gallery's images, and only those
+    assert all(m.min() >= 0 and m.max() <= 1 for m in explanations.values())
+    text = write_evaluation_report(evaluation, knn, tmp_path / "r.html", n_gallery=1,
+                                   explanations=explanations).read_text()
     assert "LIME on the score" in text and "of the image, peak" in text

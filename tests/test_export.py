@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.engine.benchmark import onnx_size
+from anomalens.workflows.benchmark import onnx_size
 from anomalens.export import ExportError, NotExportableError, OnnxDetector, export_onnx
 from anomalens.models.base import Detector, ModelFileError
 from anomalens.registry import get_class
@@ -51,7 +51,7 @@ def test_onnx_runtime_gives_the_torch_scores_and_maps(name, texture, tmp_path):
     assert (got.is_anomalous == ref.is_anomalous).all()
     # the graph's own normalized outputs are the calibration's normalization
     onnx_det = OnnxDetector.load(path)
-    batch = np.stack([onnx_det._preprocess()(np.full((64, 64, 3), v, np.float32)) for v in (0.2, 0.6)])
+    batch = np.stack([onnx_det.preprocess()(np.full((64, 64, 3), v, np.float32)) for v in (0.2, 0.6)])
     out = onnx_det.run(batch)
     np.testing.assert_allclose(out["normalized_score"], det.calibration.normalize(out["score"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["normalized_map"], det.calibration.normalize_map(out["anomaly_map"]),
@@ -96,7 +96,7 @@ def test_operating_point_decides_in_the_export(patchcore, texture, tmp_path, mon
     got = onnx_det.predict(texture.test)
     assert onnx_det.metadata["threshold"] == threshold and got.calibration.threshold == threshold
     assert (got.is_anomalous == ref.is_anomalous).all() and 0 < got.is_anomalous.sum() < len(got)
-    out = onnx_det.run(np.stack([onnx_det._preprocess()(np.full((64, 64), 0.5, np.float32))]))
+    out = onnx_det.run(np.stack([onnx_det.preprocess()(np.full((64, 64), 0.5, np.float32))]))
     np.testing.assert_allclose(out["normalized_score"], got.calibration.normalize(out["score"]), rtol=1e-5)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import anomalens
-from anomalens.engine.inputs import Preprocess, adjust_intensity, as_items
+from anomalens.data.inputs import Preprocess, adjust_intensity, as_items
 
 
 def test_standardize_maps_any_exposure_to_the_same_image():

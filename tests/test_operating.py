@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.engine.evaluate import evaluate
+from anomalens.workflows.evaluate import evaluate
 from anomalens.metrics import full_recall_metrics, high_recall_metrics, partial_auroc_high_recall
 from anomalens.thresholds import Calibration, apply_operating_point, select_operating_point, threshold_curve
 from conftest import fast_options

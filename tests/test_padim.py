@@ -3,7 +3,7 @@ import torch
 from conftest import fast_options
 
 import anomalens
-from anomalens.engine.inputs import as_items, iter_batches
+from anomalens.data.inputs import as_items, iter_batches
 from anomalens.models.padim import concat_embedding
 
 

@@ -30,7 +30,7 @@ def test_coreset_of_everything_is_everything():
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_faiss_search_matches_the_pure_torch_model(texture, top_k):
     det = anomalens.create("patchcore", **fast_options("patchcore"), top_k=top_k).fit(texture.train)
-    from anomalens.engine.inputs import as_items, iter_batches
+    from anomalens.data.inputs import as_items, iter_batches
 
     batch = next(iter_batches(as_items(texture.test), det._preprocess(), 8))
     fast_scores, fast_maps = det._score_batch(batch.pixels)
@@ -58,7 +58,7 @@ def test_fit_is_deterministic(texture):
 
 def test_top_k_score_is_the_mean_of_the_highest_patch_distances(texture):
     det = anomalens.create("patchcore", **fast_options("patchcore"), top_k=3).fit(texture.train)
-    from anomalens.engine.inputs import as_items, iter_batches
+    from anomalens.data.inputs import as_items, iter_batches
     from anomalens.models.patchcore import locally_aware_embedding
 
     batch = next(iter_batches(as_items(texture.test[:2]), det._preprocess(), 8))

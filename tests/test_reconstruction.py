@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.engine.evaluate import evaluate
-from anomalens.engine.inputs import as_items, iter_batches
+from anomalens.workflows.evaluate import evaluate
+from anomalens.data.inputs import as_items, iter_batches
 from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.autoencoder import ConvAutoencoder, ResidualMap, ssim_map
 from anomalens.models.fanogan import DCEncoder, gradient_penalty

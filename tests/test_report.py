@@ -11,7 +11,7 @@ from PIL import Image
 
 import anomalens
 from anomalens.data import Dataset
-from anomalens.engine.evaluate import compute_metrics, evaluate
+from anomalens.workflows.evaluate import compute_metrics, evaluate
 from anomalens.report.html_report import write_evaluation_report
 
 SECTIONS = ("id=metrics", "id=curves", "id=scores", "id=gallery")
@@ -116,7 +116,7 @@ def test_report_refuses_an_empty_evaluation(evaluation, detector, tmp_path):
 
 
 def test_cli_piece_writes_the_report(evaluation, detector, tmp_path, capsys):
-    from anomalens.cli_extra import write_report
+    from anomalens.cli.core import write_report
 
     path = write_report(evaluation, detector, tmp_path / "report.html", n_gallery=1)
     assert path.is_file() and "wrote" in capsys.readouterr().out

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.engine.scoring import (Scorer, export_top, iter_decoded, iter_input_paths, load_map, model_id_for,
+from anomalens.workflows.scoring import (Scorer, export_top, iter_decoded, iter_input_paths, load_map, model_id_for,
                                       score_into_store)
-from anomalens.engine.watch import FileTracker, watch_folder
+from anomalens.workflows.watch import FileTracker, watch_folder
 from anomalens.store import ResultStore
 from conftest import fast_options
 

@@ -57,7 +57,7 @@ def test_predict_flags_planted_defects_and_returns_map(client, texture, inferenc
     good_scores = [upload(client, s.path).json()["normalized_score"] for s in good]
     bodies = [upload(client, s.path, query="?map=true&overlay=true").json() for s in defects]
     # the same numbers as the detector itself
-    direct = inferencer.calibration.normalize(inferencer.predict([s.path for s in defects]).scores)
+    direct = inferencer.calibration.normalize(inferencer.model.predict([s.path for s in defects]).scores)
     assert np.allclose([b["normalized_score"] for b in bodies], direct, atol=1e-6)
     assert min(b["normalized_score"] for b in bodies) > np.median(good_scores)
     flagged = [b for b in bodies if b["decision"] == "defect"]
@@ -190,14 +190,14 @@ def test_onnx_runtime_scores_like_torch(model_file, inferencer, texture, tmp_pat
     assert onnx.get("/model").json()["runtime"] == "onnx"
     for sample in texture.test[:3]:
         a = upload(onnx, sample.path).json()
-        b = inferencer.calibration.normalize(inferencer.predict([sample.path]).scores[0])
+        b = inferencer.calibration.normalize(inferencer.model.predict([sample.path]).scores[0])
         assert abs(a["normalized_score"] - b) < 1e-3
 
 
 def test_review_of_a_store_filled_by_score_uses_its_saved_maps(model_file, inferencer, texture, tmp_path):
     from dataclasses import replace
 
-    from anomalens.engine.scoring import model_id_for, save_map
+    from anomalens.workflows.scoring import model_id_for, save_map
     from anomalens.store import ResultRecord, ResultStore
 
     mid, sha = model_id_for(model_file, "patchcore")
@@ -216,11 +216,17 @@ def test_review_of_a_store_filled_by_score_uses_its_saved_maps(model_file, infer
                          decision="defect")])
     calls = []
 
-    def counting_predict(images):
-        calls.append(len(images))
-        return inferencer.predict(images)
+    class CountingModel:
+        """The served model, counting its calls."""
 
-    c = client_for(model_file, replace(inferencer, predict=counting_predict), store=tmp_path / "r.db")
+        def __getattr__(self, name):
+            return getattr(inferencer.model, name)
+
+        def predict(self, images, **options):
+            calls.append(len(images))
+            return inferencer.model.predict(images, **options)
+
+    c = client_for(model_file, replace(inferencer, model=CountingModel()), store=tmp_path / "r.db")
     items = c.get("/api/review/items").json()["items"]
     assert [i["normalized_score"] for i in items] == [2.0, 0.2, 0.1]  # this model's rows only
     overlay = Image.open(io.BytesIO(c.get(f"/api/review/items/{items[0]['id']}/overlay").content)).convert("RGB")

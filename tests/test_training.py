@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from anomalens.engine.training import CheckpointError, Phase, TrainConfig, Trainer, augment_batch, parse_augment
+from anomalens.models.training import CheckpointError, Phase, TrainConfig, Trainer, augment_batch, parse_augment
 
 
 def _data(n=24, seed=0):

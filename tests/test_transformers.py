@@ -10,9 +10,9 @@ import torch
 from conftest import fast_options
 
 import anomalens
-from anomalens.engine.evaluate import evaluate
-from anomalens.engine.inputs import as_items, iter_batches
-from anomalens.engine.training import StepContext
+from anomalens.workflows.evaluate import evaluate
+from anomalens.data.inputs import as_items, iter_batches
+from anomalens.models.training import StepContext
 from anomalens.models.utrad import UTransformer, from_windows, multiscale_error, to_windows
 from anomalens.models.vtadl import MixtureDensity, VTADLNet
 

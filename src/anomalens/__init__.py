@@ -6,7 +6,7 @@
     result = det.predict(["img1.png", "img2.png"])   # result.scores, result.maps, result.is_anomalous
     det.save("tile.model"); det = anomalens.load("tile.model")
 """
-__version__ = "0.1.0"
+from anomalens._version import __version__  # noqa: E402
 
 from anomalens.registry import available, create  # noqa: E402
 

@@ -20,16 +20,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomalens.engine.inputs import as_items, load_item
+from anomalens.data.inputs import as_items, load_item
 from anomalens.explain.classifier import AnomalyClassifier, PseudoLabels, pseudo_labels, train_classifier
 from anomalens.explain.faithfulness import peak_point
 from anomalens.models.base import Detector
-from anomalens.report.overlay import Region, find_regions, overlay_image
+from anomalens.workflows.evaluate import Evaluation, gallery_indices
+from anomalens.inference import Region, decide, find_regions, overlay_image
 
 METHODS = ("map", "lime-score", "gradcam", "lime")
 
 __all__ = ["METHODS", "AnomalyClassifier", "Explanation", "PseudoLabels", "explain_images", "explanation_figure",
-           "pseudo_labels", "train_classifier"]
+           "gallery_explanations", "pseudo_labels", "train_classifier"]
+
+# LIME on the score for a report's gallery images: a few seconds per image
+GALLERY_SEGMENTS, GALLERY_SAMPLES, GALLERY_NORMALS = 48, 96, 16
 
 
 @dataclass
@@ -42,10 +46,7 @@ class Explanation:
     score: float
     normalized_score: float | None
     seconds: float
-
-    @property
-    def flagged(self) -> bool | None:
-        return None if self.normalized_score is None else self.normalized_score >= 1.0
+    flagged: bool | None = None  # the detector's verdict (inference.decide); None when it is not calibrated
 
     @property
     def region_threshold(self) -> float:
@@ -81,12 +82,14 @@ def explain_images(detector: Detector, images: Iterable | np.ndarray, method: st
                          "pass classifier= (see train_classifier)")
     items = as_items(images)
     prediction = detector.predict(items)
-    normalized = prediction.normalized_scores
+    cal = prediction.calibration
     out = []
     for i, item in enumerate(items):
         start = time.perf_counter()
+        verdict = None if cal is None else decide(prediction.scores[i], prediction.maps[i], cal,
+                                                  localizes=detector.localizes)
         if method == "map":
-            amap = prediction.normalized_map(i) if prediction.calibration else prediction.maps[i]
+            amap = prediction.maps[i] if verdict is None else verdict.normalized_map
         elif method == "lime-score":
             amap = lime_score_map(detector, load_item(item), normal_images, baseline=baseline,
                                   n_segments=n_segments, num_samples=num_samples, seed=seed)
@@ -96,15 +99,29 @@ def explain_images(detector: Detector, images: Iterable | np.ndarray, method: st
             amap = lime_classifier_map(classifier, load_item(item), normal_images, baseline=baseline,
                                        n_segments=n_segments, num_samples=num_samples, seed=seed)
         out.append(Explanation(prediction.keys[i], method, amap, float(prediction.scores[i]),
-                               None if normalized is None else float(normalized[i]),
-                               round(time.perf_counter() - start, 3)))
+                               None if verdict is None else verdict.normalized_score,
+                               round(time.perf_counter() - start, 3), None if verdict is None else verdict.anomalous))
     return out
 
 
 def explanation_figure(explanation: Explanation, image: np.ndarray, min_area: int = 16) -> Image.Image:
     """Side by side: the image | the image under the explanation heat map, regions boxed, verdict on top."""
     norm = explanation.normalized_score
-    verdict = "" if norm is None else f"score {norm:.2f} {'DEFECT' if norm >= 1 else 'ok'}  "
+    verdict = "" if norm is None else f"score {norm:.2f} {'DEFECT' if explanation.flagged else 'ok'}  "
     title = f"{Path(explanation.key).name}  {verdict}[{explanation.method}]"
     heat = explanation.map / explanation.region_threshold  # the overlay's colour scale puts regions at 1.0
     return overlay_image(image, heat, explanation.regions(min_area), title, bool(explanation.flagged))
+
+
+def gallery_explanations(detector: Detector, evaluation: Evaluation, n_gallery: int = 6) -> dict[str, np.ndarray]:
+    """LIME on the anomaly score (maps in [0, 1]) for the images an HTML report's gallery shows, keyed
+    by image path; the test set's good images give LIME's normal content. For detectors whose own
+    map is constant (classical ones): the report draws these instead."""
+    from anomalens.explain.lime_maps import lime_score_map
+
+    shown = sorted({i for idx in gallery_indices(evaluation, n_gallery).values() for i in idx})
+    goods = [s.path for s in evaluation.samples if s.label == 0][:GALLERY_NORMALS]
+    return {str(evaluation.samples[i].path): lime_score_map(detector, evaluation.samples[i].path, goods or None,
+                                                            n_segments=GALLERY_SEGMENTS,
+                                                            num_samples=GALLERY_SAMPLES)
+            for i in shown}

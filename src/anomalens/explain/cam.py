@@ -8,7 +8,7 @@ import numpy as np
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from anomalens.engine.inputs import as_items, load_item
+from anomalens.data.inputs import as_items, load_item
 from anomalens.explain.classifier import AnomalyClassifier
 from anomalens.models.base import resize_map
 

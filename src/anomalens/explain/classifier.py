@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone
-from anomalens.engine.inputs import Preprocess, as_items, load_item
+from anomalens.data.inputs import Preprocess, as_items, load_item
 from anomalens.models.base import ModelFileError
 
 CLASSIFIER_FORMAT = "anomalens-explain-classifier/1"

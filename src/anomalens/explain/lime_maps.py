@@ -18,7 +18,7 @@ from skimage.segmentation import slic
 from skimage.transform import resize
 from sklearn.metrics import pairwise_distances
 
-from anomalens.engine.inputs import as_items, load_item
+from anomalens.data.inputs import as_items, load_item
 from anomalens.explain.classifier import AnomalyClassifier
 from anomalens.models.base import Detector
 

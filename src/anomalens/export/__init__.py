@@ -5,7 +5,8 @@
     result = OnnxDetector.load("tile.onnx", threads=2).predict(["part.png"])
 """
 from .onnx_export import ExportError, NotExportableError, cached_export, check_parity, export_onnx
-from .runtime import OnnxDetector, ort_session
+from .runtime import OnnxDetector
+from .session import ort_session
 
 __all__ = ["ExportError", "NotExportableError", "OnnxDetector", "cached_export", "check_parity", "export_onnx",
            "ort_session"]

@@ -3,7 +3,7 @@
 The graph takes a float32 image batch in [0, 1], (B, C, S, S) at the model resolution (the layout
 `Preprocess` yields before normalizing), and holds the mean/std normalization, the detector's
 inference module and the calibrated score normalization. Resizing and the `intensity` option stay
-in the shared numpy input pipeline (engine/inputs.py): `intensity` takes its statistics from the
+in the shared numpy input pipeline (data/inputs.py): `intensity` takes its statistics from the
 image at its own resolution, before resizing, which a graph at model resolution cannot see.
 The ONNX metadata_props key "anomalens" holds a JSON header: detector, options, calibration,
 threshold, input description, anomalens version and the parity measured at export.
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens import __version__
-from anomalens.engine.inputs import Preprocess
+from anomalens._version import __version__
+from anomalens.data.inputs import Preprocess
+from anomalens.export.session import ort_session
 from anomalens.thresholds import Calibration
 from anomalens.thresholds.calibrate import _scale
 
@@ -78,7 +79,7 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
     if core is None:
         raise NotExportableError(f"{detector.name} cannot be exported to ONNX: its scoring is not a neural "
                                  "network graph (classical detectors run scikit-learn/PyOD models)")
-    pre = detector._preprocess()
+    pre = detector.preprocess()
     graph = ExportGraph(core, pre, detector.decision_calibration).eval()
     example = torch.rand(2, pre.channels, pre.image_size, pre.image_size,
                          generator=torch.Generator().manual_seed(0))  # batch 2: no shape fixed to 1
@@ -139,12 +140,10 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
 def check_parity(detector, onnx_path: str | Path, images: np.ndarray) -> dict[str, Any]:
     """Max |difference| of raw scores and maps between the torch detector and the ONNX file
     on `images`, float32 (B, C, S, S) in [0, 1]; "ok" applies the export's tolerance."""
-    from anomalens.export.runtime import ort_session
-
-    pre = detector._preprocess()
+    pre = detector.preprocess()
     c = pre.channels
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    ref_scores, ref_maps = detector._score_batch(
+    ref_scores, ref_maps = detector.score_batch(
         (x - torch.tensor(pre.mean[:c]).view(1, c, 1, 1)) / torch.tensor(pre.std[:c]).view(1, c, 1, 1))
     scores, _, maps, _ = ort_session(onnx_path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
     score_diff = float(np.abs(scores - ref_scores).max())
@@ -158,9 +157,8 @@ def cached_export(model_file: str | Path, opset: int = 17, cache_dir: str | Path
     """The ONNX export of a saved model file, made once and then reused: keyed by the file's
     bytes, the export format, the anomalens and torch versions and the opset, so a refit or
     upgrade re-exports."""
-    import anomalens
     from anomalens.backbones import onnx_cache_dir
-    from anomalens.models.base import ModelFileError
+    from anomalens.models.base import Detector, ModelFileError
 
     model_file = Path(model_file)
     if not model_file.is_file():
@@ -172,5 +170,5 @@ def cached_export(model_file: str | Path, opset: int = 17, cache_dir: str | Path
     folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir() / "models"
     path = folder / f"{model_file.stem}_{digest.hexdigest()[:16]}.onnx"
     if not path.is_file():
-        export_onnx(anomalens.load(model_file), path, opset)
+        export_onnx(Detector.load(model_file), path, opset)
     return path

@@ -2,35 +2,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from anomalens.engine.inputs import Preprocess
-from anomalens.models.base import Detector, ModelFileError
-from anomalens.thresholds import Calibration
-
-from .onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU ONNX Runtime session; `threads` intra-op threads (None: ONNX Runtime's default, one per core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # idle workers would otherwise spin and steal cores from image decoding and other requests
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own, non-exported exception types
-        first_line = (str(exc).splitlines() or [""])[0]
-        raise ModelFileError(f"'{path}' is not a loadable ONNX file ({first_line})") from None
+from anomalens.data.inputs import Preprocess
+from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
+from anomalens.export.session import ort_session
+from anomalens.models.base import ModelFileError, Prediction, SkipLog, iter_predict, predict
+from anomalens.thresholds import Calibration, decision_calibration
 
 
 class OnnxDetector:
@@ -50,7 +33,6 @@ class OnnxDetector:
         self.localizes: bool = metadata["localizes"]
         self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
-        self._fitted = True  # read by the shared predict loop
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, batch_size: int | None = None) -> "OnnxDetector":
@@ -74,7 +56,7 @@ class OnnxDetector:
             detector.options["batch_size"] = int(batch_size)
         return detector
 
-    def _preprocess(self) -> Preprocess:
+    def preprocess(self) -> Preprocess:
         """The torch detector's preprocessing minus mean/std, which the graph applies."""
         p = self.metadata["preprocess"]
         c = p["channels"]
@@ -91,15 +73,23 @@ class OnnxDetector:
                              f"got {x.shape}")
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})))
 
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         out = self.run(pixels.numpy())
         return out["score"], out["anomaly_map"]
 
-    # the torch detector's own code, so reading, batching, skip-and-log, map resizing, the
-    # Prediction and the deciding threshold are the same for both runtimes
-    iter_predict = Detector.iter_predict
-    predict = Detector.predict
-    decision_calibration = Detector.decision_calibration
+    @property
+    def decision_calibration(self) -> Calibration | None:
+        return decision_calibration(self.calibration, self.operating_point)
+
+    # the loops every `Inferencer` shares: reading, batching, skip-and-log, map resizing and the
+    # Prediction are the same for both runtimes
+    def iter_predict(self, images, *, progress: bool = False, on_error: str = "raise",
+                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+        return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
+
+    def predict(self, images, *, progress: bool = False, on_error: str = "raise", calibrated: bool = True
+                ) -> Prediction:
+        return predict(self, images, progress=progress, on_error=on_error, calibrated=calibrated)
 
     def __repr__(self) -> str:
         return f"OnnxDetector({self.name!r}, path='{self.path}')"

@@ -16,7 +16,7 @@ from pytorch_msssim import ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torch import nn
 
-from anomalens.engine.training import Phase
+from anomalens.models.training import Phase
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register

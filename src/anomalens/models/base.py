@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from anomalens import __version__
+from anomalens._version import __version__
 from anomalens.data import Sample, calibration_split
-from anomalens.engine.inputs import Batch, Preprocess, SkipLog, as_items, check_intensity, iter_batches
-from anomalens.engine.progress import progress_bar
-from anomalens.thresholds import Calibration, apply_operating_point, calibrate
+from anomalens.data.inputs import Batch, Preprocess, SkipLog, as_items, check_intensity, iter_batches
+from anomalens.data.progress import progress_bar
+from anomalens.thresholds import Calibration, calibrate, decision_calibration
 
 FORMAT_VERSION = 1
 
@@ -53,8 +53,7 @@ class Prediction:
 
     @property
     def is_anomalous(self) -> np.ndarray | None:
-        n = self.normalized_scores
-        return None if n is None else n >= 1.0
+        return None if self.calibration is None else self.calibration.is_anomalous(self.scores)
 
     def normalized_map(self, i: int) -> np.ndarray:
         if self.calibration is None:
@@ -63,6 +62,54 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@runtime_checkable
+class Inferencer(Protocol):
+    """What scores images, whatever runs it: a fitted `Detector`, or an exported model in ONNX
+    Runtime (`anomalens.export.OnnxDetector`). Workflows, the service and the reports take any
+    object with these members.
+    """
+
+    name: str
+    options: dict[str, Any]
+    localizes: bool
+
+    @property
+    def decision_calibration(self) -> Calibration | None:
+        """The calibration that decides (its threshold at the operating point when one is set)."""
+
+    def preprocess(self) -> Preprocess:
+        """How an image (H, W[, C]) in [0, 1] becomes the model's input tensor."""
+
+    def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image scores (B,) and anomaly maps (B, S, S) at model resolution for preprocessed pixels."""
+
+
+def iter_predict(model: Inferencer, images: Iterable | np.ndarray, *, progress: bool = False,
+                 on_error: str = "raise", skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+    """Yield (key, raw score, map at the image's own resolution) as each batch is scored, so batch
+    jobs can write results as they go and keep them if a later image fails."""
+    items = as_items(images)
+    with progress_bar(len(items), f"{model.name}: predict", enabled=progress) as bar:
+        for batch in iter_batches(items, model.preprocess(), model.options["batch_size"],
+                                  on_error=on_error, skip_log=skip_log, progress=bar):
+            scores, maps = model.score_batch(batch.pixels)
+            for key, score, amap, shape in zip(batch.keys, scores, maps, batch.shapes):
+                yield key, float(score), resize_map(amap, shape)
+
+
+def predict(model: Inferencer, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
+            calibrated: bool = True) -> Prediction:
+    """Score images with any `Inferencer`; maps come back at each image's own resolution.
+
+    on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
+    """
+    skip_log = SkipLog()
+    rows = list(iter_predict(model, images, progress=progress, on_error=on_error, skip_log=skip_log))
+    return Prediction(keys=[r[0] for r in rows], scores=np.array([r[1] for r in rows], dtype=np.float64),
+                      maps=[r[2] for r in rows], calibration=model.decision_calibration if calibrated else None,
+                      skipped=skip_log.skipped)
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -191,19 +238,24 @@ class Detector(ABC):
                              fit_seconds=round(fit_seconds, 3), anomalens_version=__version__)
         return self
 
-    def iter_predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
-                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
-        """Yield (key, raw score, map at the image's own resolution) as each batch is scored,
-        so batch jobs can write results as they go and keep them if a later image fails."""
+    def preprocess(self) -> Preprocess:
+        """How images are resized and normalized for this detector (the `Inferencer` protocol)."""
+        return self._preprocess()
+
+    def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (B,) and maps (B, S, S) at model resolution (the `Inferencer` protocol)."""
+        self._check_fitted()
+        return self._score_batch(pixels)
+
+    def _check_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a model file first")
-        items = as_items(images)
-        with progress_bar(len(items), f"{self.name}: predict", enabled=progress) as bar:
-            for batch in iter_batches(items, self._preprocess(), self.options["batch_size"],
-                                      on_error=on_error, skip_log=skip_log, progress=bar):
-                scores, maps = self._score_batch(batch.pixels)
-                for key, score, amap, shape in zip(batch.keys, scores, maps, batch.shapes):
-                    yield key, float(score), resize_map(amap, shape)
+
+    def iter_predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
+                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+        """Yield (key, raw score, map at the image's own resolution) as each batch is scored."""
+        self._check_fitted()
+        return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
 
     def predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
                 calibrated: bool = True) -> Prediction:
@@ -211,18 +263,13 @@ class Detector(ABC):
 
         on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
         """
-        skip_log = SkipLog()
-        rows = list(self.iter_predict(images, progress=progress, on_error=on_error, skip_log=skip_log))
-        return Prediction(keys=[r[0] for r in rows], scores=np.array([r[1] for r in rows], dtype=np.float64),
-                          maps=[r[2] for r in rows], calibration=self.decision_calibration if calibrated else None,
-                          skipped=skip_log.skipped)
+        self._check_fitted()
+        return predict(self, images, progress=progress, on_error=on_error, calibrated=calibrated)
 
     @property
     def decision_calibration(self) -> Calibration | None:
         """The calibration that decides: its threshold moved to the operating point when one is set."""
-        if self.calibration is None or not self.operating_point:
-            return self.calibration
-        return apply_operating_point(self.calibration, self.operating_point["threshold"])
+        return decision_calibration(self.calibration, self.operating_point)
 
     def save(self, path: str | Path) -> Path:
         if not self._fitted:

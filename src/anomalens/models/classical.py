@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
-from anomalens.engine.inputs import Batch, Preprocess
+from anomalens.data.inputs import Batch, Preprocess
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.representations import FeatureSpec, Representation, subsample_indices

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anomalens.engine.inputs import Batch, iter_batches
-from anomalens.engine.training import Phase, TrainConfig, Trainer
+from anomalens.data.inputs import Batch, iter_batches
+from anomalens.models.training import Phase, TrainConfig, Trainer
 from anomalens.models.patchcore import locally_aware_embedding
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register

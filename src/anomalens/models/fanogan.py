@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anomalens.engine.training import Phase, StepContext
+from anomalens.models.training import Phase, StepContext
 from anomalens.models.autoencoder import ResidualMap, check_choice
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
-from anomalens.engine.inputs import Preprocess
+from anomalens.data.inputs import Preprocess
 from anomalens.models.base import Detector
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.engine.training import Phase, StepContext
+from anomalens.models.training import Phase, StepContext
 from anomalens.models.autoencoder import ResidualMap, check_choice
 from anomalens.models.fanogan import DCEncoder, DCGenerator, n_levels
 from anomalens.models.trainable import TrainableDetector

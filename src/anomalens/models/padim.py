@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.engine.inputs import Batch
+from anomalens.data.inputs import Batch
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register

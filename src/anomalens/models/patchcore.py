@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.engine.inputs import Batch
-from anomalens.engine.progress import progress_bar
+from anomalens.data.inputs import Batch
+from anomalens.data.progress import progress_bar
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.engine.training import Phase
+from anomalens.models.training import Phase
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register
 

@@ -2,7 +2,7 @@
 
 `TrainableDetector` keeps the preprocessed training goods in memory, preprocesses the held-out
 calibration goods as validation data, builds the model's modules and runs
-`anomalens.engine.training.Trainer` over the phases the subclass defines. It adds the options
+`anomalens.models.training.Trainer` over the phases the subclass defines. It adds the options
 every trainable method shares (epochs, min_steps, lr, max_minutes, patience, augment, amp) and
 the fit-time arguments `checkpoint_dir` and `resume`. Saving writes every module's state_dict
 (safetensors); loading rebuilds the modules from the options and loads them back.
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.engine.inputs import Batch, Preprocess, iter_batches
-from anomalens.engine.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
+from anomalens.data.inputs import Batch, Preprocess, iter_batches
+from anomalens.models.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
 from anomalens.models.base import Detector
 from anomalens.models.feature_base import BackboneDetector
 

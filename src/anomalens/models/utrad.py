@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.engine.training import Phase
+from anomalens.models.training import Phase
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register

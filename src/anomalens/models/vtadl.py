@@ -26,7 +26,7 @@ from pytorch_msssim import SSIM
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from anomalens.engine.training import Phase
+from anomalens.models.training import Phase
 from anomalens.models.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register

@@ -1,7 +1,7 @@
 """A self-contained HTML evaluation report: metrics, curves, score histogram, confusion matrix and a
 gallery of false alarms, misses and true detections. One file, images embedded as base64 PNG.
 
-    from anomalens.engine.evaluate import evaluate
+    from anomalens.workflows.evaluate import evaluate
     from anomalens.report.html_report import write_evaluation_report
     write_evaluation_report(evaluate(det, dataset), det, "report.html")
 
@@ -16,16 +16,18 @@ import os
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from anomalens.report.overlay import Region, find_regions, overlay_image
+from anomalens.inference import MIN_REGION_AREA, Region, decide, find_regions, overlay_image
+from anomalens.workflows.evaluate import gallery_indices
 
 if TYPE_CHECKING:  # pragma: no cover
-    from anomalens.engine.evaluate import Evaluation
+    from anomalens.workflows.evaluate import Evaluation
     from anomalens.models.base import Detector
 
 __all__ = ["write_evaluation_report", "render_evaluation_report", "figure_data_uri", "png_data_uri", "page",
@@ -34,9 +36,6 @@ __all__ = ["write_evaluation_report", "render_evaluation_report", "figure_data_u
 GOOD_COLOR = "#2b7bba"
 DEFECT_COLOR = "#d64541"
 THUMB = (180, 240)  # the box (width, height) one gallery panel fits in, in pixels: two items a row
-MIN_REGION = 16  # the CLI's default --min-region, at the image's own resolution
-# LIME on the score for gallery images of detectors without a map: a few seconds per image
-EXPLAIN_SEGMENTS, EXPLAIN_SAMPLES, EXPLAIN_NORMALS = 48, 96, 16
 
 METRIC_ROWS = [
     ("image_auroc", "Image AUROC", "how well scores rank defective above good images (1 = perfect, 0.5 = chance)"),
@@ -93,7 +92,7 @@ footer{color:#8a92a3;font-size:12px;text-align:center;padding:0 0 24px}
 """
 
 
-# -- shared helpers (also used by engine/benchmark.py) --------------------------------------------------
+# -- shared helpers (also used by workflows/benchmark.py) --------------------------------------------------
 def fmt(value: Any, digits: int = 4) -> str:
     """A metric value for a table cell: 'n/a' for None/NaN."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
@@ -393,15 +392,6 @@ def _truth_panel(image: np.ndarray, mask: np.ndarray | None, label: int, header:
     return canvas
 
 
-def _score_explanation(evaluation: Evaluation, detector: Detector, image: np.ndarray) -> np.ndarray:
-    """LIME on the anomaly score, in [0, 1], for detectors whose own map is constant; the test
-    set's good images give the normal content that replaces a superpixel."""
-    from anomalens.explain.lime_maps import lime_score_map
-
-    goods = [s.path for s in evaluation.samples if s.label == 0][:EXPLAIN_NORMALS]
-    return lime_score_map(detector, image, goods or None, n_segments=EXPLAIN_SEGMENTS, num_samples=EXPLAIN_SAMPLES)
-
-
 def _regions_caption(regions: list[Region], how: str) -> str:
     """The explanation panel's words: how many regions, and where the largest one is."""
     if not regions:
@@ -412,7 +402,8 @@ def _regions_caption(regions: list[Region], how: str) -> str:
             f"mean {r.mean:.2f}</small>")
 
 
-def _gallery_item(evaluation: Evaluation, i: int, norm: float | None, detector: Detector | None = None) -> str:
+def _gallery_item(evaluation: Evaluation, i: int, detector: Detector | None = None,
+                  explanation: np.ndarray | None = None) -> str:
     from anomalens.data import read_image
 
     sample = evaluation.samples[i]
@@ -424,16 +415,19 @@ def _gallery_item(evaluation: Evaluation, i: int, norm: float | None, detector: 
         return f"<figure><figcaption>{_e(sample.path)}: cannot read ({_e(err)})</figcaption></figure>"
     if image.shape[:2] != amap.shape:
         image = _resize(image, amap.shape)
-    nmap = pred.normalized_map(i) if pred.calibration is not None else amap / max(float(amap.max()), 1e-12)
-    regions = find_regions(nmap, MIN_REGION) if pred.calibration is not None else []
+    localizes = detector is None or detector.localizes
+    if pred.calibration is not None:
+        verdict = decide(pred.scores[i], amap, pred.calibration, localizes=localizes)
+        nmap, regions, norm, flagged = verdict.normalized_map, verdict.regions, verdict.normalized_score, verdict.anomalous
+    else:
+        nmap, regions, norm, flagged = amap / max(float(amap.max()), 1e-12), [], None, False
     how = "detector's map"
-    if detector is not None and not detector.localizes:  # a constant map says nothing about where
-        nmap = 2.0 * _score_explanation(evaluation, detector, image)  # half the strongest evidence -> 1.0
-        regions, how = find_regions(nmap, MIN_REGION), "LIME on the score"
+    if explanation is not None and not localizes:  # a constant map says nothing about where
+        nmap = 2.0 * explanation  # half the strongest evidence -> 1.0
+        regions, how = find_regions(nmap, MIN_REGION_AREA), "LIME on the score"
     size = _thumb_size(*amap.shape)
     sy, sx = size[0] / amap.shape[0], size[1] / amap.shape[1]
     small_img, small_map = _resize(image, size), _resize(nmap, size)
-    flagged = bool(norm is not None and norm >= 1.0)
     score_txt = f"score {norm:.2f}" if norm is not None else f"raw {pred.scores[i]:.4g}"
     title = (f"{score_txt}  {'DEFECT' if flagged else 'ok'}  ({len(regions)} region{'s' if len(regions) != 1 else ''})"
              + ("" if how == "detector's map" else f" [{how}]"))
@@ -456,25 +450,18 @@ def _gallery_item(evaluation: Evaluation, i: int, norm: float | None, detector: 
             f"{_e(kind)} · {score}{_regions_caption(regions, how)}</figcaption></figure>")
 
 
-def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndarray,
-                     normalized: np.ndarray | None, n: int, detector: Detector | None = None) -> str:
+def _gallery_section(evaluation: Evaluation, labels: np.ndarray, normalized: np.ndarray | None, n: int,
+                     detector: Detector | None = None, explanations: Mapping[str, np.ndarray] | None = None) -> str:
     if n <= 0:
         return "<section id=gallery><h2>Gallery</h2><p class=empty>Left out (n_gallery=0).</p></section>"
-    ranking = normalized if normalized is not None else scores
-    goods = [i for i in np.argsort(-ranking, kind="stable") if labels[i] == 0][:n]
-    defects_low = [i for i in np.argsort(ranking, kind="stable") if labels[i] == 1][:n]
+    selection = gallery_indices(evaluation, n)
+    goods, defects_low, caught = selection["goods"], selection["defects_low"], selection["caught"]
     shown = set(defects_low)
-    if normalized is not None:
-        caught = [i for i in np.argsort(-ranking, kind="stable") if labels[i] == 1 and normalized[i] >= 1.0]
-    else:
-        caught = [i for i in np.argsort(-ranking, kind="stable") if labels[i] == 1]
-    caught = [i for i in caught if i not in shown][:n] or [i for i in caught][:n]
-
-    def norm_of(i: int) -> float | None:
-        return None if normalized is None else float(normalized[i])
+    explanations = explanations or {}
 
     def block(title: str, note: str, idx: list[int], empty: str) -> str:
-        items = "".join(_gallery_item(evaluation, int(i), norm_of(int(i)), detector) for i in idx)
+        items = "".join(_gallery_item(evaluation, i, detector, explanations.get(str(evaluation.samples[i].path)))
+                        for i in idx)
         body = f"<div class=gallery>{items}</div>" if idx else f"<p class=empty>{empty}</p>"
         return f"<h3>{title}</h3><p class=legend>{note}</p>{body}"
 
@@ -482,7 +469,7 @@ def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndar
     n_miss = int(((normalized < 1.0) & (labels == 1)).sum()) if normalized is not None else None
     legend = ("Each row: the image | the image under the anomaly heat map (transparent below half the threshold; "
               "magenta boxes = defect regions ≥ 1.0) | the ground truth (green outline = defect mask).")
-    if detector is not None and not detector.localizes:
+    if detector is not None and not detector.localizes and explanations:
         legend += (" This detector scores whole images only, so its heat map is LIME on the anomaly score: "
                    "superpixels whose normal replacement lowers the score; boxes where the evidence reaches half "
                    "its maximum.")
@@ -502,8 +489,10 @@ def _gallery_section(evaluation: Evaluation, labels: np.ndarray, scores: np.ndar
 
 
 # -- public API ------------------------------------------------------------------------------------------
-def render_evaluation_report(evaluation: Evaluation, detector: Detector, n_gallery: int = 6) -> str:
-    """The report as one HTML string (no external resources)."""
+def render_evaluation_report(evaluation: Evaluation, detector: Detector, n_gallery: int = 6,
+                             explanations: Mapping[str, np.ndarray] | None = None) -> str:
+    """The report as one HTML string (no external resources); `explanations` as for
+    `write_evaluation_report`."""
     labels, scores, normalized = _labels_scores(evaluation)
     flagged = None if normalized is None else normalized >= 1.0
     m = evaluation.metrics
@@ -511,24 +500,27 @@ def render_evaluation_report(evaluation: Evaluation, detector: Detector, n_galle
     body = (_metrics_section(evaluation, detector, labels, normalized)
             + _curves_section(labels, scores, evaluation)
             + _scores_section(labels, scores, normalized, evaluation)
-            + _gallery_section(evaluation, labels, scores, normalized, max(0, int(n_gallery)), detector))
+            + _gallery_section(evaluation, labels, normalized, max(0, int(n_gallery)), detector, explanations))
     return page(title, _header(evaluation, detector, labels, flagged), body)
 
 
 def write_evaluation_report(evaluation: Evaluation, detector: Detector, path: str | Path,
-                            n_gallery: int = 6) -> Path:
-    """Write the self-contained HTML report of `evaluation` (from `engine.evaluate.evaluate`) to `path`.
+                            n_gallery: int = 6, explanations: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write the self-contained HTML report of `evaluation` (from `workflows.evaluate.evaluate`) to `path`.
 
     Sections: header (model, dataset, date, verdict counts), metrics (overall and per defect type),
     image-level ROC and PR curves, histogram of normalized scores with the threshold at 1.0 and the
     confusion matrix at it, and a gallery of the `n_gallery` highest-scoring goods (false alarms),
     lowest-scoring defects (misses) and true detections. Returns the path written.
+
+    `explanations` (image path -> map in [0, 1], e.g. `explain.gallery_explanations`) are drawn in
+    the gallery of a detector whose own map is constant; the report computes none itself.
     """
     if not evaluation.samples:
         raise ValueError("nothing to report: the evaluation has no scored images")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_evaluation_report(evaluation, detector, n_gallery)
+    text = render_evaluation_report(evaluation, detector, n_gallery, explanations)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

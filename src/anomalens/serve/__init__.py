@@ -5,6 +5,8 @@
 
 See docs/serve.md for the endpoints and serve/review.py for the review page's API.
 """
-from anomalens.serve.app import Inferencer, ServeConfig, create_app, load_inferencer
+from anomalens.models.base import Inferencer
+from anomalens.serve.app import ServeConfig, create_app
+from anomalens.serve.model import ServedModel, load_inferencer
 
-__all__ = ["Inferencer", "ServeConfig", "create_app", "load_inferencer"]
+__all__ = ["Inferencer", "ServeConfig", "ServedModel", "create_app", "load_inferencer"]

@@ -28,16 +28,14 @@ from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Uploa
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from anomalens import __version__
+from anomalens._version import __version__
 from anomalens.data import ImageReadError, read_image
 from anomalens.data.io import IMAGE_EXTENSIONS
-from anomalens.engine.scoring import model_id_for, path_key
-from anomalens.models.base import Prediction
-from anomalens.report.overlay import find_regions
-from anomalens.serve.review import ReviewStore, png_bytes, render_overlay, review_router
-from anomalens.thresholds import Calibration
+from anomalens.inference import verdict_overlay
+from anomalens.serve.model import ServedModel, load_inferencer
+from anomalens.serve.review import ReviewStore, png_bytes, review_router
+from anomalens.workflows.scoring import model_id_for, path_key
 
-RUNTIMES = ("onnx", "torch")
 
 
 @dataclass
@@ -59,64 +57,11 @@ class ServeConfig:
         return self.uploads or self.store.with_name(self.store.stem + "-images")
 
 
-@dataclass
-class Inferencer:
-    """One model behind the service, whatever runs it: `predict` maps a list of float images
-    (as read_image returns them) to a models.base.Prediction with raw scores and maps."""
-
-    predict: Callable[[list[np.ndarray]], Prediction]
-    calibration: Calibration
-    localizes: bool
-    runtime: str
-    metadata: dict[str, Any]
-    # one call at a time: requests decode in parallel, but concurrent model calls on a few cores
-    # only oversubscribe them (the runtime already uses `threads` for one image)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def score(self, image: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """(raw score, normalized score, normalized map at the image's resolution)."""
-        with self.lock:
-            result = self.predict([image])
-        # the prediction carries the calibration that decides (moved to the operating point if set)
-        return float(result.scores[0]), float(result.normalized_scores[0]), result.normalized_map(0)
-
-
 def upload_path(folder: Path, data_sha256: str, filename: str) -> Path:
     """Where an upload is kept for review: a folder per content hash (resending an image reuses
     its row) holding it under its original name, reduced to safe characters (the client chose it)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(filename).name)[-100:].lstrip(".") or "upload.png"
     return folder / data_sha256[:16] / safe
-
-
-def load_inferencer(path: Path, runtime: str = "onnx", threads: int | None = None) -> Inferencer:
-    """Load a model for serving through ONNX Runtime (default; a model file is exported once and
-    cached, an exported .onnx file is used as it is) or torch."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
-    if runtime == "onnx":
-        from anomalens.export import ExportError, OnnxDetector
-
-        try:
-            model = OnnxDetector.load(path, threads=threads)
-        except ExportError as err:
-            raise ValueError(f"{err}; serve this model with --runtime torch") from None
-        fit_info = model.metadata.get("fit_info", {})
-    else:
-        import anomalens
-        import torch
-
-        model = anomalens.load(path)
-        model.options["device"] = "cpu"  # the service is the CPU path; batch jobs use `score`
-        if threads:
-            torch.set_num_threads(threads)
-        fit_info = model.fit_info
-    # the calibration that decides: its threshold moved to the model's operating point when one is set
-    calibration = getattr(model, "decision_calibration", model.calibration)
-    if calibration is None:
-        raise ValueError(f"model '{path}' is not calibrated: fit it with calibration images before serving it")
-    metadata = {"detector": model.name, "options": model.options, "fit_info": fit_info,
-                "calibration": calibration.to_dict(), "operating_point": getattr(model, "operating_point", None)}
-    return Inferencer(model.predict, calibration, model.localizes, runtime, metadata)
 
 
 def decode_upload(data: bytes, filename: str) -> np.ndarray:
@@ -191,7 +136,7 @@ def bearer_guard(token: str | None) -> Callable[[Request], None]:
     return check
 
 
-def create_app(config: ServeConfig, inferencer: Inferencer | None = None) -> FastAPI:
+def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> FastAPI:
     """Build the FastAPI app; `inferencer` overrides loading `config.model` (tests, embedding)."""
     if config.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {config.max_upload_mb}")
@@ -262,17 +207,16 @@ def create_app(config: ServeConfig, inferencer: Inferencer | None = None) -> Fas
     def _score_upload(data: bytes, name: str, with_map: bool, with_overlay: bool) -> dict:
         start = time.perf_counter()
         image = decode_upload(data, name)
-        score, norm, nmap = inferencer.score(image)
-        regions = find_regions(nmap, config.min_region) if inferencer.localizes else []
+        verdict = inferencer.verdict(image, config.min_region)
         body: dict[str, Any] = {
-            "filename": name, "score": score, "normalized_score": norm,
-            "decision": "defect" if norm >= 1.0 else "good", "anomalous": norm >= 1.0,
-            "regions": [r.to_dict() for r in regions], "width": int(image.shape[1]), "height": int(image.shape[0]),
-            "model_id": mid}
+            "filename": name, "score": verdict.score, "normalized_score": verdict.normalized_score,
+            "decision": verdict.decision, "anomalous": verdict.anomalous,
+            "regions": [r.to_dict() for r in verdict.regions], "width": int(image.shape[1]),
+            "height": int(image.shape[0]), "model_id": mid}
         if with_map:
-            body["map_png"] = base64.b64encode(map_png(nmap)).decode()
+            body["map_png"] = base64.b64encode(map_png(verdict.normalized_map)).decode()
         if with_overlay:
-            body["overlay_png"] = base64.b64encode(png_bytes(render_overlay(image, nmap, regions, name, norm))).decode()
+            body["overlay_png"] = base64.b64encode(png_bytes(verdict_overlay(image, verdict, name))).decode()
         if review is not None:
             digest = hashlib.sha256(data).hexdigest()
             path = upload_path(uploads, digest, name)
@@ -281,8 +225,7 @@ def create_app(config: ServeConfig, inferencer: Inferencer | None = None) -> Fas
                 tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
                 tmp.write_bytes(data)
                 tmp.replace(path)
-            body["id"] = review.add_result(path=path_key(path), content_hash=digest, score=score, normalized_score=norm,
-                                           regions=body["regions"])
+            body["id"] = review.add_result(path=path_key(path), content_hash=digest, verdict=verdict)
         body["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 2)
         return body
 

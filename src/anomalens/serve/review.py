@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
@@ -24,12 +24,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from anomalens.data import ImageReadError, read_image
-from anomalens.engine.scoring import load_map
-from anomalens.report.overlay import Region, find_regions, overlay_image
+from anomalens.inference import Region, Verdict, overlay_image, verdict_overlay
+from anomalens.inference.overlay import verdict_title
+from anomalens.serve.model import ServedModel
 from anomalens.store import ResultRecord, ResultStore
-
-if TYPE_CHECKING:
-    from anomalens.serve.app import Inferencer
+from anomalens.workflows.scoring import load_map
 
 STATIC = Path(__file__).parent / "static"
 FILTERS = {"all": "", "unlabelled": " AND label IS NULL", "defect": " AND label = 'defect'",
@@ -68,12 +67,11 @@ class ReviewStore:
         self.store.register_model(self.model_id, detector=detector, file_sha256=file_sha256,
                                   model_path=model_path, threshold=threshold)
 
-    def add_result(self, *, path: str, content_hash: str, score: float, normalized_score: float,
-                   regions: list[dict]) -> int:
+    def add_result(self, *, path: str, content_hash: str, verdict: Verdict) -> int:
         """Record one scored image; returns its result id."""
-        record = ResultRecord(model_id=self.model_id, path=path, content_sha256=content_hash, score=score,
-                              normalized_score=normalized_score,
-                              decision="defect" if normalized_score >= 1.0 else "good", regions=regions)
+        record = ResultRecord(model_id=self.model_id, path=path, content_sha256=content_hash, score=verdict.score,
+                              normalized_score=verdict.normalized_score, decision=verdict.decision,
+                              regions=[r.to_dict() for r in verdict.regions])
         self.store.add_results([record])
         return self.store.get(self.model_id, path).id
 
@@ -137,21 +135,13 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def render_overlay(image: np.ndarray, normalized_map: np.ndarray, regions: list[Region], name: str,
-                   normalized_score: float) -> Image.Image:
-    """The image | heat-map picture with region boxes, titled with name, score and verdict."""
-    flagged = normalized_score >= 1.0
-    title = f"{name}  score {normalized_score:.2f} (threshold 1.00)  {'DEFECT' if flagged else 'ok'}"
-    return overlay_image(image, normalized_map, regions, title, flagged)
-
-
 class LabelIn(BaseModel):
     label: Literal["defect", "good"] | None = Field(..., description="'defect', 'good', or null to clear")
     reviewer: str | None = Field(None, max_length=100)
     note: str | None = Field(None, max_length=2000)
 
 
-def review_router(review: ReviewStore, inferencer: "Inferencer", require_token: Any, min_region: int,
+def review_router(review: ReviewStore, inferencer: ServedModel, require_token: Any, min_region: int,
                   cache_size: int = 128) -> APIRouter:
     """Routes of the review page and its API; `require_token` guards the label writes."""
     router = APIRouter()
@@ -169,12 +159,12 @@ def review_router(review: ReviewStore, inferencer: "Inferencer", require_token: 
         except ImageReadError as err:
             raise HTTPException(404, str(err)) from None
         if item["map_path"] and Path(item["map_path"]).is_file():  # saved by `anomalens score --maps`
-            nmap = load_map(item["map_path"])
+            # the stored verdict and regions, drawn on the stored map: no model call
+            anomalous = item["decision"] == "defect"
+            png = png_bytes(overlay_image(image, load_map(item["map_path"]), [Region(**r) for r in item["regions"]],
+                                          verdict_title(item["name"], item["normalized_score"], anomalous), anomalous))
         else:
-            _, _, nmap = inferencer.score(image)
-        regions = [Region(**r) for r in item["regions"]] if item["regions"] else (
-            find_regions(nmap, min_region) if inferencer.localizes else [])
-        png = png_bytes(render_overlay(image, nmap, regions, item["name"], item["normalized_score"]))
+            png = png_bytes(verdict_overlay(image, inferencer.verdict(image, min_region), item["name"]))
         with overlay_lock:
             overlays[result_id] = png
             while len(overlays) > cache_size:

@@ -22,6 +22,10 @@ class Calibration:
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         return (np.asarray(scores, dtype=np.float64) - self.center) / _scale(self.threshold, self.center)
 
+    def is_anomalous(self, scores: np.ndarray | float) -> np.ndarray | bool:
+        """The decision rule, for every method and every path: flagged when the raw score reaches the threshold."""
+        return np.asarray(scores, dtype=np.float64) >= self.threshold
+
     def normalize_map(self, anomaly_map: np.ndarray) -> np.ndarray:
         return ((anomaly_map - self.pixel_center) / _scale(self.pixel_threshold, self.pixel_center)).astype(np.float32)
 

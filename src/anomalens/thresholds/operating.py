@@ -152,3 +152,11 @@ def apply_operating_point(calibration: Calibration, threshold: float) -> Calibra
         return replace(calibration, threshold=float(threshold))
     spread = calibration.threshold - calibration.center if calibration.threshold > calibration.center else 1.0
     return replace(calibration, threshold=float(threshold), center=float(threshold) - spread)
+
+
+def decision_calibration(calibration: Calibration | None, operating_point: dict | None) -> Calibration | None:
+    """The calibration that decides for a model: its own, or with the threshold moved to the model's
+    stored operating point (`anomalens threshold`)."""
+    if calibration is None or not operating_point:
+        return calibration
+    return apply_operating_point(calibration, operating_point["threshold"])

@@ -1,8 +1,4 @@
-"""`anomalens explain`: where and why an image was flagged. Registered on the main app in cli.py.
-
-Thin: the work lives in anomalens.explain. Helpers of cli.py are imported inside the function, so
-cli.py may import this module at its top.
-"""
+"""`explain`: why an image was flagged."""
 from __future__ import annotations
 
 import json
@@ -10,6 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from anomalens.cli.common import fail, out, user_errors
 
 MAX_NORMALS = 32  # LIME's replacement content: enough variety, bounded reading cost per image
 
@@ -45,25 +43,25 @@ def explain(
 
     Example: anomalens explain tile.model flagged/ --method lime-score --normal train/good -o why/
     """
-    import anomalens
-    from anomalens.cli import _fail, _overlay_name, _user_errors, out
+    from anomalens.workflows.predict import overlay_name
+    from anomalens.models.base import Detector
     from anomalens.data import read_image
-    from anomalens.engine.inputs import as_items
+    from anomalens.data.inputs import as_items
     from anomalens.explain import METHODS, AnomalyClassifier, explain_images, explanation_figure, train_classifier
 
     if method not in METHODS:
-        _fail(f"--method {method!r}: use one of {', '.join(METHODS)}")
+        fail(f"--method {method!r}: use one of {', '.join(METHODS)}")
     try:
-        detector = anomalens.load(model_file)
+        detector = Detector.load(model_file)
         detector.options["device"] = device
         items = as_items(images)
         if not items:
-            _fail("no images found in " + ", ".join(map(str, images)))
+            fail("no images found in " + ", ".join(map(str, images)))
         normals = None
         if normal is not None:
             good = as_items(normal)
             if not good:
-                _fail(f"--normal '{normal}': no images found")
+                fail(f"--normal '{normal}': no images found")
             normals = [g.path for g in good[:: max(1, len(good) // MAX_NORMALS)][:MAX_NORMALS]]
         classifier = None
         if method in ("gradcam", "lime"):
@@ -79,13 +77,13 @@ def explain(
                 classifier.save(output / "classifier.safetensors")
         explanations = explain_images(detector, items, method, classifier=classifier, normal_images=normals,
                                       baseline=baseline, n_segments=segments, num_samples=samples)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     output.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     rows = []
     for e in explanations:
-        name = _overlay_name(Path(e.key), used)
+        name = overlay_name(Path(e.key), used)
         explanation_figure(e, read_image(e.key), min_region).save(output / name)
         rows.append({"path": e.key, "figure": name, "score": e.score, "normalized_score": e.normalized_score,
                      "flagged": e.flagged, "peak_xy": e.peak(),

@@ -1,6 +1,6 @@
 """The classical-detector study: every `classical:*` detector on every representation, one table.
 
-    from anomalens.engine.classical_study import run_study
+    from anomalens.workflows.classical_study import run_study
     result = run_study("../shared/datasets/magnetic_tile/magnetic_tile", "classical:all",
                        ["raw", "pca:300", "pca:700", "kpca-rbf:300", "deep"], "study/")
     print(result.markdown)
@@ -82,7 +82,7 @@ def parse_study_sets(pairs: Iterable[str], names: Sequence[str]) -> tuple[dict[s
     The value may hold '=' and ';' (e.g. `classical:knn.pyod=n_neighbors=10;method=mean`). Shared
     options are kept apart (the study records them once); scoped ones go through the benchmark's
     parser after bare detector names get their `classical:` prefix."""
-    from anomalens.engine.benchmark import parse_model_sets
+    from anomalens.workflows.benchmark import parse_model_sets
     from anomalens.models.classical import PREFIX
 
     common: dict[str, str] = {}
@@ -112,10 +112,10 @@ def _feature_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def _compute_features(spec: str, host, fit_items, cal_items, test_items, folder: Path, logf, progress: bool
                       ) -> dict[str, Any]:
     """Fit the representation on the fit goods, transform calibration and test images, cache as .npy."""
-    from anomalens.engine.inputs import iter_batches
-    from anomalens.engine.progress import progress_bar
+    from anomalens.data.inputs import iter_batches
+    from anomalens.data.progress import progress_bar
 
-    pre = host._preprocess()
+    pre = host.preprocess()
     bs = host.options["batch_size"]
     start = time.perf_counter()
     rep = host._new_representation()
@@ -158,7 +158,7 @@ _MATRICES: dict[str, dict[str, np.ndarray]] = {}
 
 def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     """Fit one detector on cached features and score calibration + test; JSON-safe result."""
-    import anomalens
+    from anomalens.registry import create
 
     folder = task["folder"]
     if folder not in _MATRICES:
@@ -167,7 +167,7 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
                              for k in ("train", "calibration", "test")}
     m = _MATRICES[folder]
     try:
-        det = anomalens.create(task["detector"], features=task["features"], **task["options"])
+        det = create(task["detector"], features=task["features"], **task["options"])
         start = time.perf_counter()
         det.fit_matrix(np.asarray(m["train"]))
         pyod_fit_s = time.perf_counter() - start
@@ -194,7 +194,7 @@ RESULT_MARKER = b"ANOMALENS_STUDY_CELL "
 
 
 def _worker_stdio() -> None:
-    """`python -m anomalens.engine.classical_study --worker`: one JSON task per stdin line, one
+    """`python -m anomalens.workflows.classical_study --worker`: one JSON task per stdin line, one
     marked JSON result per stdout line (libraries may print other lines; they are ignored)."""
     logging.disable(logging.WARNING)
     out = sys.stdout.buffer
@@ -220,7 +220,7 @@ class _Worker:
         import subprocess
 
         stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "anomalens.engine.classical_study", "--worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "anomalens.workflows.classical_study", "--worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if stderr is not subprocess.DEVNULL:
@@ -370,10 +370,10 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     `guard` skips cells whose estimated time already passes it. `in_process` runs cells here
     instead of in a worker process (no hard budget then: for tests and debugging).
     """
-    import anomalens
+    from anomalens.registry import create
     from anomalens.data import calibration_split, load_dataset
     from anomalens.registry import get_class
-    from anomalens.engine.inputs import as_items
+    from anomalens.data.inputs import as_items
     from anomalens.models.classical import TABLE, ClassicalDetector, estimate_seconds, expand_models
     from anomalens.models.representations import FeatureSpec
 
@@ -398,7 +398,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     hosts = {}
     for spec in specs:
         for name in names:
-            det = anomalens.create(name, **{**options, **per_detector.get(name, {}), "features": spec})
+            det = create(name, **{**options, **per_detector.get(name, {}), "features": spec})
             host = hosts.setdefault(spec, det)
             if _feature_options(det.options) != _feature_options(host.options):
                 raise ValueError(f"{name}: options that change the features or the calibration split "
@@ -600,7 +600,7 @@ def write_outputs(out: Path, config: dict[str, Any], cells: Sequence[dict[str, A
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:  # pragma: no cover - the cell worker
     _worker_stdio()
-elif __name__ == "__main__":  # pragma: no cover - `python -m anomalens.engine.classical_study DATA OUT`
+elif __name__ == "__main__":  # pragma: no cover - `python -m anomalens.workflows.classical_study DATA OUT`
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run_study(sys.argv[1], out_dir=sys.argv[2] if len(sys.argv) > 2 else "classical_study", progress=True,
                     log_fn=print)

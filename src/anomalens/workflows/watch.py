@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomalens.engine.scoring import ScoreSummary, Scorer, list_folder, path_key, score_into_store
+from anomalens.workflows.scoring import ScoreSummary, Scorer, list_folder, path_key, score_into_store
 from anomalens.store import ResultStore
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalens.engine.progress import progress_bar
-from anomalens.engine.scoring import ScoreSummary, pending_paths
+from anomalens.data.progress import progress_bar
+from anomalens.workflows.scoring import ScoreSummary, pending_paths
 from anomalens.store import ResultRecord, ResultStore
 
 # the columns a worker returns per image (regions as JSON text: Arrow-friendly)
@@ -33,7 +33,7 @@ class _RayScorer:
     def __init__(self, model_box: list, model_id: str, min_region: int, maps_dir: str | None) -> None:
         import ray
 
-        from anomalens.engine.scoring import Scorer
+        from anomalens.workflows.scoring import Scorer
         from anomalens.models.base import Detector
 
         # the ref travels in a list so Ray hands it over as a ref and this actor fetches it once

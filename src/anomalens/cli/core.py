@@ -1,52 +1,30 @@
-"""The `anomalens` command: fit, predict, evaluate, demo, models. Thin: the work lives in the package."""
+"""The main job: fit, predict, evaluate (with its HTML report), demo, models."""
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+
+from anomalens.cli.common import err, fail, out, parse_sets, Runtime, SET_HELP, user_errors
 from rich.table import Table
 
-from anomalens.cli_classical import classical_study
-from anomalens.cli_explain import explain
-from anomalens.cli_export import Runtime, export
-from anomalens.cli_extra import REPORT_HELP, benchmark, write_report
-from anomalens.cli_score import score, threshold
-from anomalens.cli_serve import serve
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Unsupervised visual anomaly detection and localization for industrial inspection.")
-err = Console(stderr=True, soft_wrap=True)  # never break a file path across lines
-out = Console(soft_wrap=True)
-
-SET_HELP = "Model option as key=value, repeatable (see `anomalens models`), e.g. --set coreset_ratio=0.05"
+REPORT_HELP = ("write a self-contained HTML report: metrics, ROC/PR curves, score histogram with the threshold, "
+               "confusion matrix, gallery of false alarms, misses and detections")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def write_report(evaluation, detector, path: Path, n_gallery: int = 6) -> Path:
+    """`evaluate --report PATH`: write the HTML report and say where it is."""
+    from anomalens.explain import gallery_explanations
+    from anomalens.report.html_report import write_evaluation_report
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from anomalens.backbones import BackboneError
-    from anomalens.data import DatasetError, ImageReadError
-    from anomalens.models.base import ModelFileError
-
-    return ImageReadError, DatasetError, BackboneError, ModelFileError, ValueError, FileNotFoundError
-
-
-def _parse_sets(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            _fail(f"--set expects key=value, got {pair!r}")
-        options[key.strip()] = value.strip()
-    return options
+    # a detector without a map gets LIME on its score for the gallery images: where the score comes from
+    explanations = None if detector.localizes else gallery_explanations(detector, evaluation, n_gallery)
+    written = write_evaluation_report(evaluation, detector, path, n_gallery=n_gallery, explanations=explanations)
+    out.print(f"wrote {written}")
+    return written
 
 
 def _metrics_table(metrics: dict, title: str) -> Table:
@@ -63,7 +41,6 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
-@app.command()
 def fit(
     data: Path = typer.Argument(..., help="MVTec-layout category folder, folder of good images, or CSV list"),
     model: str = typer.Option("patchcore", "--model", "-m", help="detector name (see `anomalens models`)"),
@@ -89,30 +66,30 @@ def fit(
     or Ctrl-C, rerun the same command with --resume. Example:
     anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
     """
-    import anomalens
+    from anomalens.registry import create
     from anomalens.data import load_dataset
     from anomalens.models.trainable import TrainableDetector
 
     try:
         dataset = load_dataset(data)
         if not dataset.train:
-            _fail(f"'{data}' has no training images")
-        sets = _parse_sets(set_)
+            fail(f"'{data}' has no training images")
+        sets = parse_sets(set_)
         if max_minutes is not None:
             sets["max_minutes"] = str(max_minutes)
-        detector = anomalens.create(model, device=device, **sets)
+        detector = create(model, device=device, **sets)
         err.print(f"{dataset.summary()}")
         if isinstance(detector, TrainableDetector):
             detector.fit(dataset.train, progress=not quiet, resume=resume,
                          checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"))
         elif resume or max_minutes is not None or checkpoint_dir is not None:
-            _fail(f"model {model!r} is not trained by epochs: --resume, --max-minutes and --checkpoint-dir "
+            fail(f"model {model!r} is not trained by epochs: --resume, --max-minutes and --checkpoint-dir "
                   "do not apply to it")
         else:
             detector.fit(dataset.train, progress=not quiet)
         detector.save(output)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     info = detector.fit_info
     out.print(f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
               f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}")
@@ -131,20 +108,9 @@ def _parse_min_region(text: str) -> tuple[int, float]:
             raise ValueError
         return pixels, 0.0
     except ValueError:
-        _fail(f"--min-region-area {text!r}: give pixels (16) or a share of the image below 100% (0.5%)")
+        fail(f"--min-region-area {text!r}: give pixels (16) or a share of the image below 100% (0.5%)")
 
 
-def _overlay_name(path: Path, used: set[str]) -> str:
-    for name in (path.stem, f"{path.parent.name}_{path.stem}"):
-        if name not in used:
-            used.add(name)
-            return name + ".png"
-    name = f"{path.parent.name}_{path.stem}_{len(used)}"
-    used.add(name)
-    return name + ".png"
-
-
-@app.command()
 def predict(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="image files and/or folders"),
@@ -170,10 +136,9 @@ def predict(
 
     Example: anomalens predict tile.model new_parts/ -o out/
     """
-    import anomalens
-    from anomalens.data import read_image
-    from anomalens.engine.inputs import SkipLog, as_items
-    from anomalens.report.overlay import find_regions, overlay_image
+    from anomalens.models.base import Detector
+    from anomalens.data.inputs import as_items
+    from anomalens.workflows.predict import PredictSummary, predict_to_folder
 
     min_area, min_share = _parse_min_region(str(min_region))
     try:
@@ -183,60 +148,30 @@ def predict(
             try:
                 detector = OnnxDetector.load(model_file, threads=threads)
             except ExportError as e:
-                _fail(str(e))
+                fail(str(e))
         else:
             if model_file.suffix.lower() == ".onnx":
-                _fail(f"'{model_file}' is an ONNX file: score it with --runtime onnx")
-            detector = anomalens.load(model_file)
+                fail(f"'{model_file}' is an ONNX file: score it with --runtime onnx")
+            detector = Detector.load(model_file)
             detector.options["device"] = device
         items = as_items(inputs)
         if not items:
-            _fail("no images found in " + ", ".join(map(str, inputs)))
-    except _user_errors() as e:
-        _fail(str(e))
-    cal = detector.decision_calibration
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "overlays").mkdir(exist_ok=True)
-    skip_log = SkipLog()
-    used: set[str] = set()
-    n = n_flagged = 0
-    with open(output / "scores.csv", "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
-        writer = csv.writer(f_csv)
-        writer.writerow(["path", "score", "normalized_score", "anomalous", "n_regions", "defect_area_px",
-                         "defect_area_share", "largest_box_x0_y0_x1_y1", "overlay"])
-        try:
-            for key, raw_score, amap in detector.iter_predict(items, progress=not quiet,
-                                                          on_error="skip" if skip_bad else "raise",
-                                                          skip_log=skip_log):
-                norm = float(cal.normalize(raw_score))
-                nmap = cal.normalize_map(amap)
-                regions = find_regions(nmap, min_area, min_share) if detector.localizes else []
-                flagged = norm >= 1.0
-                name = ""
-                if overlays:
-                    name = "overlays/" + _overlay_name(Path(key), used)
-                    title = f"{Path(key).name}  score {norm:.2f} (threshold 1.00)  {'DEFECT' if flagged else 'ok'}"
-                    overlay_image(read_image(key), nmap, regions, title, flagged).save(output / name)
-                box = " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1))) if regions else ""
-                writer.writerow([key, f"{raw_score:.6g}", f"{norm:.4f}", int(flagged), len(regions),
-                                 sum(r.area for r in regions), f"{sum(r.area_share for r in regions):.6f}", box,
-                                 name])
-                f_reg.write(json.dumps({"path": key, "regions": [r.to_dict() for r in regions]}) + "\n")
-                f_csv.flush()
-                n += 1
-                n_flagged += flagged
-        except KeyboardInterrupt:
-            _fail(f"interrupted after {n} images; results so far are in {output / 'scores.csv'}", 130)
-        except _user_errors() as e:
-            _fail(f"{e} (after {n} images; results so far are in {output / 'scores.csv'})")
-    if skip_log.skipped:
-        (output / "skipped.txt").write_text("".join(f"{msg}\n" for _, msg in skip_log.skipped))
-    out.print(f"scored {n} images, {n_flagged} flagged; wrote {output / 'scores.csv'}"
-              + (f"; skipped {len(skip_log.skipped)} unreadable (see {output / 'skipped.txt'})"
-                 if skip_log.skipped else ""))
+            fail("no images found in " + ", ".join(map(str, inputs)))
+    except user_errors() as e:
+        fail(str(e))
+    summary = PredictSummary(output)
+    try:
+        predict_to_folder(detector, items, output, overlays=overlays, on_error="skip" if skip_bad else "raise",
+                          min_area=min_area, min_share=min_share, progress=not quiet, summary=summary)
+    except KeyboardInterrupt:
+        fail(f"interrupted after {summary.n_scored} images; results so far are in {summary.scores_csv}", 130)
+    except user_errors() as e:
+        fail(f"{e} (after {summary.n_scored} images; results so far are in {summary.scores_csv})")
+    out.print(f"scored {summary.n_scored} images, {summary.n_flagged} flagged; wrote {summary.scores_csv}"
+              + (f"; skipped {len(summary.skipped)} unreadable (see {summary.skipped_txt})"
+                 if summary.skipped else ""))
 
 
-@app.command()
 def evaluate(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     data: Path = typer.Argument(..., help="dataset with a test split (MVTec layout or CSV)"),
@@ -253,17 +188,17 @@ def evaluate(
 
     Example: anomalens evaluate tile.model ../shared/datasets/magnetic_tile/magnetic_tile --json metrics.json
     """
-    import anomalens
+    from anomalens.models.base import Detector
     from anomalens.data import load_dataset
-    from anomalens.engine.evaluate import evaluate as run_evaluation
+    from anomalens.workflows.evaluate import evaluate as run_evaluation
 
     try:
-        detector = anomalens.load(model_file)
+        detector = Detector.load(model_file)
         detector.options["device"] = device
         result = run_evaluation(detector, load_dataset(data), progress=not quiet,
                                 on_error="skip" if skip_bad else "raise")
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     out.print(_metrics_table(result.metrics, f"{model_file.name} on {result.metrics['dataset']}"))
     if result.prediction.skipped:
         err.print(f"skipped {len(result.prediction.skipped)} unreadable images")
@@ -275,7 +210,6 @@ def evaluate(
         write_report(result, detector, report)
 
 
-@app.command()
 def demo(
     output: Path = typer.Option(Path("anomalens-demo"), "--output", "-o", help="folder for data, model and results"),
     model: str = typer.Option("patchcore", "--model", "-m", help="detector to demonstrate"),
@@ -306,7 +240,6 @@ def demo(
             min_region="16", device="auto", runtime="torch", threads=None, quiet=quiet)
 
 
-@app.command()
 def models() -> None:
     """List the detectors and their options with defaults (pass them with --set key=value)."""
     from anomalens.registry import available, get_class
@@ -321,18 +254,3 @@ def models() -> None:
     out.print(table)
 
 
-app.command()(benchmark)
-app.command()(score)
-app.command()(threshold)
-app.command()(export)
-app.command("classical-study")(classical_study)
-app.command()(explain)
-app.command()(serve)
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.data import ImageReadError, Sample, list_images, read_image
+from anomalens.data.datasets import Sample
+from anomalens.data.io import ImageReadError, list_images, read_image
 
 if TYPE_CHECKING:
     from tqdm import tqdm

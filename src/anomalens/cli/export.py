@@ -1,24 +1,12 @@
-"""`anomalens export` and the `predict --runtime` choices, used by cli.py:
-
-    from anomalens.cli_export import Runtime, export
-    app.command()(export)
-
-Thin: the work lives in anomalens.export. Helpers of cli.py are imported inside the function,
-so cli.py may import this module at its top.
-"""
+"""`export`: one ONNX file that scores like the torch model."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
+from anomalens.cli.common import fail, out, user_errors
 
-class Runtime(str, Enum):
-    """`predict --runtime`: what scores the images."""
-
-    torch = "torch"
-    onnx = "onnx"
 
 
 def export(
@@ -36,14 +24,13 @@ def export(
 
     Example: anomalens export tile.model -o tile.onnx
     """
-    import anomalens
-    from anomalens.cli import _fail, _user_errors, out
+    from anomalens.models.base import Detector
     from anomalens.export import ExportError, OnnxDetector, export_onnx
 
     try:
-        path = export_onnx(anomalens.load(model_file), output, opset=opset)
-    except (ExportError, *_user_errors()) as e:
-        _fail(str(e))
+        path = export_onnx(Detector.load(model_file), output, opset=opset)
+    except (ExportError, *user_errors()) as e:
+        fail(str(e))
     parity = OnnxDetector.load(path).metadata["parity"]
     out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MB); parity with torch on {parity['n_images']} "
               f"random images: max |score diff| {parity['max_score_diff']:.2g}, "

@@ -1,14 +1,4 @@
-"""CLI for the production line: `score` (archive -> result store, resume, watch, Ray) and
-`threshold` (operating point from labelled data). Registered on the main app in cli.py:
-
-    from anomalens.cli_score import score, threshold
-    app.command()(score)
-    app.command()(threshold)
-
-Thin: the work lives in engine/scoring.py, engine/watch.py, engine/distributed.py, store/ and
-thresholds/operating.py. Helpers of cli.py are imported inside the functions, so cli.py may
-import this module at its top.
-"""
+"""Production scoring into the result store (`score`) and operating points (`threshold`)."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from anomalens.cli.common import err, fail, out, user_errors
 
 RULE_HELP = ("recall: highest threshold reaching --target recall (1.0 = no missed defect); fpr: lowest threshold "
              "within --target false-positive rate; f1: best F1; good_quantile: --target quantile of the goods' scores")
@@ -68,25 +60,24 @@ def score(
       anomalens score tile.model --watch /camera/out -o results.db
       anomalens score tile.model /shared/archive -o results.db --engine ray --address auto --ray-workers 8
     """
-    import anomalens
-    from anomalens.cli import _fail, _user_errors, err, out
-    from anomalens.engine.scoring import Scorer, export_top, iter_input_paths, model_id_for, score_into_store
+    from anomalens.models.base import Detector
+    from anomalens.workflows.scoring import Scorer, export_top, iter_input_paths, model_id_for, score_into_store
     from anomalens.store import ResultStore, StoreError
 
     if (source is None) == (watch is None):
-        _fail("give INPUT (folder, .csv, image or -) or --watch DIR, not both" if source else
+        fail("give INPUT (folder, .csv, image or -) or --watch DIR, not both" if source else
               "give INPUT (folder, .csv, image or -) or --watch DIR")
     if engine not in ("local", "ray"):
-        _fail(f"--engine must be local or ray, got {engine!r}")
+        fail(f"--engine must be local or ray, got {engine!r}")
     if engine == "ray" and watch is not None:
-        _fail("--watch runs locally: drop --engine ray")
+        fail("--watch runs locally: drop --engine ray")
     try:
-        detector = anomalens.load(model_file)
+        detector = Detector.load(model_file)
         detector.options["device"] = device
         model_id, digest = model_id_for(model_file, detector.name)
         store = ResultStore(output)
-    except (*_user_errors(), StoreError) as e:
-        _fail(str(e))
+    except (*user_errors(), StoreError) as e:
+        fail(str(e))
     batch = batch_size or detector.options["batch_size"]
     with store:
         cal = detector.decision_calibration
@@ -95,7 +86,7 @@ def score(
         try:
             scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps)
             if watch is not None:
-                from anomalens.engine.watch import watch_folder
+                from anomalens.workflows.watch import watch_folder
 
                 err.print(f"watching {watch} (every {poll:g} s; Ctrl-C stops); results in {output}")
                 summary = watch_folder(scorer, store, watch, pattern=pattern, poll_seconds=poll,
@@ -106,7 +97,7 @@ def score(
                 if source != "-":
                     paths = list(paths)  # known length: the progress bar shows an ETA
                 if engine == "ray":
-                    from anomalens.engine.distributed import score_with_ray
+                    from anomalens.workflows.distributed import score_with_ray
 
                     summary = score_with_ray(model_file, model_id, store, paths, address=address,
                                              num_workers=ray_workers, batch_size=batch, min_region=min_region,
@@ -115,10 +106,10 @@ def score(
                     summary = score_into_store(scorer, store, paths, batch_size=batch, workers=workers,
                                                progress=not quiet, retry_errors=retry_errors)
         except KeyboardInterrupt:
-            _fail(f"interrupted; {store.count(model_id)} images of {model_id} are stored in {output}: "
+            fail(f"interrupted; {store.count(model_id)} images of {model_id} are stored in {output}: "
                   "run the same command to resume", 130)
-        except (*_user_errors(), StoreError) as e:
-            _fail(str(e))
+        except (*user_errors(), StoreError) as e:
+            fail(str(e))
         out.print(f"{model_id}: scored {summary.n_scored} images ({summary.images_per_second:.1f} img/s), "
                   f"{summary.n_errors} unreadable, {summary.n_skipped} already stored; "
                   f"{store.count(model_id, decision='defect')} of {store.count(model_id, status='ok')} flagged "
@@ -158,27 +149,26 @@ def threshold(
 
     Example: anomalens threshold tile.model validation/ --rule recall --target 1.0
     """
-    import anomalens
-    from anomalens.cli import _fail, _user_errors, out
+    from anomalens.models.base import Detector
     from anomalens.data import load_dataset
     from anomalens.metrics import high_recall_metrics
     from anomalens.thresholds import select_operating_point, threshold_curve
 
     target = target if target is not None else {"recall": 1.0, "fpr": 0.01, "good_quantile": 0.99}.get(rule)
     try:
-        detector = anomalens.load(model_file)
+        detector = Detector.load(model_file)
         detector.options["device"] = device
         dataset = load_dataset(data)
         if not dataset.test:
-            _fail(f"'{data}' has no labelled (test) images")
+            fail(f"'{data}' has no labelled (test) images")
         prediction = detector.predict(dataset.test, progress=not quiet, on_error="skip" if skip_bad else "raise",
                                       calibrated=False)
         scored = set(prediction.keys)  # minus unreadable files skipped with --skip-bad
         labels = [s.label for s in dataset.test if str(s.path) in scored]
         point = select_operating_point(labels, prediction.scores, rule, target)
         high = high_recall_metrics(labels, prediction.scores) if 0 < sum(labels) < len(labels) else {}
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     calibrated = detector.calibration.threshold if detector.calibration else None
     versus = f" (calibrated: {calibrated:.6g})" if calibrated is not None else ""
     out.print(f"operating point ({rule}{'' if target is None else f' {target:g}'}) on {len(labels)} images "

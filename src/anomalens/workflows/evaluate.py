@@ -79,3 +79,19 @@ def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on
             metrics["per_defect_type"][dtype] = {k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc",
                                                                     "aupro")} | {"n": len(idx) - len(goods)}
     return Evaluation(metrics, samples, prediction, masks)
+
+
+def gallery_indices(evaluation: Evaluation, n: int) -> dict[str, list[int]]:
+    """Which scored images a report shows, `n` of each: the highest-scoring goods (false alarms first),
+    the lowest-scoring defects (misses first) and the flagged defects not already among those."""
+    labels = np.array([s.label for s in evaluation.samples], dtype=int)
+    flagged = evaluation.prediction.is_anomalous
+    ranking = evaluation.prediction.normalized_scores
+    if ranking is None:
+        ranking = np.asarray(evaluation.prediction.scores, dtype=np.float64)
+    down = [int(i) for i in np.argsort(-ranking, kind="stable")]
+    goods = [i for i in down if labels[i] == 0][:n]
+    defects_low = [int(i) for i in np.argsort(ranking, kind="stable") if labels[i] == 1][:n]
+    caught = [i for i in down if labels[i] == 1 and (flagged is None or flagged[i])]
+    caught = [i for i in caught if i not in set(defects_low)][:n] or caught[:n]
+    return {"goods": goods, "defects_low": defects_low, "caught": caught}

@@ -6,8 +6,9 @@ the store in one transaction. A rerun skips what the store already holds for the
 killed job loses at most the batch in flight. Unreadable files are stored with their error.
 
 `Detector.iter_predict` takes a finished list and one reader thread; a production stream can
-be endless (stdin, watch mode) and needs the content hash, so this module drives the same
-detector hooks (`_preprocess`, `_score_batch`) itself.
+be endless (stdin, watch mode) and needs the content hash, so this module drives the
+`Inferencer` protocol (`preprocess`, `score_batch`) itself and judges each image with
+`inference.decide`, as every other path does.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from PIL import Image
 
 from anomalens.data import IMAGE_EXTENSIONS, DatasetError, ImageReadError, list_images, read_image
 from anomalens.data.io import natural_sorted
-from anomalens.engine.progress import progress_bar
-from anomalens.models.base import Detector, resize_map
-from anomalens.report.overlay import find_regions, overlay_image
+from anomalens.data.progress import progress_bar
+from anomalens.inference import MIN_REGION_AREA, Verdict, decide, verdict_overlay
+from anomalens.models.base import Inferencer, resize_map
 from anomalens.store import ResultRecord, ResultStore
 
 #: saved maps are 16-bit PNGs of the normalized map clipped to [0, MAP_PNG_RANGE]: value / 65535 *
@@ -138,15 +139,15 @@ class ScoreSummary:
 class Scorer:
     """Turns files into store records with one detector: decode (thread-safe), then score a batch."""
 
-    def __init__(self, detector: Detector, model_id: str, *, min_region: int = 16,
+    def __init__(self, detector: Inferencer, model_id: str, *, min_region: int = MIN_REGION_AREA,
                  maps_dir: str | Path | None = None) -> None:
-        if detector.calibration is None:
+        if detector.decision_calibration is None:
             raise ValueError(f"model {model_id} is not calibrated: refit it (fit calibrates on held-out goods)")
         self.detector = detector
         self.model_id = model_id
         self.min_region = min_region
         self.maps_dir = Path(os.path.abspath(maps_dir)) / model_id if maps_dir else None
-        self.preprocess = detector._preprocess()
+        self.preprocess = detector.preprocess()
         self.calibration = detector.decision_calibration  # the operating point's threshold when one is stored
         if self.maps_dir:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
@@ -167,24 +168,23 @@ class Scorer:
         good = [d for d in batch if d.error is None]
         by_key: dict[str, ResultRecord] = {}
         if good:
-            scores, maps = self.detector._score_batch(torch.stack([d.pixels for d in good]))
+            scores, maps = self.detector.score_batch(torch.stack([d.pixels for d in good]))
             for d, score, amap in zip(good, scores, maps):
-                by_key[d.key] = self._record(d, float(score), resize_map(amap, d.shape))
+                by_key[d.key] = self._record(d, self.verdict(float(score), resize_map(amap, d.shape)))
         return [by_key.get(d.key) or ResultRecord(self.model_id, d.key, status="error", error=d.error)
                 for d in batch]
 
-    def _record(self, d: Decoded, score: float, amap: np.ndarray) -> ResultRecord:
-        cal = self.calibration
-        nmap = cal.normalize_map(amap)
-        regions = find_regions(nmap, self.min_region) if self.detector.localizes else []
+    def verdict(self, score: float, amap: np.ndarray) -> Verdict:
+        return decide(score, amap, self.calibration, localizes=self.detector.localizes, min_area=self.min_region)
+
+    def _record(self, d: Decoded, verdict: Verdict) -> ResultRecord:
         map_path = None
         if self.maps_dir:
             map_path = str(self.maps_dir / (hashlib.sha1(d.key.encode()).hexdigest()[:20] + ".png"))
-            save_map(nmap, map_path)
-        return ResultRecord(self.model_id, d.key, content_sha256=d.content_sha256, score=score,
-                            normalized_score=float(cal.normalize(score)),
-                            decision="defect" if score >= cal.threshold else "good",
-                            regions=[r.to_dict() for r in regions], map_path=map_path)
+            save_map(verdict.normalized_map, map_path)
+        return ResultRecord(self.model_id, d.key, content_sha256=d.content_sha256, score=verdict.score,
+                            normalized_score=verdict.normalized_score, decision=verdict.decision,
+                            regions=[r.to_dict() for r in verdict.regions], map_path=map_path)
 
     def score_paths(self, paths: Iterable[str | Path]) -> list[ResultRecord]:
         """Decode and score in this thread (a distributed worker's batch)."""
@@ -286,12 +286,11 @@ def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) 
             if decoded.error is not None:  # changed or gone since it was scored
                 writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error])
                 continue
-            _, maps = scorer.detector._score_batch(decoded.pixels[None])
-            nmap = scorer.calibration.normalize_map(resize_map(maps[0], decoded.shape))
-            regions = find_regions(nmap, scorer.min_region) if scorer.detector.localizes else []
+            scores, maps = scorer.detector.score_batch(decoded.pixels[None])
+            verdict = scorer.verdict(float(scores[0]), resize_map(maps[0], decoded.shape))
             name = f"{rank:04d}_{Path(rec.path).stem}.png"
-            title = f"#{rank} {Path(rec.path).name}  score {rec.normalized_score:.2f}  {rec.decision}"
-            overlay_image(read_image(rec.path), nmap, regions, title, rec.decision == "defect").save(out_dir / name)
-            writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, len(regions), name])
+            verdict_overlay(read_image(rec.path), verdict, f"#{rank} {Path(rec.path).name}").save(out_dir / name)
+            writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, len(verdict.regions),
+                             name])
             written.append(out_dir / name)
     return written

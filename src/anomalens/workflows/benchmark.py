@@ -1,12 +1,12 @@
 """Benchmark runner: every model on every MVTec-layout category, over seeds, resumable.
 
-    from anomalens.engine.benchmark import run_benchmark
+    from anomalens.workflows.benchmark import run_benchmark
     result = run_benchmark(["patchcore", "padim"], "../shared/datasets", "bench/", seeds=3,
                            sets={"patchcore": {"coreset_ratio": "0.01"}})
 
 A *cell* is one (model, category, seed) run: fit on the training goods, save the model file,
 evaluate the test split, time single-image predictions, read the peak RSS. By default each cell
-runs in its own process (`python -m anomalens.engine.benchmark --cell SPEC`), so the RSS is the
+runs in its own process (`python -m anomalens.workflows.benchmark --cell SPEC`), so the RSS is the
 cell's own. Each finished cell is appended to OUT/cells.jsonl at once; a rerun with the same
 arguments skips the cells finished there and retries the failed ones. Then OUT/benchmark.json,
 OUT/benchmark.md and OUT/benchmark.html (self-contained, embedded figures) are written.
@@ -226,7 +226,7 @@ def _warm_up(detector) -> None:
     import torch
 
     try:
-        pre = detector._preprocess()
+        pre = detector.preprocess()
         features(torch.zeros(1, pre.channels, pre.image_size, pre.image_size))
     except Exception:  # noqa: BLE001 - fit reports the real problem, with its own message
         pass
@@ -236,12 +236,12 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
     """Fit, save, evaluate and time one cell in this process; returns its measurements."""
     import numpy as np
 
-    import anomalens
+    from anomalens.registry import create
     from anomalens.data import load_dataset
-    from anomalens.engine.evaluate import evaluate
+    from anomalens.workflows.evaluate import evaluate
 
     dataset = load_dataset(spec.path)
-    det = anomalens.create(spec.model, **{**spec.options, "seed": spec.seed})
+    det = create(spec.model, **{**spec.options, "seed": spec.seed})
     start = time.perf_counter()
     _warm_up(det)
     setup_s = time.perf_counter() - start
@@ -289,7 +289,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 def run_cell_subprocess(spec: CellSpec, timeout: float | None = None) -> dict[str, Any]:
     """Run the cell in a fresh Python process so its peak RSS is its own; CellError on failure."""
-    cmd = [sys.executable, "-m", "anomalens.engine.benchmark", "--cell", json.dumps(spec.to_dict())]
+    cmd = [sys.executable, "-m", "anomalens.workflows.benchmark", "--cell", json.dumps(spec.to_dict())]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -652,9 +652,9 @@ def run_benchmark(models: Sequence[str], data: str | Path, out: str | Path, *, s
 
 
 def _child_main(argv: list[str]) -> int:
-    """`python -m anomalens.engine.benchmark --cell SPEC_JSON`: one cell, result on stdout."""
+    """`python -m anomalens.workflows.benchmark --cell SPEC_JSON`: one cell, result on stdout."""
     if len(argv) != 2 or argv[0] != "--cell":
-        print("usage: python -m anomalens.engine.benchmark --cell SPEC_JSON (use `anomalens benchmark`)",
+        print("usage: python -m anomalens.workflows.benchmark --cell SPEC_JSON (use `anomalens benchmark`)",
               file=sys.stderr)
         return 2
     try:

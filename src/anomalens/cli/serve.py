@@ -1,11 +1,4 @@
-"""The `serve` command, registered on the main app in cli.py:
-
-    from anomalens.cli_serve import serve
-    app.command()(serve)
-
-Thin: the service lives in anomalens/serve/. Helpers of cli.py and the service (FastAPI, torch)
-are imported inside the function, so cli.py may import this module at its top and stay quick.
-"""
+"""`serve`: the REST service and the review page."""
 from __future__ import annotations
 
 import os
@@ -14,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from anomalens.cli_export import Runtime
+from anomalens.cli.common import err, fail, Runtime, user_errors
+
 
 
 def serve(
@@ -42,14 +36,13 @@ def serve(
     """
     import uvicorn
 
-    from anomalens.cli import _fail, _user_errors, err
     from anomalens.serve import ServeConfig, create_app
 
     try:
         app = create_app(ServeConfig(model=model_file, runtime=runtime.value, threads=threads, store=store, token=token,
                                      max_upload_mb=max_upload_mb, uploads=uploads, min_region=min_region))
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         err.print(f"warning: serving on {host} without --token: anyone who can reach it can write to the store")
     where = f"http://{host}:{port}"

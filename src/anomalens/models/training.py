@@ -20,7 +20,7 @@ updates on one batch and returns its losses; the `Trainer` handles everything ar
 
 Usage (a model with one optimizer)::
 
-    from anomalens.engine.training import Phase, StepContext, Trainer, TrainConfig
+    from anomalens.models.training import Phase, StepContext, Trainer, TrainConfig
 
     net = MyNet().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -63,7 +63,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anomalens.engine.progress import progress_bar
+from anomalens.data.progress import progress_bar
 
 CHECKPOINT_FORMAT = 1
 AUGMENTATIONS = ("flip", "rotate", "noise")

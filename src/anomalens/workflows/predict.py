@@ -1,0 +1,96 @@
+"""Score images into a folder: scores.csv, regions.jsonl and one overlay PNG per image.
+
+Rows are written and flushed as images are scored, so an interrupted run keeps every result so
+far; `PredictSummary` counts them while the run goes, for the caller's message when it stops.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from anomalens.data import read_image
+from anomalens.data.inputs import SkipLog
+from anomalens.inference import MIN_REGION_AREA, decide, verdict_overlay
+from anomalens.models.base import Inferencer
+
+CSV_COLUMNS = ["path", "score", "normalized_score", "anomalous", "n_regions", "defect_area_px", "defect_area_share",
+               "largest_box_x0_y0_x1_y1", "overlay"]
+
+
+@dataclass
+class PredictSummary:
+    output: Path
+    n_scored: int = 0
+    n_flagged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def scores_csv(self) -> Path:
+        return self.output / "scores.csv"
+
+    @property
+    def skipped_txt(self) -> Path:
+        return self.output / "skipped.txt"
+
+
+def overlay_name(path: Path, used: set[str]) -> str:
+    """A file name for an image's overlay, unique among `used` (which it extends)."""
+    for name in (path.stem, f"{path.parent.name}_{path.stem}"):
+        if name not in used:
+            used.add(name)
+            return name + ".png"
+    name = f"{path.parent.name}_{path.stem}_{len(used)}"
+    used.add(name)
+    return name + ".png"
+
+
+def predict_to_folder(model: Inferencer, images: Iterable | np.ndarray, output: str | Path, *,
+                      overlays: bool = True, on_error: str = "raise", min_area: int = MIN_REGION_AREA,
+                      min_share: float = 0.0, progress: bool = False,
+                      summary: PredictSummary | None = None) -> PredictSummary:
+    """Score `images` with `model` and write the results under `output` as they come.
+
+    on_error='skip' lists unreadable images in skipped.txt and goes on. Pass `summary` to read the
+    counts so far when the run is interrupted.
+    """
+    calibration = model.decision_calibration
+    if calibration is None:
+        raise ValueError(f"{model.name} is not calibrated: fit it with calibration images before predicting")
+    output = Path(output)
+    summary = summary or PredictSummary(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if overlays:
+        (output / "overlays").mkdir(exist_ok=True)
+    skip_log = SkipLog()
+    used: set[str] = set()
+    try:
+        with open(summary.scores_csv, "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
+            writer = csv.writer(f_csv)
+            writer.writerow(CSV_COLUMNS)
+            for key, raw_score, amap in model.iter_predict(images, progress=progress, on_error=on_error,
+                                                           skip_log=skip_log):
+                verdict = decide(raw_score, amap, calibration, localizes=model.localizes, min_area=min_area,
+                                 min_share=min_share)
+                regions = verdict.regions
+                name = ""
+                if overlays:
+                    name = "overlays/" + overlay_name(Path(key), used)
+                    verdict_overlay(read_image(key), verdict, Path(key).name).save(output / name)
+                box = " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1))) if regions else ""
+                writer.writerow([key, f"{raw_score:.6g}", f"{verdict.normalized_score:.4f}", int(verdict.anomalous),
+                                 len(regions), sum(r.area for r in regions),
+                                 f"{sum(r.area_share for r in regions):.6f}", box, name])
+                f_reg.write(json.dumps({"path": key, "regions": [r.to_dict() for r in regions]}) + "\n")
+                f_csv.flush()
+                summary.n_scored += 1
+                summary.n_flagged += verdict.anomalous
+    finally:
+        summary.skipped = skip_log.skipped
+        if skip_log.skipped:
+            summary.skipped_txt.write_text("".join(f"{msg}\n" for _, msg in skip_log.skipped))
+    return summary
