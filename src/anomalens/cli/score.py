@@ -149,26 +149,19 @@ def threshold(
 
     Example: anomalens threshold tile.model validation/ --rule recall --target 1.0
     """
-    from anomalens.models.base import Detector
     from anomalens.data import load_dataset
-    from anomalens.metrics import high_recall_metrics
-    from anomalens.thresholds import select_operating_point, threshold_curve
+    from anomalens.models.base import Detector
+    from anomalens.thresholds import threshold_curve
+    from anomalens.workflows.threshold import choose_operating_point
 
-    target = target if target is not None else {"recall": 1.0, "fpr": 0.01, "good_quantile": 0.99}.get(rule)
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
-        dataset = load_dataset(data)
-        if not dataset.test:
-            fail(f"'{data}' has no labelled (test) images")
-        prediction = detector.predict(dataset.test, progress=not quiet, on_error="skip" if skip_bad else "raise",
-                                      calibrated=False)
-        scored = set(prediction.keys)  # minus unreadable files skipped with --skip-bad
-        labels = [s.label for s in dataset.test if str(s.path) in scored]
-        point = select_operating_point(labels, prediction.scores, rule, target)
-        high = high_recall_metrics(labels, prediction.scores) if 0 < sum(labels) < len(labels) else {}
+        choice = choose_operating_point(detector, load_dataset(data), rule, target, progress=not quiet,
+                                        on_error="skip" if skip_bad else "raise")
     except user_errors() as e:
         fail(str(e))
+    point, labels, high, target = choice.point, choice.labels, choice.high_recall, choice.point.target
     calibrated = detector.calibration.threshold if detector.calibration else None
     versus = f" (calibrated: {calibrated:.6g})" if calibrated is not None else ""
     out.print(f"operating point ({rule}{'' if target is None else f' {target:g}'}) on {len(labels)} images "
@@ -181,7 +174,7 @@ def threshold(
                   f"at 100 % recall: FPR {high['fpr_at_full_recall']:.4f}, "
                   f"accuracy {high['accuracy_at_full_recall']:.4f}", highlight=False, soft_wrap=True)
     if curve_out:
-        rows = threshold_curve(labels, prediction.scores).rows()
+        rows = threshold_curve(labels, choice.scores).rows()
         curve_out.parent.mkdir(parents=True, exist_ok=True)
         with open(curve_out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
