@@ -1,7 +1,6 @@
 """The main job: fit, predict, evaluate (with its HTML report), demo, models."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Optional

@@ -255,7 +255,7 @@ def _per_type_table(evaluation: Evaluation, normalized: np.ndarray | None) -> st
         caught = "n/a"
         if normalized is not None:
             idx = [i for i, s in enumerate(evaluation.samples) if s.label == 1 and s.defect_type == dtype]
-            caught = f"{int((normalized[idx] >= 1.0).sum())}/{len(idx)}"
+            caught = f"{int(evaluation.prediction.is_anomalous[idx].sum())}/{len(idx)}"
         cells = "".join(f"<td class='{'na' if d.get(k) is None else ''}'>{fmt(d.get(k))}</td>"
                         for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro"))
         rows.append(f"<tr><td class=l>{_e(dtype)}</td><td>{d.get('n', '')}</td><td>{caught}</td>{cells}</tr>")
@@ -322,13 +322,12 @@ def _scores_section(labels: np.ndarray, scores: np.ndarray, normalized: np.ndarr
     return ("<section id=scores><h2>Scores and verdicts</h2><p class=note>An image is flagged when its normalized "
             "score is ≥ 1.0 (the threshold calibrated on held-out good training images, never on this test set)."
             "</p><div class=row><div><h3 style='margin-top:0'>Scores of good vs defective test images</h3>"
-            f"{hist}</div><div>{_confusion(labels, normalized)}</div></div></section>")
+            f"{hist}</div><div>{_confusion(labels, evaluation.prediction.is_anomalous)}</div></div></section>")
 
 
-def _confusion(labels: np.ndarray, normalized: np.ndarray | None) -> str:
-    if normalized is None:
+def _confusion(labels: np.ndarray, flagged: np.ndarray | None) -> str:
+    if flagged is None:
         return "<p class=empty>No confusion matrix: the detector has no calibrated threshold.</p>"
-    flagged = normalized >= 1.0
     good, bad = labels == 0, labels == 1
     tn, fp = int((good & ~flagged).sum()), int((good & flagged).sum())
     fn, tp = int((bad & ~flagged).sum()), int((bad & flagged).sum())
@@ -450,7 +449,7 @@ def _gallery_item(evaluation: Evaluation, i: int, detector: Detector | None = No
             f"{_e(kind)} · {score}{_regions_caption(regions, how)}</figcaption></figure>")
 
 
-def _gallery_section(evaluation: Evaluation, labels: np.ndarray, normalized: np.ndarray | None, n: int,
+def _gallery_section(evaluation: Evaluation, labels: np.ndarray, n: int,
                      detector: Detector | None = None, explanations: Mapping[str, np.ndarray] | None = None) -> str:
     if n <= 0:
         return "<section id=gallery><h2>Gallery</h2><p class=empty>Left out (n_gallery=0).</p></section>"
@@ -465,8 +464,9 @@ def _gallery_section(evaluation: Evaluation, labels: np.ndarray, normalized: np.
         body = f"<div class=gallery>{items}</div>" if idx else f"<p class=empty>{empty}</p>"
         return f"<h3>{title}</h3><p class=legend>{note}</p>{body}"
 
-    n_fa = int(((normalized >= 1.0) & (labels == 0)).sum()) if normalized is not None else None
-    n_miss = int(((normalized < 1.0) & (labels == 1)).sum()) if normalized is not None else None
+    flagged = evaluation.prediction.is_anomalous
+    n_fa = None if flagged is None else int((flagged & (labels == 0)).sum())
+    n_miss = None if flagged is None else int((~flagged & (labels == 1)).sum())
     legend = ("Each row: the image | the image under the anomaly heat map (transparent below half the threshold; "
               "magenta boxes = defect regions ≥ 1.0) | the ground truth (green outline = defect mask).")
     if detector is not None and not detector.localizes and explanations:
@@ -494,13 +494,13 @@ def render_evaluation_report(evaluation: Evaluation, detector: Detector, n_galle
     """The report as one HTML string (no external resources); `explanations` as for
     `write_evaluation_report`."""
     labels, scores, normalized = _labels_scores(evaluation)
-    flagged = None if normalized is None else normalized >= 1.0
+    flagged = evaluation.prediction.is_anomalous
     m = evaluation.metrics
     title = f"anomalens report: {getattr(detector, 'name', m.get('model', ''))} on {m.get('dataset', '')}"
     body = (_metrics_section(evaluation, detector, labels, normalized)
             + _curves_section(labels, scores, evaluation)
             + _scores_section(labels, scores, normalized, evaluation)
-            + _gallery_section(evaluation, labels, normalized, max(0, int(n_gallery)), detector, explanations))
+            + _gallery_section(evaluation, labels, max(0, int(n_gallery)), detector, explanations))
     return page(title, _header(evaluation, detector, labels, flagged), body)
 
 
