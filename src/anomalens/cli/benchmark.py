@@ -95,6 +95,7 @@ def classical_study(
     """
     from anomalens.workflows.classical_study import parse_study_sets, run_study
     from anomalens.models.classical import expand_models
+    from anomalens.report.study_report import write_outputs
 
     try:
         names = expand_models(models)
@@ -104,16 +105,17 @@ def classical_study(
         result = run_study(data, names, features, output, options=common, per_detector=per,
                            cell_budget_s=cell_budget or None, progress=not quiet,
                            log_fn=lambda message: err.print(message, highlight=False, soft_wrap=True))
+        outputs, markdown = write_outputs(output, result.config, result.cells, result.features)
     except KeyboardInterrupt:
         fail(f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume", 130)
     except user_errors() as e:
         fail(str(e))
-    top = result.markdown.split("## All cells")[0]
+    top = markdown.split("## All cells")[0]
     out.print(top, highlight=False, markup=False, soft_wrap=True)
     failed = [c for c in result.cells if c["status"] == "failed"]
-    out.print(f"ran {result.n_run} cells, reused {result.n_reused}; wrote {result.outputs['markdown']} and "
-              f"{result.outputs['json']}", highlight=False)
+    out.print(f"ran {result.n_run} cells, reused {result.n_reused}; wrote {outputs['markdown']} and "
+              f"{outputs['json']}", highlight=False)
     if failed:
-        err.print(f"{len(failed)} cells failed (listed in {result.outputs['markdown']}); run the same command "
+        err.print(f"{len(failed)} cells failed (listed in {outputs['markdown']}); run the same command "
                   "again to retry them")
         raise typer.Exit(1)
