@@ -183,7 +183,10 @@ class Worker:
                 self.buf += chunk
 
     def _died(self) -> None:
-        code = self.proc.poll() if self.proc else None
+        try:  # its stdout or stdin closed: it is ending, wait for its exit code (poll() could be too early)
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         self.kill()
         raise CellError(f"the cell's worker process died (exit code {code}; out of memory?)")
 
