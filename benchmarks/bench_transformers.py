@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from anomalens.report.benchmark_report import write_outputs
 from anomalens.workflows.benchmark import parse_model_sets, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,8 @@ def main() -> None:
     models = args.models.split(",")
     result = run_benchmark(models, args.data, args.output, seeds=1, sets=parse_model_sets(args.set, models),
                            log=print)
-    print(Path(result.outputs["markdown"]).read_text())
+    outputs = write_outputs(args.output, result.config, result.cells, result.summary)
+    print(outputs["markdown"].read_text())
 
 
 if __name__ == "__main__":

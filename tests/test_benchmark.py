@@ -1,6 +1,6 @@
-"""The benchmark runner: planning, resuming, failures, mean ± std, outputs. Cells are faked by an
-injected runner, except one real cell run as the child process runs it, and one real child process
-that fails."""
+"""The benchmark runner: planning, resuming, failures, mean ± std, and its outputs (written by
+report.benchmark_report). Cells are faked by an injected runner, except one real cell run as the child
+process runs it, and one real child process that fails."""
 import json
 import re
 import statistics
@@ -9,6 +9,7 @@ import pytest
 from conftest import fast_options
 
 from anomalens.data import DatasetError
+from anomalens.report.benchmark_report import write_outputs
 from anomalens.workflows.benchmark import (
     CellError,
     CellSpec,
@@ -39,6 +40,11 @@ class FakeRunner:
         return {"image_auroc": 0.9 + 0.05 * spec.seed, "pixel_auroc": None, "aupro": 0.5, "fit_s": 1.0 + spec.seed,
                 "predict_img_s": 10.0, "latency_ms": 40.0 + spec.seed, "peak_rss_mb": 500.0, "model_mb": 2.0,
                 "onnx_mb": None}
+
+
+def written(out, result):
+    """The outputs the `benchmark` command writes after the run."""
+    return write_outputs(out, result.config, result.cells, result.summary)
 
 
 @pytest.fixture()
@@ -115,12 +121,12 @@ def test_a_failed_cell_is_recorded_the_others_go_on_and_it_is_retried(two_catego
     assert result.failed[0]["error"] == "RuntimeError: out of memory while building the index"  # one line
     rows = {(r["category"], r["model"]): r for r in result.summary}
     assert rows[("bottle", "padim")]["seeds"] == [0] and rows[("bottle", "padim")]["failed_seeds"] == [1]
-    md = result.outputs["markdown"].read_text()
+    md = written(out, result)["markdown"].read_text()
     assert "Failed cells" in md and "out of memory while building the index" in md
     retry = FakeRunner()
     result = run_benchmark(["patchcore", "padim"], two_categories, out, seeds=2, runner=retry)
     assert retry.calls == [("padim", "bottle", 1), ("padim", "group/tile", 1)] and not result.failed
-    assert "Failed cells" not in result.outputs["markdown"].read_text()
+    assert "Failed cells" not in written(out, result)["markdown"].read_text()
 
 
 def test_mean_and_std_over_seeds():
@@ -140,7 +146,7 @@ def test_mean_and_std_over_seeds():
 
 def test_outputs_json_markdown_html(two_categories, tmp_path):
     result = run_benchmark(["patchcore", "padim"], two_categories, tmp_path / "out", seeds=3, runner=FakeRunner())
-    paths = result.outputs
+    paths = written(tmp_path / "out", result)
     assert {p.name for p in paths.values()} == {"benchmark.json", "benchmark.md", "benchmark.html", "cells.jsonl"}
     data = json.loads(paths["json"].read_text())
     assert len(data["cells"]) == 12 and len(data["summary"]) == 4
@@ -190,7 +196,7 @@ def cli_app():
 def test_cli_benchmark_runs_resumes_and_reports_failures(two_categories, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from anomalens.engine import benchmark as bench
+    from anomalens.workflows import benchmark as bench
 
     fake = FakeRunner(fail={("padim", 0)})
     monkeypatch.setattr(bench, "run_cell_subprocess", lambda spec, timeout=None: fake(spec))

@@ -206,11 +206,13 @@ def test_patch_features_localize_a_synthetic_defect(texture):
 
 # -- the study -------------------------------------------------------------------------------------------------------------
 def test_study_writes_tables_and_resumes(texture_root, tmp_path):
+    from anomalens.report.study_report import write_outputs
     from anomalens.workflows.classical_study import run_study
 
     out = tmp_path / "study"
     kwargs = dict(options=PIXELS, in_process=True)
     first = run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs)
+    write_outputs(out, first.config, first.cells, first.features)  # as the classical-study command does
     assert first.n_run == 4 and all(c["status"] == "ok" for c in first.cells)
     cell = first.cells[0]
     for key in ("image_auroc", "image_ap", "f1_pyod", "f1_proba", "f1_calibrated", "fit_s", "score_ms_per_image"):
@@ -223,10 +225,12 @@ def test_study_writes_tables_and_resumes(texture_root, tmp_path):
     (out / "cells.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
     again = run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs)
     assert (again.n_run, again.n_reused) == (1, 3)
+    assert run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs).n_reused == 4  # the rerun's record kept
     assert [c["image_auroc"] for c in again.cells] == [c["image_auroc"] for c in first.cells]
 
 
 def test_study_records_skips_with_reasons(texture_root, tmp_path):
+    from anomalens.report.study_report import render_markdown
     from anomalens.workflows.classical_study import run_study
 
     res = run_study(texture_root, "lof,knn", "pca:50,raw", tmp_path / "s", options=PIXELS, in_process=True,
@@ -235,7 +239,7 @@ def test_study_records_skips_with_reasons(texture_root, tmp_path):
     assert all(c["status"] == "skipped" for c in res.cells)
     assert "pca:50 need at least 50" in by["classical:knn", "pca:50"]["reason"]
     assert "slow-detector guard" in by["classical:knn", "raw"]["reason"]
-    assert "Skipped or failed cells" in res.markdown
+    assert "Skipped or failed cells" in render_markdown(res.config, res.cells, res.features)
 
 
 def test_study_worker_enforces_the_budget(texture_root, tmp_path):

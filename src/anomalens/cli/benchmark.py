@@ -34,6 +34,7 @@ def benchmark(
     from anomalens.workflows.benchmark import parse_model_sets, run_benchmark
 
     from anomalens.models.classical import expand_models
+    from anomalens.report.benchmark_report import write_outputs
 
     names = expand_models(models)  # classical:all -> the 15 PyOD detectors
     try:
@@ -43,6 +44,7 @@ def benchmark(
                 options.setdefault("device", device)
         result = run_benchmark(names, data, output, seeds=seeds, sets=sets, timeout=cell_timeout or None,
                                log=lambda message: err.print(message, highlight=False, soft_wrap=True))
+        outputs = write_outputs(output, result.config, result.cells, result.summary)
     except KeyboardInterrupt:
         fail(f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume",
               130)
@@ -55,9 +57,9 @@ def benchmark(
         out.print(f"{row['model']:>12}  {row['category']}: image AUROC {text} ({len(row['seeds'])} seeds"
                   + (f", {len(row['failed_seeds'])} failed)" if row["failed_seeds"] else ")"), highlight=False)
     out.print(f"ran {result.n_run} cells, kept {result.n_reused} finished before; wrote "
-              f"{result.outputs['html']}, {result.outputs['markdown']}, {result.outputs['json']}")
+              f"{outputs['html']}, {outputs['markdown']}, {outputs['json']}")
     if result.failed:
-        err.print(f"{len(result.failed)} cells failed (listed in {result.outputs['markdown']}); "
+        err.print(f"{len(result.failed)} cells failed (listed in {outputs['markdown']}); "
                   "run the same command again to retry them")
         raise typer.Exit(1)
 
@@ -93,6 +95,7 @@ def classical_study(
     """
     from anomalens.workflows.classical_study import parse_study_sets, run_study
     from anomalens.models.classical import expand_models
+    from anomalens.report.study_report import write_outputs
 
     try:
         names = expand_models(models)
@@ -102,16 +105,17 @@ def classical_study(
         result = run_study(data, names, features, output, options=common, per_detector=per,
                            cell_budget_s=cell_budget or None, progress=not quiet,
                            log_fn=lambda message: err.print(message, highlight=False, soft_wrap=True))
+        outputs, markdown = write_outputs(output, result.config, result.cells, result.features)
     except KeyboardInterrupt:
         fail(f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume", 130)
     except user_errors() as e:
         fail(str(e))
-    top = result.markdown.split("## All cells")[0]
+    top = markdown.split("## All cells")[0]
     out.print(top, highlight=False, markup=False, soft_wrap=True)
     failed = [c for c in result.cells if c["status"] == "failed"]
-    out.print(f"ran {result.n_run} cells, reused {result.n_reused}; wrote {result.outputs['markdown']} and "
-              f"{result.outputs['json']}", highlight=False)
+    out.print(f"ran {result.n_run} cells, reused {result.n_reused}; wrote {outputs['markdown']} and "
+              f"{outputs['json']}", highlight=False)
     if failed:
-        err.print(f"{len(failed)} cells failed (listed in {result.outputs['markdown']}); run the same command "
+        err.print(f"{len(failed)} cells failed (listed in {outputs['markdown']}); run the same command "
                   "again to retry them")
         raise typer.Exit(1)

@@ -92,7 +92,7 @@ footer{color:#8a92a3;font-size:12px;text-align:center;padding:0 0 24px}
 """
 
 
-# -- shared helpers (also used by workflows/benchmark.py) --------------------------------------------------
+# -- shared helpers (also used by benchmark_report.py) -----------------------------------------------------
 def fmt(value: Any, digits: int = 4) -> str:
     """A metric value for a table cell: 'n/a' for None/NaN."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):

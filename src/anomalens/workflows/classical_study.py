@@ -3,7 +3,7 @@
     from anomalens.workflows.classical_study import run_study
     result = run_study("../shared/datasets/magnetic_tile/magnetic_tile", "classical:all",
                        ["raw", "pca:300", "pca:700", "kpca-rbf:300", "deep"], "study/")
-    print(result.markdown)
+    print(result.ranked("image_auroc")[:5])
 
 How it runs:
 
@@ -16,7 +16,7 @@ How it runs:
   (`ClassicalDetector.fit_matrix`, the same code as `fit`), score calibration and test, then
   image AUROC / AP / F1-max, F1 at PyOD's own threshold (`predict`), at `predict_proba` > 0.5, and
   at the calibrated threshold; fit and scoring seconds.
-- Cells run one at a time in a worker process (`spawn`), so each has a wall-clock budget
+- Cells run one at a time in a worker process (`runs.Worker`), so each has a wall-clock budget
   (`cell_budget_s`): a cell past it is killed and recorded as skipped with that reason. Before a
   cell starts, the slow-detector guard estimates its time (`estimate_seconds`) and skips it with
   the estimate when that already passes the budget. Degenerate inputs (too few images for a
@@ -25,18 +25,17 @@ How it runs:
 - Each finished cell is appended to OUT/cells.jsonl at once. Running the same study again reuses
   the cells recorded there (failed cells are retried; cells skipped for the budget are retried
   when the budget is now larger), so a crashed or interrupted study resumes where it stopped.
-- OUT/study.json holds everything; OUT/study.md the ranked table (by AUROC), the top 5 by F1 at
-  the PyOD threshold and by AUROC, the skipped cells with their reasons and the machine's load.
+- report/study_report.py writes the result: OUT/study.json holds everything; OUT/study.md the ranked
+  table (by AUROC), the top 5 by F1 at the PyOD threshold and by AUROC, the skipped cells with their
+  reasons and the machine's load.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -48,12 +47,22 @@ from typing import Any
 
 import numpy as np
 
+from anomalens.workflows.runs import (
+    CELLS_FILE,
+    CellError,
+    CellTimeout,
+    Worker,
+    append_cell,
+    resume_cells,
+    serve_tasks,
+)
+
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_FEATURES", "StudyResult", "parse_study_sets", "run_study", "write_outputs"]
+__all__ = ["DEFAULT_FEATURES", "StudyResult", "parse_study_sets", "ranked", "run_study"]
 
 DEFAULT_FEATURES = ("raw", "pca:300", "pca:700", "kpca-rbf:300", "deep")
-CELLS_FILE = "cells.jsonl"
+WORKER_CMD = [sys.executable, "-m", "anomalens.workflows.classical_study", "--worker"]
 FEATURES_DIR = "features"
 FEATURES_VERSION = 1
 
@@ -62,8 +71,7 @@ FEATURES_VERSION = 1
 class StudyResult:
     cells: list[dict[str, Any]]  # latest record of every planned cell, in plan order
     features: dict[str, dict[str, Any]]  # per representation: dims, times, or why it failed
-    outputs: dict[str, Path]
-    markdown: str
+    config: dict[str, Any]  # data, detectors, options, budget, machine and load: the outputs' header
     n_run: int = 0
     n_reused: int = 0
 
@@ -72,7 +80,7 @@ class StudyResult:
         return [c for c in self.cells if c["status"] == "ok"]
 
     def ranked(self, key: str = "image_auroc") -> list[dict[str, Any]]:
-        return _ranked(self.cells, key)
+        return ranked(self.cells, key)
 
 
 # -- options -----------------------------------------------------------------------------------------------------
@@ -190,100 +198,6 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
             "pyod_labels": reading.labels.tolist(), "proba_labels": reading.proba_labels.tolist()}
 
 
-RESULT_MARKER = b"ANOMALENS_STUDY_CELL "
-
-
-def _worker_stdio() -> None:
-    """`python -m anomalens.workflows.classical_study --worker`: one JSON task per stdin line, one
-    marked JSON result per stdout line (libraries may print other lines; they are ignored)."""
-    logging.disable(logging.WARNING)
-    out = sys.stdout.buffer
-    for line in sys.stdin.buffer:
-        if not line.strip():
-            continue
-        result = run_cell(json.loads(line))
-        out.write(RESULT_MARKER + json.dumps(result).encode() + b"\n")
-        out.flush()
-
-
-class _Worker:
-    """One worker process (a fresh interpreter, so no main-module re-import and no fork of a
-    process holding threads) running cells one after another; killed and replaced when a cell
-    overruns its budget. Its stderr goes to `log_path`."""
-
-    def __init__(self, log_path: Path | None = None) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.buf = b""
-        self.log_path = log_path
-
-    def _start(self) -> None:
-        import subprocess
-
-        stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "anomalens.workflows.classical_study", "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if stderr is not subprocess.DEVNULL:
-            stderr.close()
-        self.buf = b""
-
-    def run(self, task: dict[str, Any], budget: float | None) -> dict[str, Any]:
-        import select
-
-        if self.proc is None or self.proc.poll() is not None:
-            self._start()
-        try:
-            self.proc.stdin.write(json.dumps(task).encode() + b"\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return self._died()
-        deadline = None if budget is None else time.monotonic() + budget
-        fd = self.proc.stdout.fileno()
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                if line.startswith(RESULT_MARKER):
-                    return json.loads(line[len(RESULT_MARKER):])
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                self.kill()
-                return {"status": "skipped", "reason": f"exceeded the per-cell budget of {budget:.0f} s (killed)",
-                        "budget_s": budget}
-            ready, _, _ = select.select([fd], [], [], wait)
-            if ready:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    return self._died()
-                self.buf += chunk
-
-    def _died(self) -> dict[str, Any]:
-        code = self.proc.poll() if self.proc else None
-        self.kill()
-        return {"status": "failed", "reason": f"the cell's worker process died (exit code {code}; out of memory?)"}
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-            for stream in (self.proc.stdin, self.proc.stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self.proc = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        self.kill()
-
-
 # -- metrics --------------------------------------------------------------------------------------------------------
 def _f1_from_labels(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     y, pred = y.astype(bool), pred.astype(bool)
@@ -315,26 +229,6 @@ def _cell_metrics(labels: np.ndarray, res: dict[str, Any], quantile: float) -> d
 
 
 # -- the study ------------------------------------------------------------------------------------------------------
-def _load_cells(path: Path) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(rec, dict) and "key" in rec:
-                done[rec["key"]] = rec
-    return done
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _backfill(rec: dict[str, Any]) -> dict[str, Any]:
     """Fill metrics added since a cell was recorded, from what the record holds."""
     if rec.get("status") == "ok" and "flagged_pyod" not in rec and "test_scores" in rec:
@@ -363,7 +257,8 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
               options: Mapping[str, Any] | None = None, per_detector: Mapping[str, Mapping[str, Any]] | None = None,
               cell_budget_s: float | None = 120.0, guard: bool = True, in_process: bool = False,
               progress: bool = False, log_fn: Callable[[str], None] | None = None) -> StudyResult:
-    """Run (or resume) the study; write OUT/cells.jsonl, OUT/study.json and OUT/study.md.
+    """Run (or resume) the study into OUT/cells.jsonl (and OUT/features/); report.study_report writes
+    the result's OUT/study.json and OUT/study.md.
 
     `options` apply to every detector (e.g. {"pixel_size": 64, "seed": 0}), `per_detector` to one
     (keys are detector names). `cell_budget_s` (None = no limit) bounds each cell's wall time;
@@ -413,7 +308,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     labels = np.array([s.label for s in dataset.test])
     by_key = {str(s.path): s for s in dataset.test}
     cells_path = out / CELLS_FILE
-    done = _load_cells(cells_path)
+    done = resume_cells(cells_path)
     config = {"data": str(Path(data).resolve()), "dataset": dataset.summary(), "detectors": names, "features": specs,
               "options": options, "per_detector": per_detector, "cell_budget_s": cell_budget_s,
               "n_fit": len(fit_s), "n_calibration": len(cal_s), "n_test": len(dataset.test),
@@ -421,7 +316,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
               "cpus": os.cpu_count(), "python": platform.python_version()}
     logf(f"study: {dataset.summary()}; {len(names)} detectors x {len(specs)} representations; "
          f"{len(fit_s)} fit + {len(cal_s)} calibration goods; load average {config['load_average_start']}")
-    worker = None if in_process else _Worker(out / "worker.log")
+    worker = None if in_process else Worker(WORKER_CMD, out / "worker.log")
     records: list[dict[str, Any]] = []
     feature_info: dict[str, dict[str, Any]] = {}
     n_run = n_reused = 0
@@ -470,7 +365,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
                                    worker, TABLE, estimate_seconds)
                     rec = {**base, **rec}
                 rec["finished"] = datetime.now().isoformat(timespec="seconds")
-                _append(cells_path, rec)
+                append_cell(cells_path, rec)
                 records.append(rec)
                 n_run += 1
                 logf(_cell_line(rec))
@@ -479,8 +374,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
             worker.close()
     config["finished"] = datetime.now().isoformat(timespec="seconds")
     config["load_average_end"] = _load_average()
-    outputs, markdown = write_outputs(out, config, records, feature_info)
-    return StudyResult(records, feature_info, outputs, markdown, n_run=n_run, n_reused=n_reused)
+    return StudyResult(records, feature_info, config, n_run=n_run, n_reused=n_reused)
 
 
 def _run_one(name, spec, opts, folder, info, labels, host, budget, guard, worker, table, estimate_seconds
@@ -501,7 +395,7 @@ def _run_one(name, spec, opts, folder, info, labels, host, budget, guard, worker
                 "budget_s": budget, "estimated_s": round(estimate, 1)}
     task = {"detector": name, "features": spec, "options": opts, "folder": str(folder)}
     start = time.perf_counter()
-    res = run_cell(task) if worker is None else worker.run(task, budget)
+    res = run_cell(task) if worker is None else _run_in_worker(worker, task, budget)
     wall = time.perf_counter() - start
     if res["status"] != "ok":
         return {k: v for k, v in res.items() if k != "traceback"} | {"wall_s": round(wall, 2),
@@ -515,6 +409,17 @@ def _run_one(name, spec, opts, folder, info, labels, host, budget, guard, worker
             "estimated_s": round(estimate, 1), "wall_s": round(wall, 2), "test_scores": res["test_scores"]}
 
 
+def _run_in_worker(worker: Worker, task: dict[str, Any], budget: float | None) -> dict[str, Any]:
+    """The cell's result from the worker; an overrun is a skip with the budget, a dead worker a failure."""
+    try:
+        return worker.run(task, budget)
+    except CellTimeout:
+        return {"status": "skipped", "reason": f"exceeded the per-cell budget of {budget:.0f} s (killed)",
+                "budget_s": budget}
+    except CellError as err:
+        return {"status": "failed", "reason": str(err)}
+
+
 def _cell_line(rec: dict[str, Any]) -> str:
     head = f"{rec['detector']:>27} {rec['features']:<14}"
     if rec["status"] != "ok":
@@ -523,85 +428,15 @@ def _cell_line(rec: dict[str, Any]) -> str:
             f"F1(cal) {rec['f1_calibrated']:.3f}  fit {rec['fit_s']:.1f} s  score {rec['score_s']:.1f} s")
 
 
-# -- outputs -----------------------------------------------------------------------------------------------------------
-COLUMNS = [("image_auroc", "AUROC", ".3f"), ("image_ap", "AP", ".3f"), ("f1_pyod", "F1 PyOD thr", ".3f"),
-           ("flagged_pyod", "flagged PyOD", ".0%"),
-           ("f1_proba", "F1 proba>0.5", ".3f"), ("f1_calibrated", "F1 calibrated", ".3f"),
-           ("image_f1_max", "F1-max", ".3f"), ("fit_s", "fit s", ".2f"), ("score_ms_per_image", "score ms/img", ".2f")]
-
-
-def _ranked(cells: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+# -- ranking (the report's tables and the top 5s) ----------------------------------------------------------------
+def ranked(cells: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The ok cells that have `key`, best first (ties: higher AUROC, then by name)."""
     ok = [c for c in cells if c["status"] == "ok" and c.get(key) is not None]
     return sorted(ok, key=lambda c: (-c[key], -(c.get("image_auroc") or 0), c["detector"], c["features"]))
 
 
-def _fmt(value: Any, fmt: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
-
-
-def _table(rows: Sequence[dict[str, Any]], rank: bool = True) -> list[str]:
-    head = (["#"] if rank else []) + ["detector", "features"] + [t for _, t, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, c in enumerate(rows, 1):
-        cols = ([str(i)] if rank else []) + [c["detector"].removeprefix("classical:"), c["features"]]
-        cols += [_fmt(c.get(k), f) for k, _, f in COLUMNS]
-        lines.append("| " + " | ".join(cols) + " |")
-    return lines
-
-
-def render_markdown(config: dict[str, Any], cells: Sequence[dict[str, Any]], features: dict[str, dict[str, Any]]
-                    ) -> str:
-    ok = _ranked(cells, "image_auroc")
-    skipped = [c for c in cells if c["status"] != "ok"]
-    lines = [f"# Classical detectors study: {config['dataset']}", "",
-             f"{len(config['detectors'])} detectors x {len(config['features'])} representations = {len(cells)} cells: "
-             f"{len(ok)} ok, {sum(c['status'] == 'skipped' for c in cells)} skipped, "
-             f"{sum(c['status'] == 'failed' for c in cells)} failed. Fit on {config['n_fit']} training goods, "
-             f"threshold calibrated on {config['n_calibration']} held-out goods, scored on {config['n_test']} test "
-             f"images. Per-cell budget {config['cell_budget_s']} s. {config['cpus']} CPUs, load average "
-             f"{config['load_average_start']} at start, {config.get('load_average_end')} at the end "
-             f"({config['started']} to {config.get('finished')}).", "",
-             "F1 PyOD thr: PyOD's own `predict` (contamination-based `threshold_`); F1 proba>0.5: PyOD's linear "
-             "`predict_proba` > 0.5; F1 calibrated: anomalens' threshold from held-out goods; F1-max: best threshold "
-             "on the test set (optimistic, for reference); flagged PyOD: share of test images PyOD's threshold "
-             "flags (an F1 of 2p/(1+p), p = share of defects, means it flags everything). fit s: detector fit + calibration scoring on cached "
-             "features; score ms/img: detector scoring per test image (feature extraction listed below).", "",
-             "## Top 5 by F1 at the PyOD threshold", "", *_table(_ranked(cells, "f1_pyod")[:5]), "",
-             "## Top 5 by image AUROC", "", *_table(ok[:5]), "",
-             "## All cells, ranked by image AUROC", "", *_table(ok), ""]
-    lines += ["## Representations", "", "| features | train matrix | fit s | ms/img | note |", "|---|---|---|---|---|"]
-    for spec, info in features.items():
-        if info.get("status") == "ok":
-            lines.append(f"| {spec} | {' x '.join(map(str, info['train_shape']))} | {info['fit_s']:.1f} | "
-                         f"{info['transform_ms_per_image']:.1f} | |")
-        else:
-            lines.append(f"| {spec} | | | | {info.get('reason', info.get('status', ''))} |")
-    if skipped:
-        lines += ["", "## Skipped or failed cells", "", "| detector | features | status | reason |", "|---|---|---|---|"]
-        for c in skipped:
-            reason = str(c.get("reason", "")).replace("|", "\\|")
-            lines.append(f"| {c['detector'].removeprefix('classical:')} | {c['features']} | {c['status']} | {reason} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, config: dict[str, Any], cells: Sequence[dict[str, Any]],
-                  features: dict[str, dict[str, Any]]) -> tuple[dict[str, Path], str]:
-    markdown = render_markdown(config, cells, features)
-    slim = [{k: v for k, v in c.items() if k != "test_scores"} for c in cells]
-    summary = {"config": config, "features": features, "cells": slim,
-               "top5_by_f1_pyod": [(c["detector"], c["features"], c["f1_pyod"]) for c in _ranked(cells, "f1_pyod")[:5]],
-               "top5_by_auroc": [(c["detector"], c["features"], c["image_auroc"])
-                                 for c in _ranked(cells, "image_auroc")[:5]]}
-    paths = {"json": out / "study.json", "markdown": out / "study.md", "cells": out / CELLS_FILE}
-    paths["json"].write_text(json.dumps(summary, indent=1))
-    paths["markdown"].write_text(markdown)
-    return paths, markdown
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:  # pragma: no cover - the cell worker
-    _worker_stdio()
-elif __name__ == "__main__":  # pragma: no cover - `python -m anomalens.workflows.classical_study DATA OUT`
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = run_study(sys.argv[1], out_dir=sys.argv[2] if len(sys.argv) > 2 else "classical_study", progress=True,
-                    log_fn=print)
-    print(res.markdown)
+if __name__ == "__main__":  # pragma: no cover - the cell worker that Worker starts
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("usage: python -m anomalens.workflows.classical_study --worker (use `anomalens classical-study`)")
+    logging.disable(logging.WARNING)
+    serve_tasks(run_cell)
