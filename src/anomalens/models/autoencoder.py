@@ -17,7 +17,7 @@ from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torch import nn
 
 from anomalens.models.training import Phase
-from anomalens.models.layers import SmoothUpsample
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register
 

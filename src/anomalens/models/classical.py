@@ -75,7 +75,7 @@ import torch
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
 from anomalens.data.inputs import Batch, Preprocess
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import SmoothUpsample
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.representations import FeatureSpec, Representation, subsample_indices
 from anomalens.registry import register
 
