@@ -44,8 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anomalens.data.inputs import Batch, iter_batches
+from anomalens.models.components.features import locally_aware_embedding
 from anomalens.models.training import Phase, TrainConfig, Trainer
-from anomalens.models.patchcore import locally_aware_embedding
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register
 
