@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.models.components.dcgan import DCEncoder, DCGenerator, n_levels
+from anomalens.models.components.reconstruction import ResidualMap
+from anomalens.models.trainable import TrainableDetector, check_choice
 from anomalens.models.training import Phase, StepContext
-from anomalens.models.autoencoder import ResidualMap, check_choice
-from anomalens.models.fanogan import DCEncoder, DCGenerator, n_levels
-from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register
 
 

@@ -56,6 +56,12 @@ from anomalens.models.base import Detector
 from anomalens.models.feature_base import BackboneDetector
 
 
+def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Fail at construction, naming the choices, when a text option is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}: option {option}={value!r}; use one of {', '.join(choices)}")
+
+
 class TrainableDetector(Detector):
     """Detector whose model is learned by the shared training engine."""
 
