@@ -94,7 +94,7 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-class AutoencoderScorer(nn.Module):
+class AutoencoderModel(nn.Module):
     def __init__(self, ae: ConvAutoencoder, residual: ResidualMap) -> None:
         super().__init__()
         self.ae, self.residual = ae, residual
@@ -146,7 +146,7 @@ class Autoencoder(TrainableDetector):
 
         return [self.loss_phase("reconstruct", loss_of, {"adam": opt})]
 
-    def _scorer(self) -> nn.Module:
+    def _scorer(self) -> AutoencoderModel:
         o = self.options
-        return AutoencoderScorer(self.modules["ae"], ResidualMap(self.residual_kind, o["image_size"], o["sigma"],
-                                                                 o["ssim_window"], o["score"]))
+        return AutoencoderModel(self.modules["ae"], ResidualMap(self.residual_kind, o["image_size"], o["sigma"],
+                                                                o["ssim_window"], o["score"]))

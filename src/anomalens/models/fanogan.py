@@ -44,7 +44,7 @@ class FeatureScale(nn.Module):
         self.register_buffer("value", torch.ones(()))
 
 
-class FAnoGanScorer(nn.Module):
+class FAnoGanModel(nn.Module):
     def __init__(self, generator: DCGenerator, critic: DCEncoder, encoder: DCEncoder, feature_scale: FeatureScale,
                  residual: ResidualMap, kappa: float, score: str = "izi_f") -> None:
         super().__init__()
@@ -141,8 +141,8 @@ class FAnoGan(TrainableDetector):
                 self.phase("encoder", encoder_step, {"encoder": opt_e}, val_loss=izi_f_loss,
                            on_start=measure_feature_scale, train_modules=("encoder",), time_share=1 - o["gan_share"])]
 
-    def _scorer(self) -> nn.Module:
+    def _scorer(self) -> FAnoGanModel:
         o = self.options
         m = self.modules
-        return FAnoGanScorer(m["generator"], m["critic"], m["encoder"], m["feature_scale"],
-                             ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"])
+        return FAnoGanModel(m["generator"], m["critic"], m["encoder"], m["feature_scale"],
+                            ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"])

@@ -28,7 +28,7 @@ A subclass implements three hooks (plus `defaults` and `name`)::
             return [self.phase("train", step, {"adam": opt}, val_loss=lambda x: F.mse_loss(net(x), x))]
 
         def _scorer(self) -> nn.Module:                         # pixels -> (scores (B,), maps (B,S,S))
-            return MyScorer(self.modules["net"])
+            return MyModel(self.modules["net"])
 
     det = MyAE(epochs=5).fit(goods, checkpoint_dir="ckpt", resume=True, progress=True)
 
