@@ -9,7 +9,7 @@ import anomalens
 from anomalens.data import ImageReadError, read_mask
 from anomalens.models import classical
 from anomalens.models.classical import CLASSICAL_NAMES, expand_models, format_pyod_options, parse_pyod_options
-from anomalens.models.representations import FeatureSpec, KernelPCAProjection, PCAProjection
+from anomalens.models.components.representations import FeatureSpec, KernelPCAProjection, PCAProjection
 
 PIXELS = {"image_size": 32, "pixel_size": 16}  # tiny: 256 pixel values per image, no backbone
 SMALL_PYOD = {"lof": "n_neighbors=5", "feature_bagging": "n_neighbors=5",

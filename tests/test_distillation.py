@@ -12,8 +12,8 @@ from anomalens.models.training import StepContext
 from anomalens.export import export_onnx, ort_session
 from anomalens.metrics import image_metrics
 from anomalens.models.efficientad import (
-    Autoencoder,
     EfficientAd,
+    EfficientAdAutoencoder,
     hard_feature_loss,
     pdn_output_size,
     pdn_small,
@@ -45,7 +45,7 @@ def test_pdn_and_autoencoder_have_the_papers_sizes():
     with torch.no_grad():
         assert pdn_small(8, padding=True)(x).shape == (1, 8, 32, 32)  # teacher pretraining: image / 4
         assert pdn_small(8)(x).shape == (1, 8, pdn_output_size(128), pdn_output_size(128)) == (1, 8, 24, 24)
-        ae = Autoencoder(256, 384).eval()
+        ae = EfficientAdAutoencoder(256, 384).eval()
         assert ae.encoder(torch.zeros(1, 3, 256, 256)).shape == (1, 64, 1, 1)  # a 1x1 global code
         assert ae(torch.zeros(1, 3, 256, 256)).shape == (1, 384, 56, 56)  # PDN-S's grid at 256 px
     sizes = [m.size for m in ae.decoder if isinstance(m, torch.nn.Upsample)]

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalens.models.layers import SmoothUpsample, _gaussian_kernel
+from anomalens.models.components.layers import SmoothUpsample, _gaussian_kernel
 
 
 def upsample_then_blur(patch_maps, size, sigma):

@@ -59,7 +59,7 @@ def test_fit_is_deterministic(texture):
 def test_top_k_score_is_the_mean_of_the_highest_patch_distances(texture):
     det = anomalens.create("patchcore", **fast_options("patchcore"), top_k=3).fit(texture.train)
     from anomalens.data.inputs import as_items, iter_batches
-    from anomalens.models.patchcore import locally_aware_embedding
+    from anomalens.models.components.features import locally_aware_embedding
 
     batch = next(iter_batches(as_items(texture.test[:2]), det._preprocess(), 8))
     scores, _ = det._score_batch(batch.pixels)

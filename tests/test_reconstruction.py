@@ -13,8 +13,10 @@ from anomalens.cli import app
 from anomalens.workflows.evaluate import evaluate
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.metrics.pixel import pixel_f1_at_threshold
-from anomalens.models.autoencoder import ConvAutoencoder, ResidualMap, ssim_map
-from anomalens.models.fanogan import DCEncoder, gradient_penalty
+from anomalens.models.autoencoder import ConvAutoencoder
+from anomalens.models.components.dcgan import DCEncoder
+from anomalens.models.components.reconstruction import ResidualMap, ssim_map
+from anomalens.models.fanogan import gradient_penalty
 
 TINY = {
     "autoencoder": {"image_size": 32, "depth": 2, "width": 8, "latent": 32, "epochs": 3, "lr": 2e-3,

@@ -3,7 +3,7 @@
 Fifteen detectors, generated from one table (`PYOD_TABLE`): ABOD, CBLOF, Feature Bagging, HBOS,
 Isolation Forest, KNN, average-KNN, LOF, OCSVM, PCA, LSCP, INNE, GMM, KDE and LMDD, each on a
 representation chosen with the `features` option (`raw`, `pca:K`, `kpca-rbf:K`, ..., `deep`,
-`patch`; see `anomalens.models.representations`).
+`patch`; see `anomalens.models.components.representations`).
 
     det = anomalens.create("classical:iforest", features="pca:300", pyod="n_estimators=200")
     det.fit(dataset.train)
@@ -74,9 +74,10 @@ import torch
 
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
 from anomalens.data.inputs import Batch, Preprocess
+from anomalens.models.components.layers import SmoothUpsample
+from anomalens.models.components.representations import (FeatureSpec, Representation, check_features,
+                                                         subsample_indices)
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import SmoothUpsample
-from anomalens.models.representations import FeatureSpec, Representation, subsample_indices
 from anomalens.registry import register
 
 log = logging.getLogger(__name__)
@@ -214,23 +215,6 @@ def format_pyod_options(options: dict[str, Any]) -> str:
             return "true" if v else "false"
         return "none" if v is None else str(v)
     return ";".join(f"{k}={fmt(options[k])}" for k in sorted(options))
-
-
-def check_features(x: np.ndarray, what: str) -> None:
-    """Clear one-line errors for degenerate training matrices (NaN, all identical)."""
-    if x.shape[0] == 0:
-        raise ValueError(f"{what}: no training vectors")
-    chunk = 4096
-    finite = all(np.isfinite(x[i:i + chunk]).all() for i in range(0, x.shape[0], chunk))
-    if not finite:
-        raise ValueError(f"{what}: the training features contain NaN or inf: check the training images "
-                         "(NaN pixels, corrupt files) or the backbone weights")
-    if x.shape[0] > 1:
-        first = x[:1]
-        same = all(not (x[i:i + chunk] != first).any() for i in range(0, x.shape[0], chunk))
-        if same:
-            raise ValueError(f"{what}: all {x.shape[0]} training images give identical features, nothing to learn "
-                             "from: fit on varied good images (are they copies of one picture?)")
 
 
 def estimate_seconds(entry: PyodEntry, n: int, d: int, m: int = 0) -> tuple[float, float]:

@@ -44,8 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anomalens.data.inputs import Batch, iter_batches
+from anomalens.models.components.features import locally_aware_embedding
 from anomalens.models.training import Phase, TrainConfig, Trainer
-from anomalens.models.patchcore import locally_aware_embedding
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register
 
@@ -68,7 +68,7 @@ def pdn_output_size(image_size: int) -> int:
     return image_size // 4 - 2 * MAP_PAD
 
 
-class Autoencoder(nn.Module):
+class EfficientAdAutoencoder(nn.Module):
     """The paper's autoencoder (Table 7): six strided convolutions to a 1x1 code, then bilinear
     upsampling and convolutions back to the student's output grid."""
 
@@ -150,8 +150,8 @@ def colour_jitter(x: torch.Tensor) -> torch.Tensor:
 class EfficientAdModel(nn.Module):
     """Pixels -> (scores (B,), maps (B, S, S)): normalized student-teacher and autoencoder maps."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, autoencoder: Autoencoder, norm: MapNormalization,
-                 image_size: int) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, autoencoder: EfficientAdAutoencoder,
+                 norm: MapNormalization, image_size: int) -> None:
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -200,7 +200,7 @@ class EfficientAd(BackboneTrainableDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        Autoencoder(self.options["image_size"], 1)  # validates image_size now, not after reading images
+        EfficientAdAutoencoder(self.options["image_size"], 1)  # validates image_size now, not after reading images
         self._teacher_init: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     # -- modules -----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class EfficientAd(BackboneTrainableDetector):
             norm.teacher_mean.copy_(mean)
             norm.teacher_std.copy_(std)
         return {"teacher": teacher.requires_grad_(False), "student": pdn_small(2 * c),
-                "autoencoder": Autoencoder(s, c), "norm": norm}
+                "autoencoder": EfficientAdAutoencoder(s, c), "norm": norm}
 
     def _scorer(self) -> EfficientAdModel:
         m = self.modules

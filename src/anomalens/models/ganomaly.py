@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.models.components.dcgan import DCEncoder, DCGenerator, n_levels
+from anomalens.models.components.reconstruction import ResidualMap
+from anomalens.models.trainable import TrainableDetector, check_choice
 from anomalens.models.training import Phase, StepContext
-from anomalens.models.autoencoder import ResidualMap, check_choice
-from anomalens.models.fanogan import DCEncoder, DCGenerator, n_levels
-from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register
 
 
@@ -36,7 +36,7 @@ class GanomalyGenerator(nn.Module):
         return recon, z, z_hat
 
 
-class GanomalyScorer(nn.Module):
+class GanomalyModel(nn.Module):
     def __init__(self, generator: GanomalyGenerator, residual: ResidualMap, score: str = "latent") -> None:
         super().__init__()
         self.generator, self.residual, self.score = generator, residual, score
@@ -105,6 +105,6 @@ class Ganomaly(TrainableDetector):
 
         return [self.phase("ganomaly", step, {"generator": opt_g, "discriminator": opt_d}, val_loss=val_loss)]
 
-    def _scorer(self) -> nn.Module:
+    def _scorer(self) -> GanomalyModel:
         o = self.options
-        return GanomalyScorer(self.modules["generator"], ResidualMap("l2", o["image_size"], o["sigma"]), o["score"])
+        return GanomalyModel(self.modules["generator"], ResidualMap("l2", o["image_size"], o["sigma"]), o["score"])

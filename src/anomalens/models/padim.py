@@ -16,7 +16,7 @@ from torch import nn
 
 from anomalens.data.inputs import Batch
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import SmoothUpsample
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.registry import register
 
 

@@ -13,26 +13,14 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anomalens.data.inputs import Batch
 from anomalens.data.progress import progress_bar
+from anomalens.models.components.features import locally_aware_embedding
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.feature_base import BackboneDetector
-from anomalens.models.layers import SmoothUpsample
 from anomalens.registry import register
-
-
-def locally_aware_embedding(features: list[torch.Tensor]) -> torch.Tensor:
-    """3x3 neighbourhood average of each stage, deeper stages upsampled to the first: (B, D, h, w)."""
-    size = features[0].shape[-2:]
-    out = []
-    for f in features:
-        f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        if f.shape[-2:] != size:
-            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        out.append(f)
-    return torch.cat(out, dim=1)
 
 
 class PatchCoreModel(nn.Module):

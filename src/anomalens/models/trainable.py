@@ -28,7 +28,7 @@ A subclass implements three hooks (plus `defaults` and `name`)::
             return [self.phase("train", step, {"adam": opt}, val_loss=lambda x: F.mse_loss(net(x), x))]
 
         def _scorer(self) -> nn.Module:                         # pixels -> (scores (B,), maps (B,S,S))
-            return MyScorer(self.modules["net"])
+            return MyModel(self.modules["net"])
 
     det = MyAE(epochs=5).fit(goods, checkpoint_dir="ckpt", resume=True, progress=True)
 
@@ -54,6 +54,12 @@ from anomalens.data.inputs import Batch, Preprocess, iter_batches
 from anomalens.models.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
 from anomalens.models.base import Detector
 from anomalens.models.feature_base import BackboneDetector
+
+
+def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Fail at construction, naming the choices, when a text option is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}: option {option}={value!r}; use one of {', '.join(choices)}")
 
 
 class TrainableDetector(Detector):

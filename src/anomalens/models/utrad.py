@@ -22,7 +22,7 @@ from torch import nn
 
 from anomalens.backbones import FeatureExtractor
 from anomalens.models.training import Phase
-from anomalens.models.layers import SmoothUpsample
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.registry import register
 

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalens.models.training import Phase
-from anomalens.models.layers import SmoothUpsample
+from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
 from anomalens.registry import register
 

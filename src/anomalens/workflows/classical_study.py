@@ -270,7 +270,7 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     from anomalens.registry import get_class
     from anomalens.data.inputs import as_items
     from anomalens.models.classical import TABLE, ClassicalDetector, estimate_seconds, expand_models
-    from anomalens.models.representations import FeatureSpec
+    from anomalens.models.components.representations import FeatureSpec
 
     logf = log_fn or (lambda message: log.info("%s", message))
     out = Path(out_dir)

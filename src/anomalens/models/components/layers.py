@@ -1,4 +1,4 @@
-"""Small torch building blocks shared by the feature-based methods (ONNX-exportable)."""
+"""Small torch building blocks shared by several methods (ONNX-exportable)."""
 from __future__ import annotations
 
 import math

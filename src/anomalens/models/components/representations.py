@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens.models.components.features import patch_grid, pooled_features
+
 log = logging.getLogger(__name__)
 
 KPCA_KERNELS = ("rbf", "poly", "sigmoid", "cosine")
@@ -106,6 +108,23 @@ class FeatureSpec:
     @property
     def is_patch(self) -> bool:
         return self.kind == "patch"
+
+
+def check_features(x: np.ndarray, what: str) -> None:
+    """Clear one-line errors for degenerate training matrices (NaN, all identical)."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no training vectors")
+    chunk = 4096
+    finite = all(np.isfinite(x[i:i + chunk]).all() for i in range(0, x.shape[0], chunk))
+    if not finite:
+        raise ValueError(f"{what}: the training features contain NaN or inf: check the training images "
+                         "(NaN pixels, corrupt files) or the backbone weights")
+    if x.shape[0] > 1:
+        first = x[:1]
+        same = all(not (x[i:i + chunk] != first).any() for i in range(0, x.shape[0], chunk))
+        if same:
+            raise ValueError(f"{what}: all {x.shape[0]} training images give identical features, nothing to learn "
+                             "from: fit on varied good images (are they copies of one picture?)")
 
 
 def subsample_indices(n: int, cap: int, seed: int, salt: int = 0) -> np.ndarray:
@@ -230,18 +249,6 @@ class KernelPCAProjection:
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
-def pooled_features(features: list[torch.Tensor]) -> torch.Tensor:
-    """Global average pooling of each stage, concatenated: (B, sum of channels)."""
-    return torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1)
-
-
-def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
-    """PatchCore's locally aware embedding on the first stage's grid, channels last: (B, h, w, D)."""
-    from anomalens.models.patchcore import locally_aware_embedding
-
-    return locally_aware_embedding(features).permute(0, 2, 3, 1).contiguous()
-
-
 class Representation:
     """Pixels / PCA / kernel PCA / pooled deep features / patch embeddings of preprocessed batches.
 
@@ -303,8 +310,6 @@ class Representation:
 
     def finish(self) -> np.ndarray:
         """Fit the projection and return the training feature matrix."""
-        from anomalens.models.classical import check_features
-
         spec = self.spec
         if self._n == 0:
             raise ValueError("fit got no images")

@@ -1,0 +1,28 @@
+"""Reductions of a backbone's stage features, shared by PatchCore, EfficientAD and the classical
+detectors' `deep` / `patch` representations."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def locally_aware_embedding(features: list[torch.Tensor]) -> torch.Tensor:
+    """3x3 neighbourhood average of each stage, deeper stages upsampled to the first: (B, D, h, w)."""
+    size = features[0].shape[-2:]
+    out = []
+    for f in features:
+        f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def pooled_features(features: list[torch.Tensor]) -> torch.Tensor:
+    """Global average pooling of each stage, concatenated: (B, sum of channels)."""
+    return torch.cat([f.mean(dim=(2, 3)) for f in features], dim=1)
+
+
+def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
+    """PatchCore's locally aware embedding on the first stage's grid, channels last: (B, h, w, D)."""
+    return locally_aware_embedding(features).permute(0, 2, 3, 1).contiguous()
