@@ -54,28 +54,35 @@ def main() -> None:
         diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs["torch"], outputs["onnx"], strict=True))
         for name, runner in engines.items():
             seconds = median_seconds(runner, x, args.runs)
-            rows.append({
-                "engine": name,
-                "batch": batch,
-                "median_s_per_batch": round(seconds, 4),
-                "images_per_s": round(batch / seconds, 1),
-                "max_abs_diff_torch_vs_onnx": diff,
-            })
+            rows.append(
+                {
+                    "engine": name,
+                    "batch": batch,
+                    "median_s_per_batch": round(seconds, 4),
+                    "images_per_s": round(batch / seconds, 1),
+                    "max_abs_diff_torch_vs_onnx": diff,
+                }
+            )
 
-    print(json.dumps({
-        "backbone": args.name,
-        "layers": args.layers,
-        "input": [args.size, args.size],
-        "runs": args.runs,
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "onnx_setup_s": round(onnx_setup, 2),
-        "onnx_exported_now": onnx_runner.exported,
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "results": rows,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "backbone": args.name,
+                "layers": args.layers,
+                "input": [args.size, args.size],
+                "runs": args.runs,
+                "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "onnx_setup_s": round(onnx_setup, 2),
+                "onnx_exported_now": onnx_runner.exported,
+                "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ N images (streamed with `iter_predict`) are timed; the peak RSS of the process i
 times, images/s, peak RSS, load average before/after and the machine's CPU count (the machine
 may be shared: read the times with the load average).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,23 @@ def generate(folder: Path, n: int, height: int, width: int, seed: int = 0) -> li
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     pad = 16
-    big = 0.5 + 0.12 * np.sin(2 * np.pi * (np.mgrid[0:height + pad, 0:width + pad][1] * 0.9
-                                           + np.mgrid[0:height + pad, 0:width + pad][0] * 0.4) / 11.0)
+    big = 0.5 + 0.12 * np.sin(
+        2
+        * np.pi
+        * (
+            np.mgrid[0 : height + pad, 0 : width + pad][1] * 0.9
+            + np.mgrid[0 : height + pad, 0 : width + pad][0] * 0.4
+        )
+        / 11.0
+    )
     paths = []
     for i in range(n):
         dy, dx = rng.integers(0, pad, 2)
-        img = big[dy:dy + height, dx:dx + width] + rng.normal(0, 0.03) + 0.04 * (xx / width - 0.5) * rng.normal()
+        img = (
+            big[dy : dy + height, dx : dx + width]
+            + rng.normal(0, 0.03)
+            + 0.04 * (xx / width - 0.5) * rng.normal()
+        )
         img = img + rng.normal(0, 0.02, (height, width)).astype(np.float32)
         if i % 50 == 49:
             cy, cx, r = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width, rng.uniform(4, 12)
@@ -85,11 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
         model = det.save(work / "scale.model")
         reading = det.pyod_reading(scores) if hasattr(det, "pyod_reading") else None
         result = {
-            "n_images": args.n, "image": [args.height, args.width], "detector": args.detector,
-            "features": args.features, "options": options, "generate_s": round(gen_s, 1),
-            "fit_s": round(fit_s, 1), "score_s": round(score_s, 1), "fit_plus_score_s": round(fit_s + score_s, 1),
+            "n_images": args.n,
+            "image": [args.height, args.width],
+            "detector": args.detector,
+            "features": args.features,
+            "options": options,
+            "generate_s": round(gen_s, 1),
+            "fit_s": round(fit_s, 1),
+            "score_s": round(score_s, 1),
+            "fit_plus_score_s": round(fit_s + score_s, 1),
             "score_images_per_s": round(args.n / score_s, 1),
-            "n_fit": det.fit_info.get("n_fit"), "n_calibration": det.fit_info.get("n_calibration"),
+            "n_fit": det.fit_info.get("n_fit"),
+            "n_calibration": det.fit_info.get("n_calibration"),
             "representation": det.fit_info.get("representation"),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_rss_mb_after_generation": round(rss_after_gen, 1),
@@ -97,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
             "flagged_calibrated": int((det.calibration.normalize(scores) >= 1).sum()),
             "flagged_pyod": None if reading is None else int(reading.labels.sum()),
             "load_average_start": [round(x, 2) for x in load_start],
-            "load_average_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count(),
         }
     finally:
         if not args.keep and not args.workdir:

@@ -9,6 +9,7 @@ line: wall seconds, cells ok / skipped / failed, peak RSS of this process and of
 (RUSAGE_CHILDREN), load average before and after (the machine may be shared: read the time with the
 load average). Target on magnetic tile: under 20 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--features", default=",".join(DEFAULT_FEATURES))
     ap.add_argument("--out", default="classical_study_bench")
     ap.add_argument("--cell-budget", type=float, default=120.0)
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="option key=value for every detector")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], help="option key=value for every detector"
+    )
     ap.add_argument("--resume", action="store_true", help="keep OUT and reuse its finished cells")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
@@ -44,23 +47,40 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out)
     load_start = os.getloadavg()
     start = time.perf_counter()
-    result = run_study(args.data, args.models, args.features, out, options=dict(s.split("=", 1) for s in args.sets),
-                       cell_budget_s=args.cell_budget or None, progress=args.progress,
-                       log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_study(
+        args.data,
+        args.models,
+        args.features,
+        out,
+        options=dict(s.split("=", 1) for s in args.sets),
+        cell_budget_s=args.cell_budget or None,
+        progress=args.progress,
+        log_fn=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     outputs, markdown = write_outputs(out, result.config, result.cells, result.features)
     wall = time.perf_counter() - start
     print(markdown)
     status = [c["status"] for c in result.cells]
-    summary = {"data": args.data, "wall_s": round(wall, 1), "cells": len(status), "ok": status.count("ok"),
-               "skipped": status.count("skipped"), "failed": status.count("failed"), "n_run": result.n_run,
-               "n_reused": result.n_reused,
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "peak_rss_mb_workers": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-               "top5_by_auroc": [(c["detector"], c["features"], round(c["image_auroc"], 4))
-                                 for c in result.ranked("image_auroc")[:5]],
-               "load_average_start": [round(x, 2) for x in load_start],
-               "load_average_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-               "outputs": {k: str(v) for k, v in outputs.items()}}
+    summary = {
+        "data": args.data,
+        "wall_s": round(wall, 1),
+        "cells": len(status),
+        "ok": status.count("ok"),
+        "skipped": status.count("skipped"),
+        "failed": status.count("failed"),
+        "n_run": result.n_run,
+        "n_reused": result.n_reused,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb_workers": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "top5_by_auroc": [
+            (c["detector"], c["features"], round(c["image_auroc"], 4))
+            for c in result.ranked("image_auroc")[:5]
+        ],
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "outputs": {k: str(v) for k, v in outputs.items()},
+    }
     print(json.dumps(summary))
     return summary
 

@@ -12,6 +12,7 @@ with JSON and HTML beside it. The trained methods are deterministic for a seed, 
 --latency also times EfficientAD-S's single-image inference at 256 px on 2 threads, PyTorch and
 ONNX Runtime (the weights do not change the cost, so an unfitted model is timed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ def efficientad_latency(image_size: int = 256, threads: int = 2, repeats: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "magnetic_tile" / "magnetic_tile"))
+    ap.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "datasets" / "magnetic_tile" / "magnetic_tile")
+    )
     ap.add_argument("--models", default="efficientad,reverse_distillation,stfpm,patchcore")
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "distillation"))
     ap.add_argument("--set", action="append", default=[], help="model.option=value")
@@ -69,13 +72,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.latency or args.latency_only:
         latency = efficientad_latency()
-        print(f"EfficientAD-S, 256 px, 1 image, 2 threads: PyTorch {latency['torch_ms']:.0f} ms, "
-              f"ONNX Runtime {latency['onnxruntime_ms']:.0f} ms")
+        print(
+            f"EfficientAD-S, 256 px, 1 image, 2 threads: PyTorch {latency['torch_ms']:.0f} ms, "
+            f"ONNX Runtime {latency['onnxruntime_ms']:.0f} ms"
+        )
     if args.latency_only:
         return
     models = args.models.split(",")
-    result = run_benchmark(models, args.data, args.output, seeds=1, sets=parse_model_sets(args.set, models),
-                           log=print)
+    result = run_benchmark(
+        models, args.data, args.output, seeds=1, sets=parse_model_sets(args.set, models), log=print
+    )
     outputs = write_outputs(args.output, result.config, result.cells, result.summary)
     print(outputs["markdown"].read_text())
 

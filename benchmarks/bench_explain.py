@@ -14,6 +14,7 @@ wall and CPU seconds per explained image. Wall time on a shared machine is noisy
 OMP_NUM_THREADS=1 stand for one idle core (they include scoring the image once). Prints a Markdown
 table and writes bench_explain.json (and one example figure per method with --figures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,9 @@ def spread(items: list, n: int) -> list:
 
 
 def square(image: np.ndarray, order: int = 1) -> np.ndarray:
-    return resize(image, (SIZE, SIZE), order=order, anti_aliasing=order > 0, preserve_range=True).astype(np.float32)
+    return resize(image, (SIZE, SIZE), order=order, anti_aliasing=order > 0, preserve_range=True).astype(
+        np.float32
+    )
 
 
 def main() -> None:
@@ -56,11 +59,15 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--n-fit", type=int, default=200)
     ap.add_argument("--n-explain", type=int, default=12)
-    ap.add_argument("--pool", type=int, default=120, help="unlabelled test images pseudo-labelled for the classifier")
+    ap.add_argument(
+        "--pool", type=int, default=120, help="unlabelled test images pseudo-labelled for the classifier"
+    )
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--segments", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--pca", type=int, default=50, help="PCA components of the Isolation Forest's pixel features")
+    ap.add_argument(
+        "--pca", type=int, default=50, help="PCA components of the Isolation Forest's pixel features"
+    )
     ap.add_argument("--models", default=",".join(DETECTORS))
     ap.add_argument("--figures", type=Path, default=None, help="write one example figure per method here")
     ap.add_argument("--out", type=Path, default=Path("bench_explain.json"))
@@ -76,7 +83,10 @@ def main() -> None:
     pool = spread(dataset.test, args.pool)  # labels unused: the detector pseudo-labels them
     rows, details = [], {}
     for name in args.models.split(","):
-        options = {**DETECTORS[name], **({"features": f"pca:{args.pca}"} if name == "classical:iforest" else {})}
+        options = {
+            **DETECTORS[name],
+            **({"features": f"pca:{args.pca}"} if name == "classical:iforest" else {}),
+        }
         detector = anomalens.create(name, **options).fit(fit_set)
         pool_scores = detector.predict(pool).normalized_scores
         start = time.perf_counter()
@@ -87,18 +97,32 @@ def main() -> None:
         details[name] = {"classifier": {**classifier.info, "train_seconds": round(train_seconds, 1)}}
         for method in methods:
             cpu = time.process_time()  # one thread (OMP_NUM_THREADS=1): CPU time ~ wall time on an idle core
-            explanations = explain_images(detector, images, method, classifier=classifier, normal_images=normals,
-                                          n_segments=args.segments, num_samples=args.samples)
+            explanations = explain_images(
+                detector,
+                images,
+                method,
+                classifier=classifier,
+                normal_images=normals,
+                n_segments=args.segments,
+                num_samples=args.samples,
+            )
             cpu_seconds = (time.process_time() - cpu) / len(images)
             maps = [e.map for e in explanations]
             quality = faithfulness_summary(maps, masks, tolerance=TOLERANCE)
-            curves = [deletion_curve(score, image, m, baseline_image(image, normals))
-                      for image, m in zip(images, maps)]
+            curves = [
+                deletion_curve(score, image, m, baseline_image(image, normals))
+                for image, m in zip(images, maps)
+            ]
             seconds = float(np.mean([e.seconds for e in explanations]))
-            row = {"detector": name, "method": method, **quality,
-                   "deletion_auc": float(np.mean([c["auc"] for c in curves])),
-                   "random_deletion_auc": float(np.mean([c["random_auc"] for c in curves])),
-                   "seconds_per_image": round(seconds, 2), "cpu_seconds_per_image": round(cpu_seconds, 2)}
+            row = {
+                "detector": name,
+                "method": method,
+                **quality,
+                "deletion_auc": float(np.mean([c["auc"] for c in curves])),
+                "random_deletion_auc": float(np.mean([c["random_auc"] for c in curves])),
+                "seconds_per_image": round(seconds, 2),
+                "cpu_seconds_per_image": round(cpu_seconds, 2),
+            }
             if method in ("gradcam", "lime"):
                 row["classifier_agreement"] = classifier.info["agreement"]
             rows.append(row)
@@ -106,19 +130,38 @@ def main() -> None:
             if args.figures:
                 args.figures.mkdir(parents=True, exist_ok=True)
                 pick = int(np.argmax([e.normalized_score for e in explanations]))
-                named = replace(explanations[pick], key=f"{chosen[pick].defect_type}/{chosen[pick].path.name}")
+                named = replace(
+                    explanations[pick], key=f"{chosen[pick].defect_type}/{chosen[pick].path.name}"
+                )
                 explanation_figure(named, images[pick]).save(
-                    args.figures / f"explain_tile_{name.replace('classical:', '')}_{method}.png")
-    args.out.write_text(json.dumps({"rows": rows, "details": details, "size": SIZE, "n_explain": len(chosen),
-                                    "tolerance_px": TOLERANCE, "samples": args.samples,
-                                    "segments": args.segments, "load_average": os.getloadavg()}, indent=2))
-    print("\n| detector | method | pixel AUROC | pointing game | deletion AUC (random) | s / image | CPU s / image |")
+                    args.figures / f"explain_tile_{name.replace('classical:', '')}_{method}.png"
+                )
+    args.out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "details": details,
+                "size": SIZE,
+                "n_explain": len(chosen),
+                "tolerance_px": TOLERANCE,
+                "samples": args.samples,
+                "segments": args.segments,
+                "load_average": os.getloadavg(),
+            },
+            indent=2,
+        )
+    )
+    print(
+        "\n| detector | method | pixel AUROC | pointing game | deletion AUC (random) | s / image | CPU s / image |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         auroc = "n/a" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-        print(f"| {r['detector']} | {r['method']} | {auroc} | {r['pointing_game']:.2f} | "
-              f"{r['deletion_auc']:.2f} ({r['random_deletion_auc']:.2f}) | {r['seconds_per_image']:.2f} | "
-              f"{r['cpu_seconds_per_image']:.2f} |")
+        print(
+            f"| {r['detector']} | {r['method']} | {auroc} | {r['pointing_game']:.2f} | "
+            f"{r['deletion_auc']:.2f} ({r['random_deletion_auc']:.2f}) | {r['seconds_per_image']:.2f} | "
+            f"{r['cpu_seconds_per_image']:.2f} |"
+        )
     print(f"\nclassifier: {json.dumps(details)}; load average {os.getloadavg()}")
 
 

@@ -10,6 +10,7 @@ AUROC of each. Latency is one image per call (batch 1, read + preprocess + score
 backbone through ONNX Runtime too (engine=auto on CPU): it is the library's default CPU path.
 CPU timings are noisy on a shared machine; the load average is printed with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,8 @@ def bench_model(name: str, data: Path, runs: int, threads: int) -> dict:
         torch_ms = latencies_ms(det.predict, paths, runs)
         onnx_ms = latencies_ms(onnx_det.predict, paths, runs)
     return {
-        "model": name, "n_test": len(dataset.test),
+        "model": name,
+        "n_test": len(dataset.test),
         "max_score_diff": float(np.abs(got.scores - ref.scores).max()),
         "max_map_diff": max(float(np.abs(a - b).max()) for a, b in zip(got.maps, ref.maps)),
         "max_normalized_score_diff": float(np.abs(got.normalized_scores - ref.normalized_scores).max()),
@@ -61,9 +63,12 @@ def bench_model(name: str, data: Path, runs: int, threads: int) -> dict:
         "score_range": [float(ref.scores.min()), float(ref.scores.max())],
         "auroc_torch": image_metrics(labels, ref.scores)["image_auroc"],
         "auroc_onnx": image_metrics(labels, got.scores)["image_auroc"],
-        "onnx_mb": round(size_mb, 2), "export_s": round(export_s, 1),
-        "torch_p50_ms": float(np.percentile(torch_ms, 50)), "torch_p95_ms": float(np.percentile(torch_ms, 95)),
-        "onnx_p50_ms": float(np.percentile(onnx_ms, 50)), "onnx_p95_ms": float(np.percentile(onnx_ms, 95)),
+        "onnx_mb": round(size_mb, 2),
+        "export_s": round(export_s, 1),
+        "torch_p50_ms": float(np.percentile(torch_ms, 50)),
+        "torch_p95_ms": float(np.percentile(torch_ms, 95)),
+        "onnx_p50_ms": float(np.percentile(onnx_ms, 50)),
+        "onnx_p95_ms": float(np.percentile(onnx_ms, 95)),
     }
 
 
@@ -79,16 +84,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     rows = [bench_model(name, args.data, args.runs, args.threads) for name in args.models.split(",")]
-    print(f"data {args.data}, batch 1, {args.threads} threads, {args.runs} timed calls; "
-          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("| model | max abs score diff | max abs map diff | same verdicts | AUROC torch / ONNX | ONNX MB "
-          "| torch p50 / p95 ms | ONNX Runtime p50 / p95 ms |")
+    print(
+        f"data {args.data}, batch 1, {args.threads} threads, {args.runs} timed calls; "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| model | max abs score diff | max abs map diff | same verdicts | AUROC torch / ONNX | ONNX MB "
+        "| torch p50 / p95 ms | ONNX Runtime p50 / p95 ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['max_score_diff']:.2e} | {r['max_map_diff']:.2e} | {r['same_verdicts']} "
-              f"| {r['auroc_torch']:.3f} / {r['auroc_onnx']:.3f} | {r['onnx_mb']:.2f} "
-              f"| {r['torch_p50_ms']:.0f} / {r['torch_p95_ms']:.0f} "
-              f"| {r['onnx_p50_ms']:.0f} / {r['onnx_p95_ms']:.0f} |")
+        print(
+            f"| {r['model']} | {r['max_score_diff']:.2e} | {r['max_map_diff']:.2e} | {r['same_verdicts']} "
+            f"| {r['auroc_torch']:.3f} / {r['auroc_onnx']:.3f} | {r['onnx_mb']:.2f} "
+            f"| {r['torch_p50_ms']:.0f} / {r['torch_p95_ms']:.0f} "
+            f"| {r['onnx_p50_ms']:.0f} / {r['onnx_p95_ms']:.0f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

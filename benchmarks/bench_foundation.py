@@ -9,6 +9,7 @@ recomputed, and the Markdown table of mean ± std (image AUROC, pixel AUROC, AUP
 predict images/s, single-image latency, peak RSS, model file MB) is printed and written with
 JSON and HTML beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="model.option=value")
     args = ap.parse_args()
     models = args.models.split(",")
-    result = run_benchmark(models, args.data, args.output, seeds=args.repeats,
-                           sets=parse_model_sets(args.set, models), log=print)
+    result = run_benchmark(
+        models, args.data, args.output, seeds=args.repeats, sets=parse_model_sets(args.set, models), log=print
+    )
     outputs = write_outputs(args.output, result.config, result.cells, result.summary)
     print(outputs["markdown"].read_text())
 

@@ -11,6 +11,7 @@ Prints a Markdown table: image AUROC, pixel AUROC, AUPRO, pixel F1 at the calibr
 threshold tau, fit seconds, images/s, and how training stopped. Timings on a shared machine are
 noisy; the load average is printed with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def _fmt(v) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["autoencoder", "fanogan", "ganomaly", "patchcore"])
-    parser.add_argument("--categories", nargs="+", default=["magnetic_tile/magnetic_tile", "lookout_cookies/cookie"])
+    parser.add_argument(
+        "--categories", nargs="+", default=["magnetic_tile/magnetic_tile", "lookout_cookies/cookie"]
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding the categories")
     parser.add_argument("--max-minutes", type=float, default=None, help="training budget per model (minutes)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="MODEL:KEY=VALUE")
@@ -61,21 +64,34 @@ def main() -> None:
             fit_s = time.perf_counter() - start
             m = evaluate(detector, dataset, per_type=False).metrics
             training = detector.fit_info.get("training", {})
-            row = {"category": category, "model": model, "options": options, "image_auroc": m["image_auroc"],
-                   "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
-                   "pixel_f1_at_tau": m.get("at_threshold", {}).get("pixel_f1"), "fit_s": round(fit_s, 1),
-                   "images_per_s": m["images_per_second"], "epochs": training.get("epochs_run"),
-                   "stopped": training.get("stopped"), "load": round(os.getloadavg()[0], 1)}
+            row = {
+                "category": category,
+                "model": model,
+                "options": options,
+                "image_auroc": m["image_auroc"],
+                "pixel_auroc": m["pixel_auroc"],
+                "aupro": m["aupro"],
+                "pixel_f1_at_tau": m.get("at_threshold", {}).get("pixel_f1"),
+                "fit_s": round(fit_s, 1),
+                "images_per_s": m["images_per_second"],
+                "epochs": training.get("epochs_run"),
+                "stopped": training.get("stopped"),
+                "load": round(os.getloadavg()[0], 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print("\n| category | model | image AUROC | pixel AUROC | AUPRO | pixel F1 @tau | fit s | img/s | epochs | stopped "
-          "| load |")
+    print(
+        "\n| category | model | image AUROC | pixel AUROC | AUPRO | pixel F1 @tau | fit s | img/s | epochs | stopped "
+        "| load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['category']} | {r['model']} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | "
-              f"{_fmt(r['aupro'])} | {_fmt(r['pixel_f1_at_tau'])} | {r['fit_s']} | {_fmt(r['images_per_s'])} | "
-              f"{_fmt(r['epochs'])} | {_fmt(r['stopped'])} | {r['load']} |")
+        print(
+            f"| {r['category']} | {r['model']} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | "
+            f"{_fmt(r['aupro'])} | {_fmt(r['pixel_f1_at_tau'])} | {r['fit_s']} | {_fmt(r['images_per_s'])} | "
+            f"{_fmt(r['epochs'])} | {_fmt(r['stopped'])} | {r['load']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

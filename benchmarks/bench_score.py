@@ -9,9 +9,11 @@ Prints a JSON summary: images/s end to end (process start to exit, decode and DB
 included), peak RSS, and RSS at 10 / 50 / 90 % of the run (flat = no leak). Load averages are
 included because a busy machine skews CPU timings.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sqlite3
@@ -62,11 +64,11 @@ def run_score(cmd: list[str], n: int, db: Path) -> dict:
             break
         rows = 0
         if db.exists():
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-                try:
-                    rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-                except sqlite3.OperationalError:
-                    pass
+            with (
+                sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn,
+                contextlib.suppress(sqlite3.OperationalError),  # the table is not there yet
+            ):
+                rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
         samples.append((time.perf_counter() - start, rss / 2**20, rows))
         time.sleep(1.0)
     stdout = proc.communicate()[0]
@@ -77,18 +79,25 @@ def run_score(cmd: list[str], n: int, db: Path) -> dict:
     def rss_at(fraction: float) -> float:
         return next((mb for _, mb, rows in samples if rows >= fraction * n), samples[-1][1])
 
-    return {"seconds": round(seconds, 1), "images_per_second": round(n / seconds, 2),
-            "peak_rss_mb": round(max(mb for _, mb, _ in samples), 1),
-            "rss_mb_at_10_50_90pct": [round(rss_at(f), 1) for f in (0.1, 0.5, 0.9)],
-            "stdout": stdout.strip()}
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_second": round(n / seconds, 2),
+        "peak_rss_mb": round(max(mb for _, mb, _ in samples), 1),
+        "rss_mb_at_10_50_90pct": [round(rss_at(f), 1) for f in (0.1, 0.5, 0.9)],
+        "stdout": stdout.strip(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
     parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--model", type=Path, help="model file (default: fit PatchCore on the training goods)")
-    parser.add_argument("--work", type=Path, help="folder for the archive, model and store (default: a temp dir)")
+    parser.add_argument(
+        "--model", type=Path, help="model file (default: fit PatchCore on the training goods)"
+    )
+    parser.add_argument(
+        "--work", type=Path, help="folder for the archive, model and store (default: a temp dir)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -99,14 +108,37 @@ def main() -> None:
     db = work / "results.db"
     db.unlink(missing_ok=True)
     exe = str(Path(sys.executable).parent / "anomalens")
-    cmd = [exe, "score", str(model), str(archive), "-o", str(db), "--batch-size", str(args.batch_size),
-           "--workers", str(args.workers), "-q"]
+    cmd = [
+        exe,
+        "score",
+        str(model),
+        str(archive),
+        "-o",
+        str(db),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "-q",
+    ]
     result = run_score(cmd, args.n, db)
     with sqlite3.connect(db) as conn:
         result["rows"] = conn.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
         result["integrity"] = conn.execute("PRAGMA integrity_check").fetchone()[0]
-    print(json.dumps({"data": str(args.data), "n": args.n, "model": str(model), "command": " ".join(cmd),
-                      "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(), **result}, indent=2))
+    print(
+        json.dumps(
+            {
+                "data": str(args.data),
+                "n": args.n,
+                "model": str(model),
+                "command": " ".join(cmd),
+                "cpus": os.cpu_count(),
+                "loadavg_after": os.getloadavg(),
+                **result,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ a screenshot of the review page (the README's docs/review.png).
     python benchmarks/bench_serve.py --data ../shared/datasets/magnetic_tile/magnetic_tile \
         --threads 2 --requests 200 --soak 5000 --screenshot docs/review.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_clients(base: str, images: list[tuple[str, bytes]], n_requests: int, clients: int,
-                on_progress=None) -> dict:
+def run_clients(
+    base: str, images: list[tuple[str, bytes]], n_requests: int, clients: int, on_progress=None
+) -> dict:
     """POST n_requests images with `clients` concurrent keep-alive connections."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -68,10 +70,16 @@ def run_clients(base: str, images: list[tuple[str, bytes]], n_requests: int, cli
             future.result()
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": n_requests, "errors": len(errors), "first_error": errors[:1],
-            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
-            "mean_ms": float(ms.mean()) if len(ms) else None, "req_per_s": len(latencies) / wall}
+    return {
+        "clients": clients,
+        "requests": n_requests,
+        "errors": len(errors),
+        "first_error": errors[:1],
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+        "mean_ms": float(ms.mean()) if len(ms) else None,
+        "req_per_s": len(latencies) / wall,
+    }
 
 
 def screenshot(base: str, path: Path, n_label: int = 6) -> None:
@@ -81,18 +89,30 @@ def screenshot(base: str, path: Path, n_label: int = 6) -> None:
     items = httpx.get(f"{base}/api/review/items?limit=500").json()["items"]
     for item in items[: n_label // 2]:
         httpx.post(f"{base}/api/review/items/{item['id']}/label", json={"label": "defect"})
-    for item in items[-(n_label // 2):]:
+    for item in items[-(n_label // 2) :]:
         httpx.post(f"{base}/api/review/items/{item['id']}/label", json={"label": "good"})
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{base}/review")
         page.wait_for_selector("body[data-ready='1']", timeout=60000)
         page.keyboard.press("j")  # focus the second card, to show the focus ring
-        page.wait_for_function("[...document.querySelectorAll('article.card img')].slice(0, 6)"
-                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=120000)
+        page.wait_for_function(
+            "[...document.querySelectorAll('article.card img')].slice(0, 6)"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+            timeout=120000,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(path))
         browser.close()
@@ -101,7 +121,9 @@ def screenshot(base: str, path: Path, n_label: int = 6) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/datasets/magnetic_tile/magnetic_tile"))
-    ap.add_argument("--model", type=Path, help="model file to serve (default: fit PatchCore on --data, cached)")
+    ap.add_argument(
+        "--model", type=Path, help="model file to serve (default: fit PatchCore on --data, cached)"
+    )
     ap.add_argument("--runtime", default="onnx", choices=("onnx", "torch"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
@@ -122,9 +144,22 @@ def main() -> None:
     store = args.work / f"results-{time.strftime('%H%M%S')}.db"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([EXE, "serve", str(model), "--port", str(port), "--runtime", args.runtime,
-                               "--threads", str(args.threads), "--store", str(store)],
-                              env={**os.environ, "ANOMALENS_LOG_LEVEL": "error"})
+    server = subprocess.Popen(
+        [
+            EXE,
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--runtime",
+            args.runtime,
+            "--threads",
+            str(args.threads),
+            "--store",
+            str(store),
+        ],
+        env={**os.environ, "ANOMALENS_LOG_LEVEL": "error"},
+    )
     try:
         deadline = time.time() + 600  # the first ONNX export of a model takes a while
         while True:
@@ -157,21 +192,27 @@ def main() -> None:
         server.terminate()
         server.wait(30)
 
-    print(f"\n{info['detector']} {info['options']['backbone'] if 'backbone' in info['options'] else ''} "
-          f"{info['options']['image_size']} px on {dataset.name}, runtime {info['runtime']}, "
-          f"{args.threads} threads, store on; {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{info['detector']} {info['options'].get('backbone', '')} "
+        f"{info['options']['image_size']} px on {dataset.name}, runtime {info['runtime']}, "
+        f"{args.threads} threads, store on; {os.cpu_count()} CPUs\n"
+    )
     print("| clients | requests | errors | p50 ms | p95 ms | req/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-              f"{r['req_per_s']:.1f} |")
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+            f"{r['req_per_s']:.1f} |"
+        )
     if soak:
         rss = soak["rss_mb"]
         third = max(1, len(rss) // 3)
-        print(f"\nsoak: {soak['requests']} requests, 16 clients: {soak['errors']} errors {soak['first_error']}, "
-              f"p50 {soak['p50_ms']:.1f} ms, p95 {soak['p95_ms']:.1f} ms, {soak['req_per_s']:.1f} req/s; "
-              f"server RSS MB first third {statistics.mean(rss[:third]):.0f}, last third "
-              f"{statistics.mean(rss[-third:]):.0f}, max {max(rss):.0f} (samples: {[round(x) for x in rss]})")
+        print(
+            f"\nsoak: {soak['requests']} requests, 16 clients: {soak['errors']} errors {soak['first_error']}, "
+            f"p50 {soak['p50_ms']:.1f} ms, p95 {soak['p95_ms']:.1f} ms, {soak['req_per_s']:.1f} req/s; "
+            f"server RSS MB first third {statistics.mean(rss[:third]):.0f}, last third "
+            f"{statistics.mean(rss[-third:]):.0f}, max {max(rss):.0f} (samples: {[round(x) for x in rss]})"
+        )
 
 
 if __name__ == "__main__":

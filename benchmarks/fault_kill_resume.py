@@ -11,6 +11,7 @@ however long the start-up takes on a busy machine), after a further random 0..--
 seconds. Then it runs the command once more to the end and checks: one 'ok' row per image, no
 row ever rescored, `PRAGMA integrity_check` ok. Exit code 1 when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_score import build_archive, fit_model
-
 from anomalens.store import ResultStore
+from bench_score import build_archive, fit_model
 
 RESCORE_LOG = """
 CREATE TABLE IF NOT EXISTS fault_rescored (path TEXT, at TEXT DEFAULT CURRENT_TIMESTAMP);
@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--max-delay", type=float, default=10.0, help="seconds after the run's first commit, at most")
+    parser.add_argument(
+        "--max-delay", type=float, default=10.0, help="seconds after the run's first commit, at most"
+    )
     parser.add_argument("--model", type=Path)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--seed", type=int, default=0)
@@ -60,7 +62,15 @@ def main() -> None:
     ResultStore(db).close()  # create the schema, then add the rescore log
     with sqlite3.connect(db) as conn:
         conn.executescript(RESCORE_LOG)
-    cmd = [str(Path(sys.executable).parent / "anomalens"), "score", str(model), str(archive), "-o", str(db), "-q"]
+    cmd = [
+        str(Path(sys.executable).parent / "anomalens"),
+        "score",
+        str(model),
+        str(archive),
+        "-o",
+        str(db),
+        "-q",
+    ]
     rng = random.Random(args.seed)
     kills = []
     for i in range(args.kills):
@@ -76,8 +86,15 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        kills.append({"run": i, "stored_before": before, "delay_after_first_commit_s": round(delay, 1),
-                      "killed": True, "stored_after": stored(db)})
+        kills.append(
+            {
+                "run": i,
+                "stored_before": before,
+                "delay_after_first_commit_s": round(delay, 1),
+                "killed": True,
+                "stored_after": stored(db),
+            }
+        )
         print(json.dumps(kills[-1]), file=sys.stderr)
     start = time.perf_counter()
     final = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,8 +109,13 @@ def main() -> None:
             "rescored": conn.execute("SELECT COUNT(*) FROM fault_rescored").fetchone()[0],
             "integrity_check": conn.execute("PRAGMA integrity_check").fetchone()[0],
         }
-    passed = (checks["final_returncode"] == 0 and checks["rows"] == checks["distinct_paths"] == args.n
-              and checks["rows_not_ok"] == 0 and checks["rescored"] == 0 and checks["integrity_check"] == "ok")
+    passed = (
+        checks["final_returncode"] == 0
+        and checks["rows"] == checks["distinct_paths"] == args.n
+        and checks["rows_not_ok"] == 0
+        and checks["rescored"] == 0
+        and checks["integrity_check"] == "ok"
+    )
     print(json.dumps({"n": args.n, "kills": kills, **checks, "passed": passed}, indent=2))
     sys.exit(0 if passed else 1)
 

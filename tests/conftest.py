@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic MVTec-layout data, generated once per test session."""
+
 import os
 
 import pytest
@@ -14,27 +15,88 @@ FAST_OPTIONS = {
     "padim": {"n_features": 40},
     # reconstruction models: a small, shallow net learns the synthetic texture in ~40 short epochs; the GANs
     # score by their residual map (the papers' latent scores need far more training than a unit test)
-    "autoencoder": {"depth": 2, "width": 16, "latent": 128, "loss": "l2", "channels": 1, "epochs": 40, "lr": 2e-3},
-    "fanogan": {"width": 8, "latent": 64, "gan_epochs": 20, "epochs": 40, "lr": 1e-3, "channels": 1, "n_critic": 2,
-                "score": "residual"},
+    "autoencoder": {
+        "depth": 2,
+        "width": 16,
+        "latent": 128,
+        "loss": "l2",
+        "channels": 1,
+        "epochs": 40,
+        "lr": 2e-3,
+    },
+    "fanogan": {
+        "width": 8,
+        "latent": 64,
+        "gan_epochs": 20,
+        "epochs": 40,
+        "lr": 1e-3,
+        "channels": 1,
+        "n_critic": 2,
+        "score": "residual",
+    },
     "ganomaly": {"width": 8, "latent": 64, "epochs": 30, "lr": 1e-3, "channels": 1, "score": "residual"},
     "stfpm": {"epochs": 10},
     "reverse_distillation": {"epochs": 10},
-    "efficientad": {"epochs": 3, "out_channels": 64, "distill_steps": 10, "distill_batch_size": 4,
-                    "distill_crop": 64},
+    "efficientad": {
+        "epochs": 3,
+        "out_channels": 64,
+        "distill_steps": 10,
+        "distill_batch_size": 4,
+        "distill_crop": 64,
+    },
     "utrad": {"windows": (4, 2), "dim": 32, "heads": 2, "depth": 1, "epochs": 3, "lr": 1e-3},
-    "vtadl": {"patch_size": 8, "dim": 32, "depth": 1, "heads": 2, "mdn_hidden": 8, "batch_size": 4, "epochs": 20,
-              "lr": 2e-3},
+    "vtadl": {
+        "patch_size": 8,
+        "dim": 32,
+        "depth": 1,
+        "heads": 2,
+        "mdn_hidden": 8,
+        "batch_size": 4,
+        "epochs": 20,
+        "lr": 2e-3,
+    },
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
-_CLASSICAL_PYOD = {"lof": "n_neighbors=5", "feature_bagging": "n_neighbors=5", "iforest": "n_estimators=500",
-                   "lscp": "lof_neighbors=3,5,7;local_region_size=5"}
-FAST_OPTIONS.update({f"classical:{k}": {"features": "deep:3", "pyod": _CLASSICAL_PYOD.get(k, "")} for k in (
-    "abod", "cblof", "feature_bagging", "hbos", "iforest", "knn", "avg_knn", "lof", "ocsvm", "pca", "lscp", "inne",
-    "gmm", "kde", "lmdd")})
+_CLASSICAL_PYOD = {
+    "lof": "n_neighbors=5",
+    "feature_bagging": "n_neighbors=5",
+    "iforest": "n_estimators=500",
+    "lscp": "lof_neighbors=3,5,7;local_region_size=5",
+}
+FAST_OPTIONS.update(
+    {
+        f"classical:{k}": {"features": "deep:3", "pyod": _CLASSICAL_PYOD.get(k, "")}
+        for k in (
+            "abod",
+            "cblof",
+            "feature_bagging",
+            "hbos",
+            "iforest",
+            "knn",
+            "avg_knn",
+            "lof",
+            "ocsvm",
+            "pca",
+            "lscp",
+            "inne",
+            "gmm",
+            "kde",
+            "lmdd",
+        )
+    }
+)
 
 
-TRAINED = ("autoencoder", "fanogan", "ganomaly", "stfpm", "reverse_distillation", "efficientad", "utrad", "vtadl")
+TRAINED = (
+    "autoencoder",
+    "fanogan",
+    "ganomaly",
+    "stfpm",
+    "reverse_distillation",
+    "efficientad",
+    "utrad",
+    "vtadl",
+)
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0
 
@@ -45,8 +107,15 @@ def fast_options(name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def texture_root(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp("texture") / "tex", kind="texture", n_train=16,
-                                  n_test_good=6, n_test_defect=6, size=64, seed=1)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("texture") / "tex",
+        kind="texture",
+        n_train=16,
+        n_test_good=6,
+        n_test_defect=6,
+        size=64,
+        seed=1,
+    )
 
 
 @pytest.fixture(scope="session")

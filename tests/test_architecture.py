@@ -3,6 +3,7 @@
 Every import statement counts, including those inside functions and under TYPE_CHECKING: a
 deferred import still ties the modules together.
 """
+
 from __future__ import annotations
 
 import ast
@@ -83,8 +84,11 @@ def test_imports_never_go_up_a_layer():
         if module == "anomalens":
             continue
         own = _layer_of(module, LAYERS)
-        upward += [f"{module} (layer {own}) -> {d} (layer {_layer_of(d, LAYERS)})"
-                   for d in sorted(deps) if _layer_of(d, LAYERS) > own]
+        upward += [
+            f"{module} (layer {own}) -> {d} (layer {_layer_of(d, LAYERS)})"
+            for d in sorted(deps)
+            if _layer_of(d, LAYERS) > own
+        ]
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
 
 
@@ -97,7 +101,7 @@ def test_no_import_cycles():
         stack.append(node)
         for dep in sorted(GRAPH[node]):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, stack)
         stack.pop()
@@ -109,11 +113,14 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from anomalens.models import base", {"anomalens.models.base"}),
-    ("from anomalens.data import read_image", {"anomalens.data"}),
-    ("from ..data.io import read_image", {"anomalens.data.io"}),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from anomalens.models import base", {"anomalens.models.base"}),
+        ("from anomalens.data import read_image", {"anomalens.data"}),
+        ("from ..data.io import read_image", {"anomalens.data.io"}),
+    ],
+)
 def test_import_reader(source, expected, tmp_path):
     # the checker itself must see each import form, or the tests above would pass on anything
     path = PACKAGE / "workflows" / "probe.py"

@@ -1,12 +1,12 @@
 """The benchmark runner: planning, resuming, failures, mean ± std, and its outputs (written by
 report.benchmark_report). Cells are faked by an injected runner, except one real cell run as the child
 process runs it, and one real child process that fails."""
+
 import json
 import re
 import statistics
 
 import pytest
-from conftest import fast_options
 
 from anomalens.data import DatasetError
 from anomalens.report.benchmark_report import write_outputs
@@ -24,6 +24,7 @@ from anomalens.workflows.benchmark import (
     run_cell_subprocess,
     summarize,
 )
+from conftest import fast_options
 
 
 class FakeRunner:
@@ -37,9 +38,17 @@ class FakeRunner:
         self.calls.append((spec.model, spec.category, spec.seed))
         if (spec.model, spec.seed) in self.fail:
             raise RuntimeError("out of memory\nwhile building the index")
-        return {"image_auroc": 0.9 + 0.05 * spec.seed, "pixel_auroc": None, "aupro": 0.5, "fit_s": 1.0 + spec.seed,
-                "predict_img_s": 10.0, "latency_ms": 40.0 + spec.seed, "peak_rss_mb": 500.0, "model_mb": 2.0,
-                "onnx_mb": None}
+        return {
+            "image_auroc": 0.9 + 0.05 * spec.seed,
+            "pixel_auroc": None,
+            "aupro": 0.5,
+            "fit_s": 1.0 + spec.seed,
+            "predict_img_s": 10.0,
+            "latency_ms": 40.0 + spec.seed,
+            "peak_rss_mb": 500.0,
+            "model_mb": 2.0,
+            "onnx_mb": None,
+        }
 
 
 def written(out, result):
@@ -57,10 +66,13 @@ def two_categories(tmp_path):
 
 
 def test_parse_model_sets_applies_options_to_their_model_only():
-    sets = parse_model_sets(["patchcore.coreset_ratio=0.01", "image_size=64", "padim.n_features=40"],
-                            ["patchcore", "padim"])
-    assert sets == {"patchcore": {"coreset_ratio": "0.01", "image_size": "64"},
-                    "padim": {"image_size": "64", "n_features": "40"}}
+    sets = parse_model_sets(
+        ["patchcore.coreset_ratio=0.01", "image_size=64", "padim.n_features=40"], ["patchcore", "padim"]
+    )
+    assert sets == {
+        "patchcore": {"coreset_ratio": "0.01", "image_size": "64"},
+        "padim": {"image_size": "64", "n_features": "40"},
+    }
     with pytest.raises(ValueError, match="not benchmarked"):
         parse_model_sets(["other.k=1"], ["patchcore"])
     with pytest.raises(ValueError, match="model.option=value"):
@@ -72,9 +84,15 @@ def test_plan_seeds_categories_and_validation(two_categories, texture_root):
     assert [p for _, p in find_categories(texture_root)] == [texture_root]  # a category itself
     cells = plan_cells(["patchcore", "padim"], two_categories, seeds=2)
     assert [(c.category, c.model, c.seed) for c in cells] == [
-        ("bottle", "patchcore", 0), ("bottle", "patchcore", 1), ("bottle", "padim", 0), ("bottle", "padim", 1),
-        ("group/tile", "patchcore", 0), ("group/tile", "patchcore", 1), ("group/tile", "padim", 0),
-        ("group/tile", "padim", 1)]
+        ("bottle", "patchcore", 0),
+        ("bottle", "patchcore", 1),
+        ("bottle", "padim", 0),
+        ("bottle", "padim", 1),
+        ("group/tile", "patchcore", 0),
+        ("group/tile", "patchcore", 1),
+        ("group/tile", "padim", 0),
+        ("group/tile", "padim", 1),
+    ]
     pinned = plan_cells(["padim"], texture_root, seeds=3, sets={"padim": {"seed": "7"}})
     assert [c.seed for c in pinned] == [7] and "seed" not in pinned[0].options
     with pytest.raises(ValueError, match="unknown model"):
@@ -92,12 +110,18 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(two_categories, tmp
     done, failed = cells[0], cells[1]
     # a previous run finished one cell, failed another, and crashed while writing a third
     append_cell(out / "cells.jsonl", {**done.to_dict(), "key": done.key, "status": "ok", "image_auroc": 0.5})
-    append_cell(out / "cells.jsonl", {**failed.to_dict(), "key": failed.key, "status": "failed", "error": "boom"})
+    append_cell(
+        out / "cells.jsonl", {**failed.to_dict(), "key": failed.key, "status": "failed", "error": "boom"}
+    )
     with open(out / "cells.jsonl", "a") as f:
         f.write('{"model": "patchcore", "categ')
     runner = FakeRunner()
     result = run_benchmark(["patchcore"], two_categories, out, seeds=2, runner=runner)
-    assert runner.calls == [("patchcore", "bottle", 1), ("patchcore", "group/tile", 0), ("patchcore", "group/tile", 1)]
+    assert runner.calls == [
+        ("patchcore", "bottle", 1),
+        ("patchcore", "group/tile", 0),
+        ("patchcore", "group/tile", 1),
+    ]
     assert result.n_run == 3 and result.n_reused == 1 and not result.failed
     assert result.cells[0]["image_auroc"] == 0.5  # the kept record, not recomputed
     latest = load_cells(out / "cells.jsonl")
@@ -107,8 +131,14 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(two_categories, tmp
     assert again.calls == [] and result.n_reused == 4
     # other options are other cells
     changed = FakeRunner()
-    run_benchmark(["patchcore"], two_categories, out, seeds=1, runner=changed,
-                  sets={"patchcore": {"coreset_ratio": "0.05"}})
+    run_benchmark(
+        ["patchcore"],
+        two_categories,
+        out,
+        seeds=1,
+        runner=changed,
+        sets={"patchcore": {"coreset_ratio": "0.05"}},
+    )
     assert len(changed.calls) == 2
 
 
@@ -130,8 +160,18 @@ def test_a_failed_cell_is_recorded_the_others_go_on_and_it_is_retried(two_catego
 
 
 def test_mean_and_std_over_seeds():
-    records = [{"category": "c", "model": "m", "seed": s, "status": "ok", "image_auroc": v, "pixel_auroc": None,
-                "fit_s": f} for s, (v, f) in enumerate([(0.9, 1.0), (0.95, 2.0), (1.0, 6.0)])]
+    records = [
+        {
+            "category": "c",
+            "model": "m",
+            "seed": s,
+            "status": "ok",
+            "image_auroc": v,
+            "pixel_auroc": None,
+            "fit_s": f,
+        }
+        for s, (v, f) in enumerate([(0.9, 1.0), (0.95, 2.0), (1.0, 6.0)])
+    ]
     records.append({"category": "c", "model": "m", "seed": 3, "status": "failed", "error": "x"})
     records.append({"category": "c", "model": "solo", "seed": 0, "status": "ok", "image_auroc": 0.8})
     rows = summarize(records)
@@ -145,9 +185,16 @@ def test_mean_and_std_over_seeds():
 
 
 def test_outputs_json_markdown_html(two_categories, tmp_path):
-    result = run_benchmark(["patchcore", "padim"], two_categories, tmp_path / "out", seeds=3, runner=FakeRunner())
+    result = run_benchmark(
+        ["patchcore", "padim"], two_categories, tmp_path / "out", seeds=3, runner=FakeRunner()
+    )
     paths = written(tmp_path / "out", result)
-    assert {p.name for p in paths.values()} == {"benchmark.json", "benchmark.md", "benchmark.html", "cells.jsonl"}
+    assert {p.name for p in paths.values()} == {
+        "benchmark.json",
+        "benchmark.md",
+        "benchmark.html",
+        "cells.jsonl",
+    }
     data = json.loads(paths["json"].read_text())
     assert len(data["cells"]) == 12 and len(data["summary"]) == 4
     assert data["summary"][0]["image_auroc"]["mean"] == pytest.approx(0.95)
@@ -200,8 +247,19 @@ def test_cli_benchmark_runs_resumes_and_reports_failures(two_categories, tmp_pat
 
     fake = FakeRunner(fail={("padim", 0)})
     monkeypatch.setattr(bench, "run_cell_subprocess", lambda spec, timeout=None: fake(spec))
-    args = ["benchmark", "--data", str(two_categories), "-o", str(tmp_path / "out"), "--models", "patchcore,padim",
-            "--seeds", "1", "--set", "patchcore.coreset_ratio=0.05"]
+    args = [
+        "benchmark",
+        "--data",
+        str(two_categories),
+        "-o",
+        str(tmp_path / "out"),
+        "--models",
+        "patchcore,padim",
+        "--seeds",
+        "1",
+        "--set",
+        "patchcore.coreset_ratio=0.05",
+    ]
     res = CliRunner().invoke(cli_app(), args)
     assert res.exit_code == 1, res.output  # failed cells: recorded, reported, exit 1
     assert "2 cells failed" in res.output and "benchmark.html" in res.output
@@ -216,9 +274,11 @@ def test_cli_benchmark_user_errors(two_categories, tmp_path):
     from typer.testing import CliRunner
 
     base = ["benchmark", "--data", str(two_categories), "-o", str(tmp_path / "o")]
-    for extra, message in ((["--models", "nope"], "unknown model"),
-                           (["--models", "patchcore", "--set", "padim.n_features=3"], "not benchmarked"),
-                           (["--models", "patchcore", "--set", "patchcore.bogus=1"], "unknown option")):
+    for extra, message in (
+        (["--models", "nope"], "unknown model"),
+        (["--models", "patchcore", "--set", "padim.n_features=3"], "not benchmarked"),
+        (["--models", "patchcore", "--set", "patchcore.bogus=1"], "unknown option"),
+    ):
         res = CliRunner().invoke(cli_app(), base + extra)
         assert res.exit_code == 2 and "error:" in res.output and message in res.output, res.output
     assert not (tmp_path / "o").exists()  # rejected before anything ran

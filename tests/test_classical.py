@@ -1,4 +1,5 @@
 """Classical (PyOD) detectors on image representations, their thresholds, and the study."""
+
 import json
 import logging
 
@@ -12,8 +13,11 @@ from anomalens.models.classical import CLASSICAL_NAMES, expand_models, format_py
 from anomalens.models.components.representations import FeatureSpec, KernelPCAProjection, PCAProjection
 
 PIXELS = {"image_size": 32, "pixel_size": 16}  # tiny: 256 pixel values per image, no backbone
-SMALL_PYOD = {"lof": "n_neighbors=5", "feature_bagging": "n_neighbors=5",
-              "lscp": "lof_neighbors=3,5,7;local_region_size=5"}
+SMALL_PYOD = {
+    "lof": "n_neighbors=5",
+    "feature_bagging": "n_neighbors=5",
+    "lscp": "lof_neighbors=3,5,7;local_region_size=5",
+}
 
 
 def small(name: str, **extra):
@@ -41,18 +45,37 @@ def test_each_detector_fits_predicts_saves_and_reloads_identically(name, texture
     assert reading.threshold == pytest.approx(det.pyod_threshold)
 
 
-# -- representations -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("features", ["raw", "pca:5", "kpca-rbf:5", "kpca-poly:5", "kpca-sigmoid:5", "kpca-cosine:5",
-                                      "deep", "deep:2+3", "patch"])
+# -- representations -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "features",
+    [
+        "raw",
+        "pca:5",
+        "kpca-rbf:5",
+        "kpca-poly:5",
+        "kpca-sigmoid:5",
+        "kpca-cosine:5",
+        "deep",
+        "deep:2+3",
+        "patch",
+    ],
+)
 def test_each_representation_roundtrips(features, texture, tmp_path):
-    det = anomalens.create("classical:knn", features=features, image_size=32 if features.startswith("deep")
-                           else 64, pixel_size=16, max_patches=500).fit(texture.train)
+    det = anomalens.create(
+        "classical:knn",
+        features=features,
+        image_size=32 if features.startswith("deep") else 64,
+        pixel_size=16,
+        max_patches=500,
+    ).fit(texture.train)
     pred = det.predict(texture.test[:4])
     again = anomalens.load(det.save(tmp_path / "m.model"))
     assert again.options["features"] == str(FeatureSpec.parse(features))
     np.testing.assert_allclose(again.predict(texture.test[:4]).scores, pred.scores, rtol=1e-5, atol=1e-6)
     dim = det.train.shape[1]
-    expected = {"raw": 256, "deep": 24 + 40 + 112 + 320, "deep:2+3": 40 + 112, "patch": 40 + 112}.get(features, 5)
+    expected = {"raw": 256, "deep": 24 + 40 + 112 + 320, "deep:2+3": 40 + 112, "patch": 40 + 112}.get(
+        features, 5
+    )
     assert dim == expected
 
 
@@ -78,16 +101,24 @@ def test_projections_match_scikit_learn():
     for kernel in ("rbf", "poly", "sigmoid", "cosine"):
         ours = KernelPCAProjection.fit(x, 5, kernel, seed=0)
         ref = KernelPCA(n_components=5, kernel=kernel, **ours.params).fit(x.astype(np.float64))
-        np.testing.assert_allclose(np.abs(ours.transform(y)), np.abs(ref.transform(y.astype(np.float64))),
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            np.abs(ours.transform(y)), np.abs(ref.transform(y.astype(np.float64))), rtol=1e-4, atol=1e-6
+        )
 
 
-# -- options ---------------------------------------------------------------------------------------------------------
+# -- options ---------------------------------------------------------------------------------------
 def test_pyod_options_string_dict_and_validation(texture, tmp_path):
     assert parse_pyod_options("n_neighbors=3; method=mean;x=1.5,2;flag=true;none=none") == {
-        "n_neighbors": 3, "method": "mean", "x": [1.5, 2], "flag": True, "none": None}
+        "n_neighbors": 3,
+        "method": "mean",
+        "x": [1.5, 2],
+        "flag": True,
+        "none": None,
+    }
     assert format_pyod_options({"b": [1, 2], "a": True}) == "a=true;b=1,2"
-    det = anomalens.create("classical:knn", pyod={"method": "mean", "n_neighbors": 3}, **PIXELS, features="raw")
+    det = anomalens.create(
+        "classical:knn", pyod={"method": "mean", "n_neighbors": 3}, **PIXELS, features="raw"
+    )
     assert det.options["pyod"] == "method=mean;n_neighbors=3" and det.pyod_kwargs["n_neighbors"] == 3
     from anomalens.cli.common import parse_sets
 
@@ -103,7 +134,7 @@ def test_pyod_options_string_dict_and_validation(texture, tmp_path):
         anomalens.create("classical:knn", pyod="justtext")
 
 
-# -- degenerate inputs -----------------------------------------------------------------------------------------------
+# -- degenerate inputs -----------------------------------------------------------------------------
 def _one_line_error(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message
@@ -122,7 +153,9 @@ def test_fewer_images_than_components_or_neighbours(texture):
     with pytest.raises(ValueError, match=r"pca:50 need at least 50 training images, got 14: use pca:14") as e:
         anomalens.create("classical:iforest", features="pca:50", **PIXELS).fit(texture.train)
     _one_line_error(e)
-    with pytest.raises(ValueError, match=r"more training images than n_neighbors=20 \(got 14\).*pyod=n_neighbors=13"):
+    with pytest.raises(
+        ValueError, match=r"more training images than n_neighbors=20 \(got 14\).*pyod=n_neighbors=13"
+    ):
         anomalens.create("classical:lof", features="raw", **PIXELS).fit(texture.train)
     with pytest.raises(ValueError, match="n_clusters=8"):
         anomalens.create("classical:cblof", features="raw", **PIXELS).fit(texture.train[:6])
@@ -149,7 +182,7 @@ def test_slow_fit_warns_with_an_estimate_and_max_samples_subsamples(monkeypatch,
     assert det.train.shape == (20, 8) and det.fit_info["subsampled"] == [20, 50]
 
 
-# -- PyOD's own threshold ----------------------------------------------------------------------------------------------
+# -- PyOD's own threshold --------------------------------------------------------------------------
 def test_pyod_reading_is_pyods_predict_and_proba(texture):
     det = small("classical:knn").fit(texture.train)
     pred = det.predict(texture.test)
@@ -185,9 +218,11 @@ def test_lscp_scores_do_not_depend_on_history(texture):
     np.testing.assert_allclose(det.predict(texture.test[:4]).scores, first)
 
 
-# -- patch-level variant -------------------------------------------------------------------------------------------------
+# -- patch-level variant ---------------------------------------------------------------------------
 def test_patch_features_localize_a_synthetic_defect(texture):
-    det = anomalens.create("classical:knn", features="patch", image_size=64, max_patches=2000).fit(texture.train)
+    det = anomalens.create("classical:knn", features="patch", image_size=64, max_patches=2000).fit(
+        texture.train
+    )
     assert det.localizes
     defects = [s for s in texture.test if s.label == 1 and s.mask_path is not None]
     pred = det.predict(defects)
@@ -195,7 +230,10 @@ def test_patch_features_localize_a_synthetic_defect(texture):
     for sample, amap in zip(defects, pred.maps):
         assert np.ptp(amap) > 0
         mask = read_mask(sample.mask_path, shape=amap.shape)
-        hits += bool(mask[np.unravel_index(np.argmax(amap), amap.shape)]) or amap[mask].mean() > amap[~mask].mean()
+        hits += (
+            bool(mask[np.unravel_index(np.argmax(amap), amap.shape)])
+            or amap[mask].mean() > amap[~mask].mean()
+        )
         assert pred.scores[defects.index(sample)] == pytest.approx(float(amap.max()), rel=1e-4)
     assert hits >= len(defects) - 1
     from anomalens.workflows.evaluate import evaluate
@@ -204,7 +242,7 @@ def test_patch_features_localize_a_synthetic_defect(texture):
     assert metrics["pixel_auroc"] is not None and metrics["pixel_auroc"] > 0.8
 
 
-# -- the study -------------------------------------------------------------------------------------------------------------
+# -- the study -------------------------------------------------------------------------------------
 def test_study_writes_tables_and_resumes(texture_root, tmp_path):
     from anomalens.report.study_report import write_outputs
     from anomalens.workflows.classical_study import run_study
@@ -215,7 +253,15 @@ def test_study_writes_tables_and_resumes(texture_root, tmp_path):
     write_outputs(out, first.config, first.cells, first.features)  # as the classical-study command does
     assert first.n_run == 4 and all(c["status"] == "ok" for c in first.cells)
     cell = first.cells[0]
-    for key in ("image_auroc", "image_ap", "f1_pyod", "f1_proba", "f1_calibrated", "fit_s", "score_ms_per_image"):
+    for key in (
+        "image_auroc",
+        "image_ap",
+        "f1_pyod",
+        "f1_proba",
+        "f1_calibrated",
+        "fit_s",
+        "score_ms_per_image",
+    ):
         assert cell[key] is not None
     md = (out / "study.md").read_text()
     assert "Top 5 by F1 at the PyOD threshold" in md and "Top 5 by image AUROC" in md
@@ -225,7 +271,9 @@ def test_study_writes_tables_and_resumes(texture_root, tmp_path):
     (out / "cells.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
     again = run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs)
     assert (again.n_run, again.n_reused) == (1, 3)
-    assert run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs).n_reused == 4  # the rerun's record kept
+    assert (
+        run_study(texture_root, "knn,hbos", "raw,pca:4", out, **kwargs).n_reused == 4
+    )  # the rerun's record kept
     assert [c["image_auroc"] for c in again.cells] == [c["image_auroc"] for c in first.cells]
 
 
@@ -233,8 +281,15 @@ def test_study_records_skips_with_reasons(texture_root, tmp_path):
     from anomalens.report.study_report import render_markdown
     from anomalens.workflows.classical_study import run_study
 
-    res = run_study(texture_root, "lof,knn", "pca:50,raw", tmp_path / "s", options=PIXELS, in_process=True,
-                    cell_budget_s=1e-6)
+    res = run_study(
+        texture_root,
+        "lof,knn",
+        "pca:50,raw",
+        tmp_path / "s",
+        options=PIXELS,
+        in_process=True,
+        cell_budget_s=1e-6,
+    )
     by = {(c["detector"], c["features"]): c for c in res.cells}
     assert all(c["status"] == "skipped" for c in res.cells)
     assert "pca:50 need at least 50" in by["classical:knn", "pca:50"]["reason"]
@@ -248,7 +303,9 @@ def test_study_worker_enforces_the_budget(texture_root, tmp_path):
     out = tmp_path / "w"
     res = run_study(texture_root, "knn", "raw", out, options=PIXELS, cell_budget_s=0.2, guard=False)
     assert res.cells[0]["status"] == "skipped" and "budget" in res.cells[0]["reason"]
-    res = run_study(texture_root, "knn", "raw", out, options=PIXELS, cell_budget_s=120)  # larger budget: rerun
+    res = run_study(
+        texture_root, "knn", "raw", out, options=PIXELS, cell_budget_s=120
+    )  # larger budget: rerun
     assert res.n_run == 1 and res.cells[0]["status"] == "ok"
 
 
@@ -261,11 +318,37 @@ def test_cli_function(texture_root, tmp_path):
     app = typer.Typer()
     app.command()(classical_study)
     app.command("noop")(lambda: None)
-    result = CliRunner().invoke(app, ["classical-study", str(texture_root), "--models", "knn,iforest", "--features",
-                                      "raw", "--set", "pixel_size=16", "--set", "knn.pyod=n_neighbors=3", "-o",
-                                      str(tmp_path / "c"), "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "classical-study",
+            str(texture_root),
+            "--models",
+            "knn,iforest",
+            "--features",
+            "raw",
+            "--set",
+            "pixel_size=16",
+            "--set",
+            "knn.pyod=n_neighbors=3",
+            "-o",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Top 5 by image AUROC" in result.output and (tmp_path / "c" / "study.md").is_file()
-    bad = CliRunner().invoke(app, ["classical-study", str(texture_root), "--models", "knn", "--features", "pixels",
-                                   "-o", str(tmp_path / "d")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "classical-study",
+            str(texture_root),
+            "--models",
+            "knn",
+            "--features",
+            "pixels",
+            "-o",
+            str(tmp_path / "d"),
+        ],
+    )
     assert bad.exit_code == 2 and "features 'pixels'" in bad.output

@@ -1,4 +1,5 @@
 """The CLI end to end, run as a user types it (a real `anomalens` process)."""
+
 import csv
 import json
 import subprocess
@@ -20,8 +21,19 @@ def run(*args, ok=True):
 @pytest.fixture(scope="module")
 def model_file(texture_root, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "tex.model"
-    proc = run("fit", texture_root, "--model", "patchcore", "-o", path, "--set", "image_size=64",
-               "--set", "coreset_min_size=200", "-q")
+    proc = run(
+        "fit",
+        texture_root,
+        "--model",
+        "patchcore",
+        "-o",
+        path,
+        "--set",
+        "image_size=64",
+        "--set",
+        "coreset_min_size=200",
+        "-q",
+    )
     assert "fitted patchcore" in proc.stdout and path.is_file()
     return path
 
@@ -32,7 +44,9 @@ def test_predict_writes_scores_regions_and_overlays(model_file, texture_root, tm
     assert "scored 12 images" in proc.stdout
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 12
-    assert {"path", "score", "normalized_score", "anomalous", "n_regions", "largest_box_x0_y0_x1_y1"} <= set(rows[0])
+    assert {"path", "score", "normalized_score", "anomalous", "n_regions", "largest_box_x0_y0_x1_y1"} <= set(
+        rows[0]
+    )
     defects = [r for r in rows if "/good/" not in r["path"]]
     assert sum(int(r["anomalous"]) for r in defects) >= 4
     for r in rows:
@@ -73,10 +87,12 @@ def test_bad_image_is_one_line_error_or_skipped_with_results_kept(model_file, te
 def test_user_errors_are_one_line(tmp_path, model_file):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args in (["fit", empty, "-o", tmp_path / "x.model"],
-                 ["fit", empty, "--model", "nosuch", "-o", tmp_path / "x.model"],
-                 ["predict", tmp_path / "missing.model", empty, "-o", tmp_path / "o"],
-                 ["fit", empty, "-o", tmp_path / "x.model", "--set", "novalue"]):
+    for args in (
+        ["fit", empty, "-o", tmp_path / "x.model"],
+        ["fit", empty, "--model", "nosuch", "-o", tmp_path / "x.model"],
+        ["predict", tmp_path / "missing.model", empty, "-o", tmp_path / "o"],
+        ["fit", empty, "-o", tmp_path / "x.model", "--set", "novalue"],
+    ):
         proc = run(*args, ok=False)
         assert proc.returncode == 2, args
         assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr

@@ -1,13 +1,14 @@
 """The common contract, run on every registered detector: adding a method to the registry
 is enough for it to be checked by fit / predict / save / load / identical scores."""
+
 import numpy as np
 import pytest
-from conftest import fast_options
 
 import anomalens
 from anomalens.data import ImageReadError
 from anomalens.metrics import image_metrics
 from anomalens.models.base import ModelFileError
+from conftest import fast_options
 
 ALL = anomalens.available()
 # GAN methods need thousands of steps even on the synthetic texture, and VT-ADL's global
@@ -32,7 +33,7 @@ def test_fit_predict_save_load_roundtrip(name, fitted, texture, tmp_path):
     pred = det.predict(texture.test)
     assert len(pred) == len(texture.test) and pred.scores.shape == (len(texture.test),)
     assert np.isfinite(pred.scores).all()
-    for sample, amap in zip(texture.test, pred.maps):
+    for amap in pred.maps:
         # maps come back at each image's own resolution
         assert amap.shape == (64, 64) and amap.dtype == np.float32 and np.isfinite(amap).all()
     path = det.save(tmp_path / f"{name}.model")
@@ -59,8 +60,9 @@ def test_calibrated_on_held_out_goods(name, fitted, texture):
     assert info["n_fit"] + info["n_calibration"] == len(texture.train) and info["n_calibration"] >= 1
     pred = det.predict(texture.test)
     norm = pred.normalized_scores
-    np.testing.assert_allclose(norm, (pred.scores - det.calibration.center)
-                               / (det.calibration.threshold - det.calibration.center))
+    np.testing.assert_allclose(
+        norm, (pred.scores - det.calibration.center) / (det.calibration.threshold - det.calibration.center)
+    )
     assert (pred.is_anomalous == (pred.scores >= det.calibration.threshold)).all()
 
 

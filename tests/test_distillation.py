@@ -1,14 +1,13 @@
 """Distillation detectors (EfficientAD-S, reverse distillation, STFPM): the paper's building blocks,
 training lowers the loss, planted defects are found, save/load and ONNX Runtime reproduce scores."""
+
 import numpy as np
 import pytest
 import torch
-from conftest import fast_options
 
 import anomalens
 from anomalens.data import read_image, read_mask
 from anomalens.data.inputs import as_items, iter_batches
-from anomalens.models.training import StepContext
 from anomalens.export import export_onnx, ort_session
 from anomalens.metrics import image_metrics
 from anomalens.models.efficientad import (
@@ -21,6 +20,8 @@ from anomalens.models.efficientad import (
 )
 from anomalens.models.reverse_distillation import OneClassBottleneck, ReverseDistillation, StudentDecoder
 from anomalens.models.stfpm import normalized_sq_distance
+from anomalens.models.training import StepContext
+from conftest import fast_options
 
 NAMES = ("efficientad", "reverse_distillation", "stfpm")
 
@@ -113,8 +114,11 @@ def test_forward_shapes_and_planted_defects_found(name, fitted, texture):
     pred = det.predict(texture.test)
     assert image_metrics([s.label for s in texture.test], pred.scores)["image_auroc"] >= 0.9
     # the map peaks inside the planted defect for most defective images
-    inside = [amap[read_mask(s.mask_path, amap.shape) > 0].max() >= np.quantile(amap, 0.99)
-              for s, amap in zip(texture.test, pred.maps) if s.label == 1]
+    inside = [
+        amap[read_mask(s.mask_path, amap.shape) > 0].max() >= np.quantile(amap, 0.99)
+        for s, amap in zip(texture.test, pred.maps)
+        if s.label == 1
+    ]
     assert np.mean(inside) >= 0.5
 
 
@@ -147,8 +151,9 @@ def test_efficientad_teacher_is_cached_and_reused(fitted, texture, cache_dir):
     assert len(list((cache_dir / "efficientad").glob("teacher-*.safetensors"))) == 1
     again = EfficientAd(**fast_options("efficientad")).fit(texture.train)
     assert again.fit_info["teacher"].startswith("cached")
-    np.testing.assert_allclose(again.predict(texture.test[:4]).scores, first.predict(texture.test[:4]).scores,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        again.predict(texture.test[:4]).scores, first.predict(texture.test[:4]).scores, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_efficientad_map_quantiles_come_from_goods(fitted):

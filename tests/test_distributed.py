@@ -1,5 +1,6 @@
 """`score --engine ray` on a small local Ray instance: same results as local scoring, written by
 the driver, resumable. Deselect with `-m "not ray"` (it starts Ray: about 30 s)."""
+
 import shutil
 
 import numpy as np
@@ -8,8 +9,8 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.workflows.scoring import Scorer, iter_input_paths, model_id_for, score_into_store
 from anomalens.store import ResultStore
+from anomalens.workflows.scoring import Scorer, iter_input_paths, model_id_for, score_into_store
 from conftest import fast_options
 
 pytestmark = pytest.mark.ray
@@ -32,8 +33,21 @@ def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")
     paths = list(iter_input_paths(folder))
     # the command as a user types it; a local Ray instance (both CPUs of this machine)
-    res = CliRunner().invoke(app, ["score", str(path), str(folder), "-o", str(tmp_path / "ray.db"), "--engine", "ray",
-                                   "--batch-size", "4", "-q"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(path),
+            str(folder),
+            "-o",
+            str(tmp_path / "ray.db"),
+            "--engine",
+            "ray",
+            "--batch-size",
+            "4",
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "scored 12 images" in res.output and "1 unreadable" in res.output
     with ResultStore(tmp_path / "ray.db") as ray_store, ResultStore(tmp_path / "local.db") as local_store:
@@ -54,6 +68,8 @@ def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
 
 
 def test_ray_engine_rejects_watch_mode(model, tmp_path):
-    res = CliRunner().invoke(app, ["score", str(model[0]), "--watch", str(tmp_path), "-o", str(tmp_path / "r.db"),
-                                   "--engine", "ray"])
+    res = CliRunner().invoke(
+        app,
+        ["score", str(model[0]), "--watch", str(tmp_path), "-o", str(tmp_path / "r.db"), "--engine", "ray"],
+    )
     assert res.exit_code == 2 and "--watch runs locally" in res.output

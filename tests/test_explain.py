@@ -2,6 +2,7 @@
 
 A planted bright square on good synthetic texture is the defect every explanation must point at.
 """
+
 import csv
 import json
 import subprocess
@@ -10,22 +11,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fast_options
 from PIL import Image
 from safetensors import safe_open
 
 import anomalens
 from anomalens.data import load_mvtec, make_synthetic_dataset, read_image
 from anomalens.data.synthetic import synthetic_image
-from anomalens.workflows.evaluate import evaluate, gallery_indices
-from anomalens.explain import (AnomalyClassifier, explain_images, gallery_explanations, pseudo_labels,
-                               train_classifier)
+from anomalens.explain import (
+    AnomalyClassifier,
+    explain_images,
+    gallery_explanations,
+    pseudo_labels,
+    train_classifier,
+)
 from anomalens.explain.cam import gradcam_maps
-from anomalens.explain.faithfulness import (deletion_curve, explanation_auroc, faithfulness_summary,
-                                            pointing_hit)
+from anomalens.explain.faithfulness import (
+    deletion_curve,
+    explanation_auroc,
+    faithfulness_summary,
+    pointing_hit,
+)
 from anomalens.explain.lime_maps import baseline_image, lime_classifier_map
-from anomalens.report.html_report import write_evaluation_report
 from anomalens.inference import find_regions
+from anomalens.report.html_report import write_evaluation_report
+from anomalens.workflows.evaluate import evaluate, gallery_indices
+from conftest import fast_options
 
 EXE = str(Path(sys.executable).parent / "anomalens")
 SIZE = 128
@@ -35,15 +45,22 @@ SIDE = 14
 
 def plant(image: np.ndarray, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
     out, mask = image.copy(), np.zeros(image.shape, bool)
-    mask[y:y + SIDE, x:x + SIDE] = True
+    mask[y : y + SIDE, x : x + SIDE] = True
     out[mask] = 0.95
     return out, mask
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("explain") / "tex", kind="texture", n_train=16,
-                                  n_test_good=3, n_test_defect=0, size=SIZE, seed=3)
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("explain") / "tex",
+        kind="texture",
+        n_train=16,
+        n_test_good=3,
+        n_test_defect=0,
+        size=SIZE,
+        seed=3,
+    )
     return load_mvtec(root)
 
 
@@ -63,7 +80,7 @@ def test_regions_report_area_share_mean_and_filter_by_share():
     nmap = np.zeros((100, 100), np.float32)
     nmap[10:20, 10:20] = 2.0  # 100 px = 1 % of the image
     nmap[50:52, 50:52] = 3.0  # 4 px speck
-    big, = find_regions(nmap, min_area=16)
+    (big,) = find_regions(nmap, min_area=16)
     assert (big.x0, big.y0, big.x1, big.y1, big.area) == (10, 10, 20, 20, 100)
     assert big.area_share == pytest.approx(0.01) and big.mean == pytest.approx(2.0) and big.peak == 2.0
     assert len(find_regions(nmap, min_area=0)) == 2
@@ -93,7 +110,9 @@ def test_pointing_game_auroc_and_deletion_curve_on_known_maps():
     assert pointing_hit(good, mask) and not pointing_hit(wrong, mask)
     assert pointing_hit(wrong, mask, tolerance=36)  # 35 px from the mask corner
     assert not pointing_hit(np.ones((64, 64)), mask)  # a constant map points nowhere
-    assert explanation_auroc(good, mask) == pytest.approx(0.36 + 0.5 * 0.64)  # 36 % of the defect above, rest tied
+    assert explanation_auroc(good, mask) == pytest.approx(
+        0.36 + 0.5 * 0.64
+    )  # 36 % of the defect above, rest tied
     assert explanation_auroc(wrong, mask) < 0.5
     assert explanation_auroc(good, np.zeros((64, 64), bool)) is None
     summary = faithfulness_summary([good, wrong], [mask, mask])
@@ -101,7 +120,9 @@ def test_pointing_game_auroc_and_deletion_curve_on_known_maps():
 
     image = np.zeros((64, 64))
     image[mask] = 1.0  # the "defect"; the score is how much of it is left
-    curve = deletion_curve(lambda batch: batch[:, mask].mean(axis=1), image, good + 0.5 * mask, np.zeros_like(image))
+    curve = deletion_curve(
+        lambda batch: batch[:, mask].mean(axis=1), image, good + 0.5 * mask, np.zeros_like(image)
+    )
     assert curve["scores"][0] == 1.0 and curve["scores"][-1] == 0.0
     assert curve["auc"] < curve["random_auc"] - 0.3  # deleting explained pixels first removes the defect fast
 
@@ -110,8 +131,9 @@ def test_pointing_game_auroc_and_deletion_curve_on_known_maps():
 @pytest.mark.parametrize("method", ["map", "lime-score"])
 def test_explanations_point_at_the_planted_defect(patchcore, data, planted, method):
     images, masks = planted
-    explanations = explain_images(patchcore, images, method, normal_images=[s.path for s in data.train],
-                                  n_segments=32, num_samples=96)
+    explanations = explain_images(
+        patchcore, images, method, normal_images=[s.path for s in data.train], n_segments=32, num_samples=96
+    )
     assert all(e.flagged for e in explanations)
     for e, mask in zip(explanations, masks):
         assert e.map.shape == mask.shape
@@ -127,8 +149,9 @@ def test_lime_on_the_score_localizes_a_detector_without_a_map(data, planted):
     images, masks = planted
     with pytest.raises(ValueError, match="lime-score"):
         explain_images(knn, images, "map")
-    explanations = explain_images(knn, images, "lime-score", normal_images=[s.path for s in data.train],
-                                  n_segments=32, num_samples=96)
+    explanations = explain_images(
+        knn, images, "lime-score", normal_images=[s.path for s in data.train], n_segments=32, num_samples=96
+    )
     assert faithfulness_summary([e.map for e in explanations], masks)["pointing_game"] == 1.0
 
 
@@ -162,8 +185,9 @@ def easy_set():
 def test_classifier_learns_the_pseudo_labels_and_is_explained(patchcore, data, easy_set, tmp_path):
     images, masks = easy_set
     scores = patchcore.predict(images).normalized_scores
-    classifier = train_classifier(scores, images, anomalous_fraction=0.4, normal_fraction=0.4, image_size=64,
-                                  epochs=12)
+    classifier = train_classifier(
+        scores, images, anomalous_fraction=0.4, normal_fraction=0.4, image_size=64, epochs=12
+    )
     assert classifier.info["agreement"] >= 0.75 and classifier.info["n_holdout"] == 6
     proba = classifier.predict_proba(images)
     truth = np.array([m.any() for m in masks])
@@ -179,10 +203,11 @@ def test_classifier_learns_the_pseudo_labels_and_is_explained(patchcore, data, e
 
     defective = [i for i in range(len(images)) if truth[i]][:3]
     cams = gradcam_maps(again, [images[i] for i in defective])
-    assert all(c.shape == (SIZE, SIZE) and 0 <= c.min() and c.max() <= 1 for c in cams)
+    assert all(c.shape == (SIZE, SIZE) and c.min() >= 0 and c.max() <= 1 for c in cams)
     assert np.mean([explanation_auroc(c, masks[i]) for c, i in zip(cams, defective)]) > 0.7
-    lime = lime_classifier_map(again, images[defective[0]], [s.path for s in data.train], n_segments=24,
-                               num_samples=48)
+    lime = lime_classifier_map(
+        again, images[defective[0]], [s.path for s in data.train], n_segments=24, num_samples=48
+    )
     assert lime.shape == (SIZE, SIZE) and lime.max() == 1.0
 
 
@@ -201,8 +226,21 @@ def test_cli_explain_and_predict_regions(patchcore, data, planted, tmp_path):
     for i, image in enumerate(planted[0]):
         Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / f"part{i}.png")
     out = tmp_path / "why"
-    proc = run("explain", model, folder, "--method", "lime-score", "--normal", data.root / "train" / "good",
-               "--segments", "32", "--samples", "64", "-o", out)
+    proc = run(
+        "explain",
+        model,
+        folder,
+        "--method",
+        "lime-score",
+        "--normal",
+        data.root / "train" / "good",
+        "--segments",
+        "32",
+        "--samples",
+        "64",
+        "-o",
+        out,
+    )
     assert "explained 3 images with lime-score" in proc.stdout
     summary = json.loads((out / "explain.json").read_text())
     assert summary["method"] == "lime-score" and len(summary["images"]) == 3
@@ -233,6 +271,7 @@ def test_report_explains_gallery_images_of_a_detector_without_a_map(texture, tmp
     shown = {str(evaluation.samples[i].path) for idx in gallery_indices(evaluation, 1).values() for i in idx}
     assert set(explanations) == shown and len(shown) >= 2  # the gallery's images, and only those
     assert all(m.min() >= 0 and m.max() <= 1 for m in explanations.values())
-    text = write_evaluation_report(evaluation, knn, tmp_path / "r.html", n_gallery=1,
-                                   explanations=explanations).read_text()
+    text = write_evaluation_report(
+        evaluation, knn, tmp_path / "r.html", n_gallery=1, explanations=explanations
+    ).read_text()
     assert "LIME on the score" in text and "of the image, peak" in text

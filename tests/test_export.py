@@ -1,4 +1,5 @@
 """ONNX export: every exportable detector scores the same through ONNX Runtime as through torch."""
+
 import csv
 import json
 
@@ -6,18 +7,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import fast_options
 from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.workflows.benchmark import onnx_size
 from anomalens.export import ExportError, NotExportableError, OnnxDetector, export_onnx
 from anomalens.models.base import Detector, ModelFileError
 from anomalens.registry import get_class
+from anomalens.workflows.benchmark import onnx_size
+from conftest import fast_options
 
 # methods that implement the export hook; a fitted one returning None is skipped in the test
-EXPORTABLE = [n for n in anomalens.available() if get_class(n).inference_module is not Detector.inference_module]
+EXPORTABLE = [
+    n for n in anomalens.available() if get_class(n).inference_module is not Detector.inference_module
+]
 TOL = 1e-4
 
 
@@ -53,9 +56,12 @@ def test_onnx_runtime_gives_the_torch_scores_and_maps(name, texture, tmp_path):
     onnx_det = OnnxDetector.load(path)
     batch = np.stack([onnx_det.preprocess()(np.full((64, 64, 3), v, np.float32)) for v in (0.2, 0.6)])
     out = onnx_det.run(batch)
-    np.testing.assert_allclose(out["normalized_score"], det.calibration.normalize(out["score"]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["normalized_map"], det.calibration.normalize_map(out["anomaly_map"]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out["normalized_score"], det.calibration.normalize(out["score"]), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out["normalized_map"], det.calibration.normalize_map(out["anomaly_map"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_batch_of_one_and_intensity_option_match(texture, tmp_path):
@@ -84,7 +90,12 @@ def test_metadata_describes_the_model(patchcore, tmp_path):
     (inp,) = model.graph.input
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims == ["batch", 3, 64, 64]
-    assert [o.name for o in model.graph.output] == ["score", "normalized_score", "anomaly_map", "normalized_map"]
+    assert [o.name for o in model.graph.output] == [
+        "score",
+        "normalized_score",
+        "anomaly_map",
+        "normalized_map",
+    ]
 
 
 def test_operating_point_decides_in_the_export(patchcore, texture, tmp_path, monkeypatch):
@@ -116,7 +127,9 @@ class _KernelFromSize(torch.nn.Module):
 def test_untraceable_graph_is_a_one_line_export_error(patchcore, tmp_path, monkeypatch):
     core = patchcore.inference_module()
     monkeypatch.setattr(patchcore, "inference_module", lambda: _KernelFromSize(core))
-    with pytest.raises(ExportError, match=r"ONNX export of patchcore failed \(\w+: .*kernel of unknown shape") as err:
+    with pytest.raises(
+        ExportError, match=r"ONNX export of patchcore failed \(\w+: .*kernel of unknown shape"
+    ) as err:
         export_onnx(patchcore, tmp_path / "bad.onnx")
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
@@ -164,10 +177,25 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
 
     def scores(model_arg, runtime, out):
         threads = ["--threads", "1"] if runtime == "onnx" else []
-        res = runner.invoke(app, ["predict", str(model_arg), str(texture_root / "test"), "-o", str(out),
-                                  "--runtime", runtime, *threads, "--no-overlays", "-q"])
+        res = runner.invoke(
+            app,
+            [
+                "predict",
+                str(model_arg),
+                str(texture_root / "test"),
+                "-o",
+                str(out),
+                "--runtime",
+                runtime,
+                *threads,
+                "--no-overlays",
+                "-q",
+            ],
+        )
         assert res.exit_code == 0, res.output
-        return {r["path"]: (float(r["score"]), r["anomalous"]) for r in csv.DictReader(open(out / "scores.csv"))}
+        return {
+            r["path"]: (float(r["score"]), r["anomalous"]) for r in csv.DictReader(open(out / "scores.csv"))
+        }
 
     torch_rows = scores(model, "torch", tmp_path / "t")
     for model_arg, out in ((tmp_path / "pc.onnx", "o"), (model, "m")):  # an .onnx file, or a model file
@@ -175,11 +203,14 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
         assert onnx_rows.keys() == torch_rows.keys()
         for key, (score, flag) in torch_rows.items():
             assert abs(onnx_rows[key][0] - score) <= TOL * max(1.0, abs(score)) and onnx_rows[key][1] == flag
-    assert len(list((tmp_path / "cache" / "onnx" / "models").glob("*.onnx"))) == 1  # exported once, then cached
+    assert (
+        len(list((tmp_path / "cache" / "onnx" / "models").glob("*.onnx"))) == 1
+    )  # exported once, then cached
 
     knn = classical.save(tmp_path / "knn.model")
     result = runner.invoke(app, ["export", str(knn), "-o", str(tmp_path / "knn.onnx")])
     assert result.exit_code == 2 and "cannot be exported" in result.output
-    result = runner.invoke(app, ["predict", str(tmp_path / "pc.onnx"), str(texture_root / "test"),
-                                 "-o", str(tmp_path / "x")])
+    result = runner.invoke(
+        app, ["predict", str(tmp_path / "pc.onnx"), str(texture_root / "test"), "-o", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2 and "--runtime onnx" in result.output

@@ -18,7 +18,9 @@ def test_standardize_maps_any_exposure_to_the_same_image():
 def test_stretch_maps_percentiles_to_the_full_range():
     img = np.linspace(0.2, 0.3, 1000, dtype=np.float32).reshape(20, 50)
     out = adjust_intensity(img, "stretch")
-    assert np.percentile(out, 1) == pytest.approx(0.0, abs=1e-5) and np.percentile(out, 99) == pytest.approx(1.0)
+    assert np.percentile(out, 1) == pytest.approx(0.0, abs=1e-5) and np.percentile(out, 99) == pytest.approx(
+        1.0
+    )
     assert out.min() < 0.0 < 1.0 < out.max()  # the extremes keep their contrast
     assert adjust_intensity(np.full((4, 4), 0.3, np.float32), "stretch").shape == (4, 4)  # flat image: no NaN
 

@@ -1,5 +1,6 @@
 """Operating points (hand-computed cases), high-recall metrics against sklearn, and the chosen
 point travelling in the model file into predict and the `threshold` command."""
+
 import csv
 import json
 
@@ -10,9 +11,9 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.workflows.evaluate import evaluate
 from anomalens.metrics import full_recall_metrics, high_recall_metrics, partial_auroc_high_recall
 from anomalens.thresholds import Calibration, apply_operating_point, select_operating_point, threshold_curve
+from anomalens.workflows.evaluate import evaluate
 from conftest import fast_options
 
 # goods 0.1 0.2 0.3 0.6, defects 0.5 0.7 0.9; descending: 0.9d 0.7d 0.6g 0.5d 0.3g 0.2g 0.1g
@@ -20,14 +21,17 @@ LABELS = [0, 0, 0, 0, 1, 1, 1]
 SCORES = [0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.9]
 
 
-@pytest.mark.parametrize("rule, target, threshold, recall, fpr, precision", [
-    ("recall", 1.0, 0.5, 1.0, 0.25, 0.75),  # no missed defect costs one false alarm
-    ("recall", 0.6, 0.7, 2 / 3, 0.0, 1.0),  # 2 of 3 defects reach 0.6 at the highest threshold
-    ("fpr", 0.0, 0.7, 2 / 3, 0.0, 1.0),  # lowest threshold with no false alarm
-    ("fpr", 0.25, 0.5, 1.0, 0.25, 0.75),  # one false alarm allowed: 0.5 still has fp = 1
-    ("f1", None, 0.5, 1.0, 0.25, 0.75),  # F1: 0.5, 0.8, 0.667, 0.857 (best), 0.75, ...
-    ("good_quantile", 0.5, 0.25, 1.0, 0.5, 0.6),  # median of goods 0.1..0.6 = 0.25
-])
+@pytest.mark.parametrize(
+    "rule, target, threshold, recall, fpr, precision",
+    [
+        ("recall", 1.0, 0.5, 1.0, 0.25, 0.75),  # no missed defect costs one false alarm
+        ("recall", 0.6, 0.7, 2 / 3, 0.0, 1.0),  # 2 of 3 defects reach 0.6 at the highest threshold
+        ("fpr", 0.0, 0.7, 2 / 3, 0.0, 1.0),  # lowest threshold with no false alarm
+        ("fpr", 0.25, 0.5, 1.0, 0.25, 0.75),  # one false alarm allowed: 0.5 still has fp = 1
+        ("f1", None, 0.5, 1.0, 0.25, 0.75),  # F1: 0.5, 0.8, 0.667, 0.857 (best), 0.75, ...
+        ("good_quantile", 0.5, 0.25, 1.0, 0.5, 0.6),  # median of goods 0.1..0.6 = 0.25
+    ],
+)
 def test_rules_pick_the_hand_computed_point(rule, target, threshold, recall, fpr, precision):
     p = select_operating_point(LABELS, SCORES, rule, target)
     assert p.threshold == pytest.approx(threshold)
@@ -72,7 +76,9 @@ def test_high_recall_metrics_by_hand_and_against_sklearn():
     assert m["image_pauroc_high_recall"] == pytest.approx(0.75)
     assert (m["threshold_at_full_recall"], m["fpr_at_full_recall"]) == (0.5, 0.25)
     assert m["accuracy_at_full_recall"] == pytest.approx(6 / 7)
-    assert partial_auroc_high_recall([0, 1], [0, 1]) == 1.0 and partial_auroc_high_recall([0, 1], [1, 0]) == 0.0
+    assert (
+        partial_auroc_high_recall([0, 1], [0, 1]) == 1.0 and partial_auroc_high_recall([0, 1], [1, 0]) == 0.0
+    )
     rng = np.random.default_rng(0)
     for _ in range(5):
         y = rng.integers(0, 2, 80)
@@ -90,7 +96,9 @@ def test_high_recall_metrics_by_hand_and_against_sklearn():
 
 
 def test_applied_point_puts_normalized_one_at_the_threshold():
-    cal = Calibration(threshold=10.0, center=4.0, pixel_threshold=1.0, pixel_center=0.0, quantile=0.99, n_images=9)
+    cal = Calibration(
+        threshold=10.0, center=4.0, pixel_threshold=1.0, pixel_center=0.0, quantile=0.99, n_images=9
+    )
     assert apply_operating_point(cal, 7.0).normalize(7.0) == pytest.approx(1.0)
     below = apply_operating_point(cal, 3.0)  # below the goods' median: the calibration's spread is kept
     assert below.normalize(3.0) == pytest.approx(1.0) and below.normalize(9.0) == pytest.approx(2.0)
@@ -131,8 +139,25 @@ def test_evaluate_reports_high_recall_metrics(fitted, texture):
 
 def test_threshold_command_stores_the_point(fitted, texture_root, tmp_path):
     out_model, js, curve = tmp_path / "line.model", tmp_path / "op.json", tmp_path / "curve.csv"
-    res = CliRunner().invoke(app, ["threshold", str(fitted[1]), str(texture_root), "--rule", "recall", "--target",
-                                   "1.0", "-o", str(out_model), "--json", str(js), "--curve", str(curve), "-q"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "threshold",
+            str(fitted[1]),
+            str(texture_root),
+            "--rule",
+            "recall",
+            "--target",
+            "1.0",
+            "-o",
+            str(out_model),
+            "--json",
+            str(js),
+            "--curve",
+            str(curve),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "recall 1.0000 (0 missed)" in res.output and "goods passing" in res.output
     point = json.loads(js.read_text())["operating_point"]
@@ -140,6 +165,10 @@ def test_threshold_command_stores_the_point(fitted, texture_root, tmp_path):
     assert anomalens.load(out_model).operating_point == point
     assert anomalens.load(fitted[1]).operating_point is None  # -o leaves the original alone
     rows = list(csv.DictReader(open(curve)))
-    assert float(rows[-1]["recall"]) == 1.0 and {"threshold", "fpr", "precision", "good_pass_rate"} <= set(rows[0])
-    bad = CliRunner().invoke(app, ["threshold", str(fitted[1]), str(texture_root), "--rule", "nope", "--no-save"])
+    assert float(rows[-1]["recall"]) == 1.0 and {"threshold", "fpr", "precision", "good_pass_rate"} <= set(
+        rows[0]
+    )
+    bad = CliRunner().invoke(
+        app, ["threshold", str(fitted[1]), str(texture_root), "--rule", "nope", "--no-save"]
+    )
     assert bad.exit_code == 2 and "rule must be one of" in bad.output

@@ -1,10 +1,10 @@
 import numpy as np
 import torch
-from conftest import fast_options
 
 import anomalens
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.models.padim import concat_embedding
+from conftest import fast_options
 
 
 def test_streamed_gaussian_matches_numpy(texture):

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import fast_options
 
 import anomalens
 from anomalens.models.patchcore import greedy_coreset
+from conftest import fast_options
 
 
 def test_greedy_coreset_picks_distinct_points_and_covers_better_than_random():

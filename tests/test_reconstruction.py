@@ -1,6 +1,7 @@
 """Autoencoder, f-AnoGAN and GANomaly with tiny models on synthetic data: training lowers the
 loss, a resumed fit equals an uninterrupted one, save/load and the exportable inference module
 give identical scores, residual maps find planted defects, pixel F1 at tau, CLI resume."""
+
 from collections import Counter
 
 import numpy as np
@@ -10,19 +11,33 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.workflows.evaluate import evaluate
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.autoencoder import ConvAutoencoder
 from anomalens.models.components.dcgan import DCEncoder
 from anomalens.models.components.reconstruction import ResidualMap, ssim_map
 from anomalens.models.fanogan import gradient_penalty
+from anomalens.workflows.evaluate import evaluate
 
 TINY = {
-    "autoencoder": {"image_size": 32, "depth": 2, "width": 8, "latent": 32, "epochs": 3, "lr": 2e-3,
-                    "min_steps": 0},
-    "fanogan": {"image_size": 16, "width": 8, "latent": 16, "gan_epochs": 2, "epochs": 3, "lr": 1e-3,
-                "min_steps": 0},
+    "autoencoder": {
+        "image_size": 32,
+        "depth": 2,
+        "width": 8,
+        "latent": 32,
+        "epochs": 3,
+        "lr": 2e-3,
+        "min_steps": 0,
+    },
+    "fanogan": {
+        "image_size": 16,
+        "width": 8,
+        "latent": 16,
+        "gan_epochs": 2,
+        "epochs": 3,
+        "lr": 1e-3,
+        "min_steps": 0,
+    },
     "ganomaly": {"image_size": 16, "width": 8, "latent": 16, "epochs": 3, "lr": 1e-3, "min_steps": 0},
 }
 MODELS = list(TINY)
@@ -126,15 +141,28 @@ def test_min_steps_scales_every_phase_on_a_small_training_set(texture):
     det = _tiny("fanogan", min_steps=30).fit(texture.train)
     epochs = Counter(row["phase"] for row in det.fit_info["history"])
     assert det.steps_per_epoch == 2 and epochs == {"gan": 10, "encoder": 15}
-    assert Counter(r["phase"] for r in _tiny("fanogan").fit(texture.train).fit_info["history"]) == {"gan": 2,
-                                                                                                 "encoder": 3}
+    assert Counter(r["phase"] for r in _tiny("fanogan").fit(texture.train).fit_info["history"]) == {
+        "gan": 2,
+        "encoder": 3,
+    }
     with pytest.raises(ValueError, match="min_steps must be >= 0"):
         _tiny("autoencoder", min_steps=-1)
 
 
 def test_autoencoder_residual_map_finds_planted_defects(texture):
-    det = anomalens.create("autoencoder", image_size=64, depth=2, width=16, latent=128, loss="l2", channels=1,
-                           epochs=25, lr=2e-3, batch_size=8, min_steps=0).fit(texture.train)
+    det = anomalens.create(
+        "autoencoder",
+        image_size=64,
+        depth=2,
+        width=16,
+        latent=128,
+        loss="l2",
+        channels=1,
+        epochs=25,
+        lr=2e-3,
+        batch_size=8,
+        min_steps=0,
+    ).fit(texture.train)
     m = evaluate(det, texture, per_type=False).metrics
     assert m["pixel_auroc"] >= 0.9
     at = m["at_threshold"]  # pixel F1 at the calibrated pixel threshold tau
@@ -178,14 +206,17 @@ def test_bergmann_preset_and_explicit_options():
         assert ae(torch.zeros(1, 3, 256, 256)).shape == (1, 3, 256, 256)
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("autoencoder", {"loss": "l1"}, "loss='l1'"),
-    ("autoencoder", {"image_size": 100}, "multiple of"),
-    ("autoencoder", {"preset": "huge"}, "preset"),
-    ("fanogan", {"image_size": 96}, "power of two"),
-    ("ganomaly", {"augment": "shear"}, "unknown kind"),
-    ("fanogan", {"gan_share": 1.5}, "gan_share"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("autoencoder", {"loss": "l1"}, "loss='l1'"),
+        ("autoencoder", {"image_size": 100}, "multiple of"),
+        ("autoencoder", {"preset": "huge"}, "preset"),
+        ("fanogan", {"image_size": 96}, "power of two"),
+        ("ganomaly", {"augment": "shear"}, "unknown kind"),
+        ("fanogan", {"gan_share": 1.5}, "gan_share"),
+    ],
+)
 def test_bad_options_fail_clearly(name, options, message):
     with pytest.raises(ValueError, match=message):
         anomalens.create(name, **options)
@@ -213,8 +244,18 @@ def test_augmented_training_runs_and_differs(texture):
 def test_cli_fit_resume_and_max_minutes(texture_root, texture, tmp_path):
     runner = CliRunner()
     out = tmp_path / "ae.model"
-    args = ["fit", str(texture_root), "-m", "autoencoder", "-o", str(out), "-q", "--max-minutes", "5",
-            *[f"--set={k}={v}" for k, v in TINY["autoencoder"].items()]]
+    args = [
+        "fit",
+        str(texture_root),
+        "-m",
+        "autoencoder",
+        "-o",
+        str(out),
+        "-q",
+        "--max-minutes",
+        "5",
+        *[f"--set={k}={v}" for k, v in TINY["autoencoder"].items()],
+    ]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert (tmp_path / "ae.model.checkpoints" / "autoencoder.ckpt.safetensors").is_file()
@@ -224,8 +265,12 @@ def test_cli_fit_resume_and_max_minutes(texture_root, texture, tmp_path):
     assert again.exit_code == 0, again.output
     resumed = anomalens.load(out)
     assert resumed.fit_info["training"]["resumed_from"] is not None
-    np.testing.assert_array_equal(resumed.predict(texture.test).scores, first_model.predict(texture.test).scores)
-    bad = runner.invoke(app, ["fit", str(texture_root), "-m", "padim", "-o", str(tmp_path / "p.model"), "--resume"])
+    np.testing.assert_array_equal(
+        resumed.predict(texture.test).scores, first_model.predict(texture.test).scores
+    )
+    bad = runner.invoke(
+        app, ["fit", str(texture_root), "-m", "padim", "-o", str(tmp_path / "p.model"), "--resume"]
+    )
     assert bad.exit_code == 2 and "not trained by epochs" in bad.output
 
 

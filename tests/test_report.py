@@ -1,4 +1,5 @@
 """The HTML evaluation report: one self-contained file with every section, on tiny synthetic data."""
+
 import base64
 import dataclasses
 import io
@@ -6,13 +7,13 @@ import re
 import warnings
 
 import pytest
-from conftest import fast_options
 from PIL import Image
 
 import anomalens
 from anomalens.data import Dataset
-from anomalens.workflows.evaluate import compute_metrics, evaluate
 from anomalens.report.html_report import write_evaluation_report
+from anomalens.workflows.evaluate import compute_metrics, evaluate
+from conftest import fast_options
 
 SECTIONS = ("id=metrics", "id=curves", "id=scores", "id=gallery")
 

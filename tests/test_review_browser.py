@@ -3,6 +3,7 @@
 Needs Debian's /usr/bin/chromium (apt-get install chromium) and Python playwright; it fails,
 never skips, when they are missing, so CI cannot pass without running it.
 """
+
 import socket
 import threading
 import time
@@ -17,8 +18,15 @@ from anomalens.serve import ServeConfig, create_app
 from conftest import fast_options
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -44,7 +52,9 @@ def server(texture, tmp_path_factory):
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
     for sample in texture.test:
-        r = httpx.post(f"{base}/predict", files={"file": (sample.path.name, sample.path.read_bytes(), "image/png")})
+        r = httpx.post(
+            f"{base}/predict", files={"file": (sample.path.name, sample.path.read_bytes(), "image/png")}
+        )
         assert r.status_code == 200, r.text
     yield base
     srv.should_exit = True

@@ -1,5 +1,6 @@
 """Run and resume (workflows/runs.py): the cells file and cells in child processes, with tiny
 `python -c` children."""
+
 import sys
 
 import pytest
@@ -79,7 +80,9 @@ def test_worker_runs_cells_one_after_another_and_replaces_a_killed_or_dead_proce
         with pytest.raises(CellTimeout):
             worker.run({"echo": 3, "sleep": 60}, timeout=0.5)
         assert worker.proc is None and proc.returncode is not None  # killed
-        with pytest.raises(CellError, match=r"^the cell's worker process died \(exit code 7; out of memory\?\)$"):
+        with pytest.raises(
+            CellError, match=r"^the cell's worker process died \(exit code 7; out of memory\?\)$"
+        ):
             worker.run({"echo": 4, "exit": 7}, timeout=60)
         assert worker.run({"echo": 5}, timeout=60)["echo"] == 5  # a fresh process
     finally:

@@ -1,5 +1,6 @@
 """`score`: archive -> result store with resume, bad files, maps, exports, watch mode, and a
 kill -9 / resume cycle in real processes."""
+
 import csv
 import hashlib
 import io
@@ -20,10 +21,17 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.cli import app
-from anomalens.workflows.scoring import (Scorer, export_top, iter_decoded, iter_input_paths, load_map, model_id_for,
-                                      score_into_store)
-from anomalens.workflows.watch import FileTracker, watch_folder
 from anomalens.store import ResultStore
+from anomalens.workflows.scoring import (
+    Scorer,
+    export_top,
+    iter_decoded,
+    iter_input_paths,
+    load_map,
+    model_id_for,
+    score_into_store,
+)
+from anomalens.workflows.watch import FileTracker, watch_folder
 from conftest import fast_options
 
 
@@ -56,7 +64,9 @@ def test_folder_is_scored_into_the_store(model, texture_root, tmp_path):
         assert r.content_sha256 == hashlib.sha256(Path(r.path).read_bytes()).hexdigest()
         assert (r.decision == "defect") == (r.normalized_score >= 1.0 - 1e-9)
     flagged = [r for r in rows if r.decision == "defect"]
-    assert any(r.regions for r in flagged) and {"x0", "y0", "x1", "y1", "area", "peak"} <= set(flagged[0].regions[0])
+    assert any(r.regions for r in flagged) and {"x0", "y0", "x1", "y1", "area", "peak"} <= set(
+        flagged[0].regions[0]
+    )
 
 
 def test_rerun_resumes_and_bad_files_are_recorded(model, texture_root, tmp_path):
@@ -73,7 +83,9 @@ def test_rerun_resumes_and_bad_files_are_recorded(model, texture_root, tmp_path)
         again = score_into_store(scorer, store, list(iter_input_paths(folder)), batch_size=4)
         assert (again.n_scored, again.n_errors, again.n_skipped) == (1, 0, 13)  # only the new file
         shutil.copy(folder / "good" / "002.png", folder / "truncated.png")  # fixed
-        retry = score_into_store(scorer, store, list(iter_input_paths(folder)), batch_size=4, retry_errors=True)
+        retry = score_into_store(
+            scorer, store, list(iter_input_paths(folder)), batch_size=4, retry_errors=True
+        )
         assert (retry.n_scored, retry.n_errors) == (1, 0)
         assert store.get(model[1], str(folder / "truncated.png")).status == "ok"
         assert store.count(model[1]) == 14
@@ -86,7 +98,12 @@ def test_inputs_from_csv_stdin_and_glob(texture_root, tmp_path):
     assert [p.parent.name for p in iter_input_paths(listing)] == ["crack", "crack"]
     stdin = io.StringIO(f"{test / 'good' / '000.png'}\n\n{test / 'blob' / '001.png'}\n")
     assert [p.name for p in iter_input_paths("-", stdin=stdin)] == ["000.png", "001.png"]
-    assert {p.parent.name for p in iter_input_paths(test, pattern="**/0*.png")} == {"good", "crack", "blob", "scratch"}
+    assert {p.parent.name for p in iter_input_paths(test, pattern="**/0*.png")} == {
+        "good",
+        "crack",
+        "blob",
+        "scratch",
+    }
     assert [p.parent.name for p in iter_input_paths(test, pattern="scratch/*.png")] == ["scratch", "scratch"]
     with pytest.raises(ValueError, match="input '.*nowhere' not found"):
         list(iter_input_paths(tmp_path / "nowhere"))
@@ -174,8 +191,11 @@ def test_watch_scores_files_as_they_land(model, texture_root, tmp_path):
         scorer = open_scorer(model, store)
         stop = threading.Event()
         result = {}
-        watcher = threading.Thread(target=lambda: result.update(s=watch_folder(
-            scorer, store, inbox, poll_seconds=0.05, batch_size=2, stop=stop)))
+        watcher = threading.Thread(
+            target=lambda: result.update(
+                s=watch_folder(scorer, store, inbox, poll_seconds=0.05, batch_size=2, stop=stop)
+            )
+        )
         watcher.start()
         try:
             for i, src in enumerate(sources):
@@ -204,8 +224,20 @@ def test_watch_scores_files_as_they_land(model, texture_root, tmp_path):
 def test_score_command_exports_and_resumes(model, texture_root, tmp_path):
     db = tmp_path / "results.db"
     args = ["score", str(model[0]), str(texture_root / "test"), "-o", str(db), "-q"]
-    res = CliRunner().invoke(app, [*args, "--csv", str(tmp_path / "r.csv"), "--parquet", str(tmp_path / "r.parquet"),
-                                   "--top", "2", "--batch-size", "4"])
+    res = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--csv",
+            str(tmp_path / "r.csv"),
+            "--parquet",
+            str(tmp_path / "r.parquet"),
+            "--top",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "scored 12 images" in res.output
     assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 12
@@ -235,14 +267,27 @@ def test_kill_9_then_resume_scores_every_image_exactly_once(model, texture_root,
     db = tmp_path / "results.db"
     ResultStore(db).close()
     with sqlite3.connect(db) as conn:  # log every rescoring: the upsert would otherwise hide one
-        conn.executescript("CREATE TABLE rescored (path TEXT); CREATE TRIGGER log_rescore AFTER UPDATE OF score "
-                           "ON results BEGIN INSERT INTO rescored VALUES (new.path); END;")
-    cmd = [str(Path(sys.executable).parent / "anomalens"), "score", str(model[0]), str(folder), "-o", str(db),
-           "--batch-size", "2", "-q"]
+        conn.executescript(
+            "CREATE TABLE rescored (path TEXT); CREATE TRIGGER log_rescore AFTER UPDATE OF score "
+            "ON results BEGIN INSERT INTO rescored VALUES (new.path); END;"
+        )
+    cmd = [
+        str(Path(sys.executable).parent / "anomalens"),
+        "score",
+        str(model[0]),
+        str(folder),
+        "-o",
+        str(db),
+        "--batch-size",
+        "2",
+        "-q",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _count(db) == 0 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # kill at once after its first commit (benchmarks/ kills at random moments, 10 times)
+        time.sleep(
+            0.01
+        )  # kill at once after its first commit (benchmarks/ kills at random moments, 10 times)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = _count(db)

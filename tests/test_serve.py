@@ -1,4 +1,5 @@
 """The REST service: scoring uploads, limits, errors, the token, the store and the review API."""
+
 import base64
 import csv
 import io
@@ -29,7 +30,9 @@ def inferencer(model_file):
 
 
 def client_for(model_file, inferencer, **options) -> TestClient:
-    return TestClient(create_app(ServeConfig(model=model_file, runtime="torch", **options), inferencer=inferencer))
+    return TestClient(
+        create_app(ServeConfig(model=model_file, runtime="torch", **options), inferencer=inferencer)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,11 @@ def client(model_file, inferencer):
 
 
 def upload(client, path, *, name=None, content_type="image/png", query="", headers=None):
-    return client.post(f"/predict{query}", files={"file": (name or path.name, path.read_bytes(), content_type)},
-                       headers=headers or {})
+    return client.post(
+        f"/predict{query}",
+        files={"file": (name or path.name, path.read_bytes(), content_type)},
+        headers=headers or {},
+    )
 
 
 def test_health_and_model_metadata(client, inferencer):
@@ -66,7 +72,7 @@ def test_predict_flags_planted_defects_and_returns_map(client, texture, inferenc
     hits = 0
     for sample, body in zip(defects, bodies):
         mask = np.asarray(Image.open(sample.mask_path)) > 0
-        hits += any(mask[r["y0"]:r["y1"], r["x0"]:r["x1"]].any() for r in body["regions"])
+        hits += any(mask[r["y0"] : r["y1"], r["x0"] : r["x1"]].any() for r in body["regions"])
     assert hits >= len(flagged) // 2
     amap = Image.open(io.BytesIO(base64.b64decode(bodies[0]["map_png"])))
     assert amap.mode == "L" and amap.size == (bodies[0]["width"], bodies[0]["height"])
@@ -120,7 +126,9 @@ def test_store_records_predictions_and_review_api(model_file, inferencer, textur
     store = tmp_path / "results.db"
     c = client_for(model_file, inferencer, store=store, token=TOKEN)
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    scored = {s.path: upload(c, s.path, headers=auth).json() for s in texture.test}  # names repeat across folders
+    scored = {
+        s.path: upload(c, s.path, headers=auth).json() for s in texture.test
+    }  # names repeat across folders
     assert all("id" in b for b in scored.values())
     page = c.get("/api/review/items?limit=5").json()
     assert page["total"] == len(texture.test) and len(page["items"]) == 5
@@ -138,10 +146,18 @@ def test_store_records_predictions_and_review_api(model_file, inferencer, textur
     by_label = {0: [], 1: []}
     for s in texture.test:
         by_label[s.label].append(scored[s.path])
-    assert c.post(f"/api/review/items/{by_label[1][0]['id']}/label", json={"label": "defect"}).status_code == 401
-    for body, label in [(by_label[1][0], "defect"), (by_label[1][1], "defect"), (by_label[0][0], "good"),
-                        (by_label[0][1], "good")]:
-        r = c.post(f"/api/review/items/{body['id']}/label", json={"label": label, "reviewer": "ana"}, headers=auth)
+    assert (
+        c.post(f"/api/review/items/{by_label[1][0]['id']}/label", json={"label": "defect"}).status_code == 401
+    )
+    for body, label in [
+        (by_label[1][0], "defect"),
+        (by_label[1][1], "defect"),
+        (by_label[0][0], "good"),
+        (by_label[0][1], "good"),
+    ]:
+        r = c.post(
+            f"/api/review/items/{body['id']}/label", json={"label": label, "reviewer": "ana"}, headers=auth
+        )
         assert r.status_code == 200 and r.json()["label"] == label and r.json()["labelled_at"]
     bad = c.post(f"/api/review/items/{by_label[0][0]['id']}/label", json={"label": "maybe"}, headers=auth)
     assert bad.status_code == 422
@@ -197,8 +213,8 @@ def test_onnx_runtime_scores_like_torch(model_file, inferencer, texture, tmp_pat
 def test_review_of_a_store_filled_by_score_uses_its_saved_maps(model_file, inferencer, texture, tmp_path):
     from dataclasses import replace
 
-    from anomalens.workflows.scoring import model_id_for, save_map
     from anomalens.store import ResultRecord, ResultStore
+    from anomalens.workflows.scoring import model_id_for, save_map
 
     mid, sha = model_id_for(model_file, "patchcore")
     hot = np.zeros((64, 64), np.float32)
@@ -207,13 +223,29 @@ def test_review_of_a_store_filled_by_score_uses_its_saved_maps(model_file, infer
     with ResultStore(tmp_path / "r.db") as store:
         store.register_model(mid, detector="patchcore", file_sha256=sha)
         store.register_model("other-model", detector="padim", file_sha256="0" * 64)
-        store.add_results([
-            ResultRecord(mid, str(texture.test[0].path), score=1.0, normalized_score=2.0, decision="defect",
-                         map_path=str(tmp_path / "map.png")),
-            ResultRecord(mid, str(texture.test[1].path), score=0.1, normalized_score=0.2, decision="good"),
-            ResultRecord(mid, "/nowhere/gone.png", score=0.0, normalized_score=0.1, decision="good"),
-            ResultRecord("other-model", str(texture.test[2].path), score=9.0, normalized_score=9.0,
-                         decision="defect")])
+        store.add_results(
+            [
+                ResultRecord(
+                    mid,
+                    str(texture.test[0].path),
+                    score=1.0,
+                    normalized_score=2.0,
+                    decision="defect",
+                    map_path=str(tmp_path / "map.png"),
+                ),
+                ResultRecord(
+                    mid, str(texture.test[1].path), score=0.1, normalized_score=0.2, decision="good"
+                ),
+                ResultRecord(mid, "/nowhere/gone.png", score=0.0, normalized_score=0.1, decision="good"),
+                ResultRecord(
+                    "other-model",
+                    str(texture.test[2].path),
+                    score=9.0,
+                    normalized_score=9.0,
+                    decision="defect",
+                ),
+            ]
+        )
     calls = []
 
     class CountingModel:
@@ -229,9 +261,11 @@ def test_review_of_a_store_filled_by_score_uses_its_saved_maps(model_file, infer
     c = client_for(model_file, replace(inferencer, model=CountingModel()), store=tmp_path / "r.db")
     items = c.get("/api/review/items").json()["items"]
     assert [i["normalized_score"] for i in items] == [2.0, 0.2, 0.1]  # this model's rows only
-    overlay = Image.open(io.BytesIO(c.get(f"/api/review/items/{items[0]['id']}/overlay").content)).convert("RGB")
+    overlay = Image.open(io.BytesIO(c.get(f"/api/review/items/{items[0]['id']}/overlay").content)).convert(
+        "RGB"
+    )
     assert calls == []  # drawn from the saved map: no model call
-    right = np.asarray(overlay)[18:, 64 + 4:]  # the heat-map half, under the 18 px title
+    right = np.asarray(overlay)[18:, 64 + 4 :]  # the heat-map half, under the 18 px title
     assert right[20, 30, 0] > right[20, 30, 2] and right[50, 50].tolist() != right[20, 30].tolist()
     assert c.get(f"/api/review/items/{items[1]['id']}/overlay").status_code == 200 and calls == [1]
     assert c.get(f"/api/review/items/{items[2]['id']}/overlay").status_code == 404  # file gone
@@ -243,7 +277,11 @@ def test_cli_serve_fails_in_one_line_on_a_bad_model(tmp_path):
     from pathlib import Path
 
     exe = str(Path(sys.executable).parent / "anomalens")
-    proc = subprocess.run([exe, "serve", str(tmp_path / "missing.model"), "--runtime", "torch"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "serve", str(tmp_path / "missing.model"), "--runtime", "torch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "missing.model" in proc.stderr and "not found" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

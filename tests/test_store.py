@@ -1,4 +1,5 @@
 """The result store: schema and migrations, upserts that keep labels, queries, labels, exports."""
+
 import csv
 import sqlite3
 import threading
@@ -18,8 +19,14 @@ def store(tmp_path):
 
 
 def rec(path, score, model="m1", **kw):
-    return ResultRecord(model_id=model, path=path, score=score, normalized_score=score / 10,
-                        decision="defect" if score >= 10 else "good", **kw)
+    return ResultRecord(
+        model_id=model,
+        path=path,
+        score=score,
+        normalized_score=score / 10,
+        decision="defect" if score >= 10 else "good",
+        **kw,
+    )
 
 
 def test_new_store_has_schema_wal_and_label_columns(tmp_path):
@@ -29,8 +36,23 @@ def test_new_store_has_schema_wal_and_label_columns(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(MIGRATIONS)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
-    assert {"path", "content_sha256", "model_id", "score", "normalized_score", "decision", "regions", "map_path",
-            "status", "error", "scored_at", "label", "labelled_at", "reviewer", "note"} <= cols
+    assert {
+        "path",
+        "content_sha256",
+        "model_id",
+        "score",
+        "normalized_score",
+        "decision",
+        "regions",
+        "map_path",
+        "status",
+        "error",
+        "scored_at",
+        "label",
+        "labelled_at",
+        "reviewer",
+        "note",
+    } <= cols
 
 
 def test_appended_migration_upgrades_an_old_file_and_keeps_rows(tmp_path):
@@ -65,8 +87,13 @@ def test_upsert_replaces_scores_but_keeps_the_human_label(store):
 
 
 def test_scored_paths_are_per_model_and_can_leave_errors_for_retry(store):
-    store.add_results([rec("a.png", 1.0), ResultRecord("m1", "bad.png", status="error", error="truncated PNG"),
-                       rec("a.png", 2.0, model="m2")])
+    store.add_results(
+        [
+            rec("a.png", 1.0),
+            ResultRecord("m1", "bad.png", status="error", error="truncated PNG"),
+            rec("a.png", 2.0, model="m2"),
+        ]
+    )
     assert store.scored_paths("m1") == {"a.png", "bad.png"}
     assert store.scored_paths("m1", include_errors=False) == {"a.png"}
     assert store.scored_paths("m2") == {"a.png"}
@@ -74,8 +101,10 @@ def test_scored_paths_are_per_model_and_can_leave_errors_for_retry(store):
 
 
 def test_top_orders_by_score_and_results_filter(store):
-    store.add_results([rec(f"{i}.png", float(s)) for i, s in enumerate([5, 20, 11, 1, 14])]
-                      + [ResultRecord("m1", "x.png", status="error", error="empty file")])
+    store.add_results(
+        [rec(f"{i}.png", float(s)) for i, s in enumerate([5, 20, 11, 1, 14])]
+        + [ResultRecord("m1", "x.png", status="error", error="empty file")]
+    )
     assert [r.path for r in store.top("m1", 3)] == ["1.png", "4.png", "2.png"]
     everything = store.results("m1")
     assert everything[-1].path == "x.png" and everything[-1].error == "empty file"  # errors sort last
@@ -111,8 +140,13 @@ def test_invalid_rows_are_refused_and_nothing_of_the_batch_is_kept(store):
 
 
 def test_exports_csv_and_parquet(store, tmp_path):
-    store.add_results([rec("a.png", 12.0, regions=[{"x0": 1, "y0": 2, "x1": 5, "y1": 6, "area": 9, "peak": 1.5}]),
-                       rec("b.png", 2.0), rec("c.png", 4.0, model="m2")])
+    store.add_results(
+        [
+            rec("a.png", 12.0, regions=[{"x0": 1, "y0": 2, "x1": 5, "y1": 6, "area": 9, "peak": 1.5}]),
+            rec("b.png", 2.0),
+            rec("c.png", 4.0, model="m2"),
+        ]
+    )
     rows = list(csv.DictReader(open(store.export_csv(tmp_path / "r.csv", "m1"))))
     assert [r["path"] for r in rows] == ["a.png", "b.png"]
     assert rows[0]["decision"] == "defect" and '"peak": 1.5' in rows[0]["regions"]

@@ -1,12 +1,20 @@
 """The shared training engine: loss goes down, checkpoints resume exactly, early stopping,
 time budget, multi-phase / multi-optimizer runs and augmentations."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from anomalens.models.training import CheckpointError, Phase, TrainConfig, Trainer, augment_batch, parse_augment
+from anomalens.models.training import (
+    CheckpointError,
+    Phase,
+    TrainConfig,
+    Trainer,
+    augment_batch,
+    parse_augment,
+)
 
 
 def _data(n=24, seed=0):
@@ -17,7 +25,9 @@ def _data(n=24, seed=0):
 
 def _setup(lr=1e-2, seed=0):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.1), nn.Linear(8, 64), nn.Unflatten(1, (1, 8, 8)))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.1), nn.Linear(8, 64), nn.Unflatten(1, (1, 8, 8))
+    )
     opt = torch.optim.Adam(net.parameters(), lr=lr)
 
     def step(x, ctx):
@@ -34,10 +44,15 @@ def _setup(lr=1e-2, seed=0):
 
 def _run(tmp_path, epochs, resume=False, patience=0, **cfg):
     net, opt, step, val_loss = _setup()
-    trainer = Trainer({"net": net}, TrainConfig(batch_size=8, seed=3, checkpoint=tmp_path / "c.safetensors",
-                                                resume=resume, **cfg))
-    result = trainer.fit([Phase("train", step, epochs, {"adam": opt}, val_loss=val_loss, patience=patience)],
-                         _data(), _data(8, seed=1))
+    trainer = Trainer(
+        {"net": net},
+        TrainConfig(batch_size=8, seed=3, checkpoint=tmp_path / "c.safetensors", resume=resume, **cfg),
+    )
+    result = trainer.fit(
+        [Phase("train", step, epochs, {"adam": opt}, val_loss=val_loss, patience=patience)],
+        _data(),
+        _data(8, seed=1),
+    )
     return net, result
 
 
@@ -68,8 +83,9 @@ def test_resume_after_crash_matches_an_uninterrupted_run(tmp_path):
 
     cfg = TrainConfig(batch_size=8, seed=3, checkpoint=tmp_path / "crash" / "c.safetensors")
     with pytest.raises(_Crash):
-        Trainer({"net": net}, cfg).fit([Phase("train", crashing_step, 6, {"adam": opt}, val_loss=val_loss)],
-                                       _data(), _data(8, seed=1))
+        Trainer({"net": net}, cfg).fit(
+            [Phase("train", crashing_step, 6, {"adam": opt}, val_loss=val_loss)], _data(), _data(8, seed=1)
+        )
     saved = load_file(str(tmp_path / "crash" / "c.safetensors"))
     assert any(k.startswith("optim/train/adam/") for k in saved)  # optimizer moments are checkpointed
 
@@ -109,7 +125,8 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         return torch.tensor(next(vals))
 
     result = Trainer({"net": net}, TrainConfig(batch_size=24, seed=0)).fit(
-        [Phase("train", step, 10, {"adam": opt}, val_loss=val_loss, patience=2)], _data(), _data(8, seed=1))
+        [Phase("train", step, 10, {"adam": opt}, val_loss=val_loss, patience=2)], _data(), _data(8, seed=1)
+    )
     assert len(result.history) == 4 and result.stopped == "early stopping (train)"
     for k, v in net.state_dict().items():
         assert torch.equal(v, seen[1][k])  # epoch 2 had the best validation loss
@@ -142,10 +159,13 @@ def test_two_phases_and_two_optimizers(tmp_path):
         ctx.update(loss, opt_b)
         return {"loss": loss}
 
-    phases = [Phase("first", phase1, 3, {"a": opt_a, "b": opt_b}),
-              Phase("second", phase2, 2, {"b2": opt_b}, train_modules=("b",))]
+    phases = [
+        Phase("first", phase1, 3, {"a": opt_a, "b": opt_b}),
+        Phase("second", phase2, 2, {"b2": opt_b}, train_modules=("b",)),
+    ]
     result = Trainer({"a": a, "b": b}, TrainConfig(batch_size=8, checkpoint=tmp_path / "c.safetensors")).fit(
-        phases, _data())
+        phases, _data()
+    )
     assert [r["phase"] for r in result.history] == ["first"] * 3 + ["second"] * 2
     assert mode == {"a": False, "b": True}
     assert not a.training and not b.training  # everything back in eval mode after training

@@ -1,5 +1,6 @@
 """UTRAD and VT-ADL: network shapes, losses that training lowers, save/load, ONNX parity and
 planted synthetic defects found, all on tiny configurations."""
+
 import io
 import warnings
 
@@ -7,14 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import fast_options
 
 import anomalens
-from anomalens.workflows.evaluate import evaluate
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.models.training import StepContext
 from anomalens.models.utrad import UTransformer, from_windows, multiscale_error, to_windows
 from anomalens.models.vtadl import MixtureDensity, VTADLNet
+from anomalens.workflows.evaluate import evaluate
+from conftest import fast_options
 
 NAMES = ("utrad", "vtadl")
 
@@ -26,8 +27,12 @@ def fitted(texture):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {name: anomalens.create(name, **{**fast_options(name), **({"epochs": 40} if name == "vtadl" else {})})
-                .fit(texture.train) for name in NAMES}
+        return {
+            name: anomalens.create(
+                name, **{**fast_options(name), **({"epochs": 40} if name == "vtadl" else {})}
+            ).fit(texture.train)
+            for name in NAMES
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -68,14 +73,29 @@ def test_mixture_nll_matches_torch_distributions():
     shape = (2, 5, 3, 6)
     mix = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(logits=mdn.logits(h)),
-        torch.distributions.Independent(torch.distributions.Normal(
-            mdn.mu(h).view(shape), torch.nn.functional.softplus(mdn.logvar(h)).view(shape).mul(0.5).exp()), 1))
+        torch.distributions.Independent(
+            torch.distributions.Normal(
+                mdn.mu(h).view(shape), torch.nn.functional.softplus(mdn.logvar(h)).view(shape).mul(0.5).exp()
+            ),
+            1,
+        ),
+    )
     torch.testing.assert_close(mdn.nll(z), -mix.log_prob(z) / 6)
 
 
 def test_vtadl_net_shapes():
-    net = VTADLNet(image_size=32, patch_size=8, channels=3, dim=16, depth=1, heads=2, mlp_ratio=2.0, dropout=0.0,
-                   n_gaussians=2, mdn_hidden=4).eval()
+    net = VTADLNet(
+        image_size=32,
+        patch_size=8,
+        channels=3,
+        dim=16,
+        depth=1,
+        heads=2,
+        mlp_ratio=2.0,
+        dropout=0.0,
+        n_gaussians=2,
+        mdn_hidden=4,
+    ).eval()
     z, recon = net(torch.randn(2, 3, 32, 32))
     assert z.shape == (2, 16, 16) and recon.shape == (2, 3, 32, 32)
     assert net.mdn.nll(z).shape == (2, 16)
@@ -118,9 +138,16 @@ def test_onnx_export_matches_torch(name, fitted, texture):
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (pixels[:2],), buf, dynamo=False, opset_version=17, input_names=["pixels"],
-                          output_names=["scores", "maps"],
-                          dynamic_axes={n: {0: "batch"} for n in ("pixels", "scores", "maps")})
+        torch.onnx.export(
+            module,
+            (pixels[:2],),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["pixels"],
+            output_names=["scores", "maps"],
+            dynamic_axes={n: {0: "batch"} for n in ("pixels", "scores", "maps")},
+        )
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     scores, maps = session.run(None, {"pixels": pixels.numpy()})  # another batch size than exported
     ref_scores, ref_maps = det._score_batch(pixels)

@@ -1,4 +1,5 @@
 """Name -> detector class. Each method file registers itself with @register."""
+
 from __future__ import annotations
 
 import importlib
@@ -7,11 +8,19 @@ from typing import Any
 _REGISTRY: dict[str, type] = {}
 
 # method modules imported on first use, so `import anomalens` stays light
-_BUILTIN_MODULES = ("anomalens.models.patchcore", "anomalens.models.padim", "anomalens.models.classical",
-                    "anomalens.models.autoencoder", "anomalens.models.fanogan", "anomalens.models.ganomaly",
-                    "anomalens.models.stfpm", "anomalens.models.reverse_distillation",
-                    "anomalens.models.efficientad",
-                    "anomalens.models.utrad", "anomalens.models.vtadl")
+_BUILTIN_MODULES = (
+    "anomalens.models.patchcore",
+    "anomalens.models.padim",
+    "anomalens.models.classical",
+    "anomalens.models.autoencoder",
+    "anomalens.models.fanogan",
+    "anomalens.models.ganomaly",
+    "anomalens.models.stfpm",
+    "anomalens.models.reverse_distillation",
+    "anomalens.models.efficientad",
+    "anomalens.models.utrad",
+    "anomalens.models.vtadl",
+)
 
 
 def register(cls: type) -> type:

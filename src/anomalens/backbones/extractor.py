@@ -11,9 +11,10 @@ import importlib
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,11 @@ class BackboneSpec:
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
-        if not self.layers or any(i < 0 for i in self.layers) or list(self.layers) != sorted(set(self.layers)):
+        if (
+            not self.layers
+            or any(i < 0 for i in self.layers)
+            or list(self.layers) != sorted(set(self.layers))
+        ):
             raise BackboneError(
                 f"layers must be non-empty, non-negative and strictly increasing, got {self.layers}"
             )
@@ -77,7 +82,9 @@ class BackboneSpec:
         """Inverse of :meth:`to_dict`; rejects unknown keys."""
         unknown = set(data) - {"name", "layers", "weights"}
         if unknown:
-            raise BackboneError(f"unknown BackboneSpec keys {sorted(unknown)}; expected name, layers, weights")
+            raise BackboneError(
+                f"unknown BackboneSpec keys {sorted(unknown)}; expected name, layers, weights"
+            )
         return cls(**data)
 
 
@@ -131,7 +138,9 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BackboneError(f"device {device!r} requested but CUDA is not available: use device='cpu' or 'auto'")
+            raise BackboneError(
+                f"device {device!r} requested but CUDA is not available: use device='cpu' or 'auto'"
+            )
         return torch.device(device)
     raise BackboneError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'")
 
@@ -168,11 +177,8 @@ def build_backbone(spec: BackboneSpec | None = None, device: str | torch.device 
     """
     spec = spec or BackboneSpec()
     torch_device = resolve_device(device)
-    if spec.name.startswith(TORCHVISION_PREFIX):
-        extractor = _build_torchvision(spec)
-    else:
-        extractor = _build_timm(spec)
-    return extractor.to(torch_device)
+    build = _build_torchvision if spec.name.startswith(TORCHVISION_PREFIX) else _build_timm
+    return build(spec).to(torch_device)
 
 
 def _no_weights_error(name: str, exc: Exception) -> BackboneError:
@@ -201,7 +207,9 @@ def _build_timm(spec: BackboneSpec) -> FeatureExtractor:
     except OSError as exc:  # Hugging Face / URL download and cache misses all derive from OSError
         raise _no_weights_error(spec.name, exc) from exc
     except IndexError as exc:
-        raise BackboneError(f"layers {spec.layers} out of range for {spec.name!r}: use smaller indices") from exc
+        raise BackboneError(
+            f"layers {spec.layers} out of range for {spec.name!r}: use smaller indices"
+        ) from exc
     except RuntimeError as exc:
         raise BackboneError(f"cannot build {spec.name!r}: {exc}") from exc
     _truncate(body)
@@ -256,11 +264,16 @@ def _lite_to_timm(state: Mapping[str, torch.Tensor], arch: str, source: str) -> 
     """Rename package keys to timm keys by position; both follow the same layer order."""
     import timm
 
-    target = {k: v for k, v in timm.create_model(arch, pretrained=False).state_dict().items()
-              if not k.endswith("num_batches_tracked")}
+    target = {
+        k: v
+        for k, v in timm.create_model(arch, pretrained=False).state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     src = [k for k in state if not k.endswith("num_batches_tracked")]
     if len(src) != len(target):
-        raise BackboneError(f"{source}: {len(src)} tensors but {arch} expects {len(target)}; wrong weight file?")
+        raise BackboneError(
+            f"{source}: {len(src)} tensors but {arch} expects {len(target)}; wrong weight file?"
+        )
     mapped = {}
     for s, (t, ref) in zip(src, target.items()):
         # The leaf name (weight/bias/running_mean/...) must agree too, so a
@@ -280,7 +293,7 @@ def _build_torchvision(spec: BackboneSpec) -> FeatureExtractor:
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    arch = spec.name[len(TORCHVISION_PREFIX):]
+    arch = spec.name[len(TORCHVISION_PREFIX) :]
     if arch not in torchvision.models.list_models(module=torchvision.models) or not _TV_RESNET_RE.match(arch):
         raise BackboneError(
             f"unsupported torchvision backbone {arch!r}: only ResNet-family classifiers "
@@ -337,7 +350,9 @@ def _read_weight_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             break
         state = inner
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"{path}: not a state dict of tensors (or {{'state_dict': ...}} / {{'model': ...}})")
+        raise BackboneError(
+            f"{path}: not a state dict of tensors (or {{'state_dict': ...}} / {{'model': ...}})"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -350,7 +365,11 @@ def _load_needed(body: nn.Module, state: Mapping[str, torch.Tensor], source: str
             f"{source}: {len(missing)} needed tensors missing (e.g. {', '.join(missing[:3])}); "
             "weight file is for a different architecture?"
         )
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in needed.items() if state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in needed.items()
+        if state[k].shape != v.shape
+    ]
     if wrong:
         raise BackboneError(
             f"{source}: {len(wrong)} tensors have the wrong shape (e.g. {'; '.join(wrong[:2])}); "

@@ -12,8 +12,8 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -91,13 +91,17 @@ class OnnxFeatureRunner:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own non-exported exception types
-            raise BackboneError(f"onnxruntime cannot load {self.path} ({exc}); delete it to re-export") from exc
+            raise BackboneError(
+                f"onnxruntime cannot load {self.path} ({exc}); delete it to re-export"
+            ) from exc
         self._input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = _as_batch(x)
         if x.shape[2:] != self.input_size:
-            raise BackboneError(f"ONNX runner built for {self.input_size} inputs, got {x.shape[2:]}: resize images")
+            raise BackboneError(
+                f"ONNX runner built for {self.input_size} inputs, got {x.shape[2:]}: resize images"
+            )
         return self.session.run(None, {self._input_name: x})
 
 
@@ -129,7 +133,9 @@ def _export(extractor: FeatureExtractor, path: Path, h: int, w: int) -> None:
         os.replace(tmp, path)
     except Exception as exc:  # the exporter fails with many error types
         first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise BackboneError(f"ONNX export of {extractor.arch} failed ({type(exc).__name__}: {first_line})") from exc
+        raise BackboneError(
+            f"ONNX export of {extractor.arch} failed ({type(exc).__name__}: {first_line})"
+        ) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

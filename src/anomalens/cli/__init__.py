@@ -1,5 +1,6 @@
 """The `anomalens` command. Each command group lives in its own module and is a thin layer over a
 function of the Python API; `common` holds what they share."""
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,12 @@ from anomalens.cli.export import export
 from anomalens.cli.score import score, threshold
 from anomalens.cli.serve import serve
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Unsupervised visual anomaly detection and localization for industrial inspection.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Unsupervised visual anomaly detection and localization for industrial inspection.",
+)
 
 for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, export):
     app.command()(command)

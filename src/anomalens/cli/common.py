@@ -1,7 +1,9 @@
 """What every command shares: the consoles, the one-line error exit, option parsing, the runtime choice."""
+
 from __future__ import annotations
 
 from enum import Enum
+
 import typer
 from rich.console import Console
 

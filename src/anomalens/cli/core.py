@@ -1,17 +1,19 @@
 """The main job: fit, predict, evaluate (with its HTML report), demo, models."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
-
-from anomalens.cli.common import err, fail, out, parse_sets, Runtime, SET_HELP, user_errors
 from rich.table import Table
 
-REPORT_HELP = ("write a self-contained HTML report: metrics, ROC/PR curves, score histogram with the threshold, "
-               "confusion matrix, gallery of false alarms, misses and detections")
+from anomalens.cli.common import SET_HELP, Runtime, err, fail, out, parse_sets, user_errors
+
+REPORT_HELP = (
+    "write a self-contained HTML report: metrics, ROC/PR curves, score histogram with the threshold, "
+    "confusion matrix, gallery of false alarms, misses and detections"
+)
 
 
 def write_report(evaluation, detector, path: Path, n_gallery: int = 6) -> Path:
@@ -21,7 +23,9 @@ def write_report(evaluation, detector, path: Path, n_gallery: int = 6) -> Path:
 
     # a detector without a map gets LIME on its score for the gallery images: where the score comes from
     explanations = None if detector.localizes else gallery_explanations(detector, evaluation, n_gallery)
-    written = write_evaluation_report(evaluation, detector, path, n_gallery=n_gallery, explanations=explanations)
+    written = write_evaluation_report(
+        evaluation, detector, path, n_gallery=n_gallery, explanations=explanations
+    )
     out.print(f"wrote {written}")
     return written
 
@@ -47,12 +51,19 @@ def fit(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
-    resume: bool = typer.Option(False, "--resume", help="trained models: continue an interrupted fit from its "
-                                "checkpoint (same command otherwise)"),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="trained models: wall-clock training "
-                                             "budget in minutes (0 = none)"),
-    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="trained models: where the "
-                                               "per-epoch checkpoint goes (default: <output>.checkpoints)"),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="trained models: continue an interrupted fit from its checkpoint (same command otherwise)",
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="trained models: wall-clock training budget in minutes (0 = none)"
+    ),
+    checkpoint_dir: Path | None = typer.Option(
+        None,
+        "--checkpoint-dir",
+        help="trained models: where the per-epoch checkpoint goes (default: <output>.checkpoints)",
+    ),
 ) -> None:
     """Learn normality from the training good images and calibrate the threshold.
 
@@ -65,9 +76,9 @@ def fit(
     or Ctrl-C, rerun the same command with --resume. Example:
     anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
     """
-    from anomalens.registry import create
     from anomalens.data import load_dataset
     from anomalens.models.trainable import TrainableDetector
+    from anomalens.registry import create
 
     try:
         dataset = load_dataset(data)
@@ -79,19 +90,27 @@ def fit(
         detector = create(model, device=device, **sets)
         err.print(f"{dataset.summary()}")
         if isinstance(detector, TrainableDetector):
-            detector.fit(dataset.train, progress=not quiet, resume=resume,
-                         checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"))
+            detector.fit(
+                dataset.train,
+                progress=not quiet,
+                resume=resume,
+                checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"),
+            )
         elif resume or max_minutes is not None or checkpoint_dir is not None:
-            fail(f"model {model!r} is not trained by epochs: --resume, --max-minutes and --checkpoint-dir "
-                  "do not apply to it")
+            fail(
+                f"model {model!r} is not trained by epochs: --resume, --max-minutes and --checkpoint-dir "
+                "do not apply to it"
+            )
         else:
             detector.fit(dataset.train, progress=not quiet)
         detector.save(output)
     except user_errors() as e:
         fail(str(e))
     info = detector.fit_info
-    out.print(f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
-              f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}")
+    out.print(
+        f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
+        f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}"
+    )
 
 
 def _parse_min_region(text: str) -> tuple[int, float]:
@@ -113,18 +132,32 @@ def _parse_min_region(text: str) -> tuple[int, float]:
 def predict(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="image files and/or folders"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for scores.csv, regions.jsonl and overlays/"),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="folder for scores.csv, regions.jsonl and overlays/"
+    ),
     overlays: bool = typer.Option(True, help="write an image | heat-map overlay PNG per image"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images (listed in skipped.txt) "
-                                                            "instead of stopping at the first"),
-    min_region: str = typer.Option("16", "--min-region-area", "--min-region",
-                                   help="smallest defect region reported: pixels (16) or a share of the image (0.5%)"),
+    skip_bad: bool = typer.Option(
+        False,
+        "--skip-bad",
+        help="skip unreadable images (listed in skipped.txt) instead of stopping at the first",
+    ),
+    min_region: str = typer.Option(
+        "16",
+        "--min-region-area",
+        "--min-region",
+        help="smallest defect region reported: pixels (16) or a share of the image (0.5%)",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", case_sensitive=False,
-                                    help="torch, or onnx: score through ONNX Runtime (MODEL may then be a .onnx "
-                                         "file; a model file is exported once and cached)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                          help="--runtime onnx: ONNX Runtime threads (default: one per core)"),
+    runtime: Runtime = typer.Option(
+        Runtime.torch,
+        "--runtime",
+        case_sensitive=False,
+        help="torch, or onnx: score through ONNX Runtime (MODEL may then be a .onnx "
+        "file; a model file is exported once and cached)",
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="--runtime onnx: ONNX Runtime threads (default: one per core)"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score images: scores.csv (score, normalized score, verdict, regions) and overlay PNGs.
@@ -135,8 +168,8 @@ def predict(
 
     Example: anomalens predict tile.model new_parts/ -o out/
     """
-    from anomalens.models.base import Detector
     from anomalens.data.inputs import as_items
+    from anomalens.models.base import Detector
     from anomalens.workflows.predict import PredictSummary, predict_to_folder
 
     min_area, min_share = _parse_min_region(str(min_region))
@@ -160,22 +193,36 @@ def predict(
         fail(str(e))
     summary = PredictSummary(output)
     try:
-        predict_to_folder(detector, items, output, overlays=overlays, on_error="skip" if skip_bad else "raise",
-                          min_area=min_area, min_share=min_share, progress=not quiet, summary=summary)
+        predict_to_folder(
+            detector,
+            items,
+            output,
+            overlays=overlays,
+            on_error="skip" if skip_bad else "raise",
+            min_area=min_area,
+            min_share=min_share,
+            progress=not quiet,
+            summary=summary,
+        )
     except KeyboardInterrupt:
         fail(f"interrupted after {summary.n_scored} images; results so far are in {summary.scores_csv}", 130)
     except user_errors() as e:
         fail(f"{e} (after {summary.n_scored} images; results so far are in {summary.scores_csv})")
-    out.print(f"scored {summary.n_scored} images, {summary.n_flagged} flagged; wrote {summary.scores_csv}"
-              + (f"; skipped {len(summary.skipped)} unreadable (see {summary.skipped_txt})"
-                 if summary.skipped else ""))
+    out.print(
+        f"scored {summary.n_scored} images, {summary.n_flagged} flagged; wrote {summary.scores_csv}"
+        + (
+            f"; skipped {len(summary.skipped)} unreadable (see {summary.skipped_txt})"
+            if summary.skipped
+            else ""
+        )
+    )
 
 
 def evaluate(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     data: Path = typer.Argument(..., help="dataset with a test split (MVTec layout or CSV)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write all metrics to this JSON file"),
-    report: Optional[Path] = typer.Option(None, "--report", help=REPORT_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help="write all metrics to this JSON file"),
+    report: Path | None = typer.Option(None, "--report", help=REPORT_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images instead of stopping"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -187,15 +234,16 @@ def evaluate(
 
     Example: anomalens evaluate tile.model ../shared/datasets/magnetic_tile/magnetic_tile --json metrics.json
     """
-    from anomalens.models.base import Detector
     from anomalens.data import load_dataset
+    from anomalens.models.base import Detector
     from anomalens.workflows.evaluate import evaluate as run_evaluation
 
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
-        result = run_evaluation(detector, load_dataset(data), progress=not quiet,
-                                on_error="skip" if skip_bad else "raise")
+        result = run_evaluation(
+            detector, load_dataset(data), progress=not quiet, on_error="skip" if skip_bad else "raise"
+        )
     except user_errors() as e:
         fail(str(e))
     out.print(_metrics_table(result.metrics, f"{model_file.name} on {result.metrics['dataset']}"))
@@ -210,7 +258,9 @@ def evaluate(
 
 
 def demo(
-    output: Path = typer.Option(Path("anomalens-demo"), "--output", "-o", help="folder for data, model and results"),
+    output: Path = typer.Option(
+        Path("anomalens-demo"), "--output", "-o", help="folder for data, model and results"
+    ),
     model: str = typer.Option("patchcore", "--model", "-m", help="detector to demonstrate"),
     kind: str = typer.Option("object", help="synthetic data: object (a part seen from above) or texture"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -228,15 +278,43 @@ def demo(
     if (data / "train" / "good").is_dir():  # the generator is seeded: an earlier demo's data is the same
         err.print(f"reusing synthetic {kind} data in {data}")
     else:
-        make_synthetic_dataset(data, kind=kind, n_train=60, n_test_good=12, n_test_defect=12, size=128, seed=0)
+        make_synthetic_dataset(
+            data, kind=kind, n_train=60, n_test_good=12, n_test_defect=12, size=128, seed=0
+        )
         err.print(f"synthetic {kind} data in {data}")
     # 12 calibration goods: a 0.99 quantile of fewer is little more than their maximum
-    fit(data, model=model, output=output / "demo.model", set_=["image_size=128", "calibration_fraction=0.2"],
-        device="auto", quiet=quiet, resume=False, max_minutes=None, checkpoint_dir=None)
-    evaluate(output / "demo.model", data, json_out=output / "metrics.json", report=output / "report.html",
-             skip_bad=False, device="auto", quiet=quiet)
-    predict(output / "demo.model", [data / "test"], output=output / "predictions", overlays=True, skip_bad=False,
-            min_region="16", device="auto", runtime="torch", threads=None, quiet=quiet)
+    fit(
+        data,
+        model=model,
+        output=output / "demo.model",
+        set_=["image_size=128", "calibration_fraction=0.2"],
+        device="auto",
+        quiet=quiet,
+        resume=False,
+        max_minutes=None,
+        checkpoint_dir=None,
+    )
+    evaluate(
+        output / "demo.model",
+        data,
+        json_out=output / "metrics.json",
+        report=output / "report.html",
+        skip_bad=False,
+        device="auto",
+        quiet=quiet,
+    )
+    predict(
+        output / "demo.model",
+        [data / "test"],
+        output=output / "predictions",
+        overlays=True,
+        skip_bad=False,
+        min_region="16",
+        device="auto",
+        runtime="torch",
+        threads=None,
+        quiet=quiet,
+    )
 
 
 def models() -> None:
@@ -251,5 +329,3 @@ def models() -> None:
         opts = {**cls.base_defaults, **cls.defaults}
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in opts.items()))
     out.print(table)
-
-

@@ -1,4 +1,5 @@
 """`export`: one ONNX file that scores like the torch model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import typer
 
 from anomalens.cli.common import fail, out, user_errors
-
 
 
 def export(
@@ -24,14 +24,17 @@ def export(
 
     Example: anomalens export tile.model -o tile.onnx
     """
-    from anomalens.models.base import Detector
     from anomalens.export import ExportError, OnnxDetector, export_onnx
+    from anomalens.models.base import Detector
 
     try:
         path = export_onnx(Detector.load(model_file), output, opset=opset)
     except (ExportError, *user_errors()) as e:
         fail(str(e))
     parity = OnnxDetector.load(path).metadata["parity"]
-    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MB); parity with torch on {parity['n_images']} "
-              f"random images: max |score diff| {parity['max_score_diff']:.2g}, "
-              f"max |map diff| {parity['max_map_diff']:.2g}", highlight=False)
+    out.print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.2f} MB); parity with torch on {parity['n_images']} "
+        f"random images: max |score diff| {parity['max_score_diff']:.2g}, "
+        f"max |map diff| {parity['max_map_diff']:.2g}",
+        highlight=False,
+    )

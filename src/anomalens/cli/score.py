@@ -1,49 +1,65 @@
 """Production scoring into the result store (`score`) and operating points (`threshold`)."""
+
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from anomalens.cli.common import err, fail, out, user_errors
 
-RULE_HELP = ("recall: highest threshold reaching --target recall (1.0 = no missed defect); fpr: lowest threshold "
-             "within --target false-positive rate; f1: best F1; good_quantile: --target quantile of the goods' scores")
+RULE_HELP = (
+    "recall: highest threshold reaching --target recall (1.0 = no missed defect); fpr: lowest threshold "
+    "within --target false-positive rate; f1: best F1; good_quantile: --target quantile of the goods' scores"
+)
 
 
 def score(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
-    source: Optional[str] = typer.Argument(None, metavar="[INPUT]",
-                                           help="folder (recursive), .csv list (column 'path'), image, or - for "
-                                                "paths on stdin; omit with --watch"),
+    source: str | None = typer.Argument(
+        None,
+        metavar="[INPUT]",
+        help="folder (recursive), .csv list (column 'path'), image, or - for "
+        "paths on stdin; omit with --watch",
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="result store (SQLite file; created if missing)"),
-    pattern: Optional[str] = typer.Option(None, "--glob", help="only files matching this glob under the folder, "
-                                                               "e.g. '**/cam2_*.png'"),
-    watch: Optional[Path] = typer.Option(None, "--watch", help="score new files as they land in this folder "
-                                                               "(Ctrl-C stops)"),
+    pattern: str | None = typer.Option(
+        None, "--glob", help="only files matching this glob under the folder, e.g. '**/cam2_*.png'"
+    ),
+    watch: Path | None = typer.Option(
+        None, "--watch", help="score new files as they land in this folder (Ctrl-C stops)"
+    ),
     poll: float = typer.Option(1.0, "--poll", help="watch: seconds between folder scans"),
-    settle_polls: int = typer.Option(1, "--settle-polls", help="watch: scans a file's size must stay the same "
-                                                               "before it is read"),
-    idle_timeout: float = typer.Option(0, "--idle-timeout", help="watch: stop after this many seconds without "
-                                                                 "a new file (0 = never)"),
-    batch_size: int = typer.Option(0, "--batch-size", help="images per model batch and per commit "
-                                                           "(0 = the model's batch_size)"),
+    settle_polls: int = typer.Option(
+        1, "--settle-polls", help="watch: scans a file's size must stay the same before it is read"
+    ),
+    idle_timeout: float = typer.Option(
+        0, "--idle-timeout", help="watch: stop after this many seconds without a new file (0 = never)"
+    ),
+    batch_size: int = typer.Option(
+        0, "--batch-size", help="images per model batch and per commit (0 = the model's batch_size)"
+    ),
     workers: int = typer.Option(2, "--workers", help="image decoding threads"),
-    maps: Optional[Path] = typer.Option(None, "--maps", help="save each normalized anomaly map as a 16-bit PNG "
-                                                             "under this folder (path recorded in the store)"),
+    maps: Path | None = typer.Option(
+        None,
+        "--maps",
+        help="save each normalized anomaly map as a 16-bit PNG "
+        "under this folder (path recorded in the store)",
+    ),
     min_region: int = typer.Option(16, help="smallest defect region reported, in pixels"),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="rescore files stored as unreadable"),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="export this model's results as CSV"),
-    parquet_out: Optional[Path] = typer.Option(None, "--parquet", help="export this model's results as Parquet"),
+    csv_out: Path | None = typer.Option(None, "--csv", help="export this model's results as CSV"),
+    parquet_out: Path | None = typer.Option(None, "--parquet", help="export this model's results as Parquet"),
     top: int = typer.Option(0, "--top", help="write overlays of the K most anomalous images"),
-    top_dir: Optional[Path] = typer.Option(None, "--top-dir", help="folder for --top (default: next to the "
-                                                                   "store, <name>_top/)"),
+    top_dir: Path | None = typer.Option(
+        None, "--top-dir", help="folder for --top (default: next to the store, <name>_top/)"
+    ),
     engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data batch inference)"),
-    address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (e.g. auto or "
-                                                                  "ray://head:10001); omitted = a local Ray"),
+    address: str | None = typer.Option(
+        None, "--address", help="ray: cluster address (e.g. auto or ray://head:10001); omitted = a local Ray"
+    ),
     ray_workers: int = typer.Option(1, "--ray-workers", help="ray: scoring actors (one model copy each)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -61,12 +77,21 @@ def score(
       anomalens score tile.model /shared/archive -o results.db --engine ray --address auto --ray-workers 8
     """
     from anomalens.models.base import Detector
-    from anomalens.workflows.scoring import Scorer, export_top, iter_input_paths, model_id_for, score_into_store
     from anomalens.store import ResultStore, StoreError
+    from anomalens.workflows.scoring import (
+        Scorer,
+        export_top,
+        iter_input_paths,
+        model_id_for,
+        score_into_store,
+    )
 
     if (source is None) == (watch is None):
-        fail("give INPUT (folder, .csv, image or -) or --watch DIR, not both" if source else
-              "give INPUT (folder, .csv, image or -) or --watch DIR")
+        fail(
+            "give INPUT (folder, .csv, image or -) or --watch DIR, not both"
+            if source
+            else "give INPUT (folder, .csv, image or -) or --watch DIR"
+        )
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
     if engine == "ray" and watch is not None:
@@ -81,17 +106,31 @@ def score(
     batch = batch_size or detector.options["batch_size"]
     with store:
         cal = detector.decision_calibration
-        store.register_model(model_id, detector=detector.name, file_sha256=digest, model_path=str(model_file),
-                             threshold=cal.threshold if cal else None, operating_point=detector.operating_point)
+        store.register_model(
+            model_id,
+            detector=detector.name,
+            file_sha256=digest,
+            model_path=str(model_file),
+            threshold=cal.threshold if cal else None,
+            operating_point=detector.operating_point,
+        )
         try:
             scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps)
             if watch is not None:
                 from anomalens.workflows.watch import watch_folder
 
                 err.print(f"watching {watch} (every {poll:g} s; Ctrl-C stops); results in {output}")
-                summary = watch_folder(scorer, store, watch, pattern=pattern, poll_seconds=poll,
-                                       settle_polls=settle_polls, batch_size=batch, workers=workers,
-                                       idle_timeout=idle_timeout or None)
+                summary = watch_folder(
+                    scorer,
+                    store,
+                    watch,
+                    pattern=pattern,
+                    poll_seconds=poll,
+                    settle_polls=settle_polls,
+                    batch_size=batch,
+                    workers=workers,
+                    idle_timeout=idle_timeout or None,
+                )
             else:
                 paths = iter_input_paths(source, pattern)
                 if source != "-":
@@ -99,21 +138,45 @@ def score(
                 if engine == "ray":
                     from anomalens.workflows.distributed import score_with_ray
 
-                    summary = score_with_ray(model_file, model_id, store, paths, address=address,
-                                             num_workers=ray_workers, batch_size=batch, min_region=min_region,
-                                             maps_dir=maps, retry_errors=retry_errors, progress=not quiet)
+                    summary = score_with_ray(
+                        model_file,
+                        model_id,
+                        store,
+                        paths,
+                        address=address,
+                        num_workers=ray_workers,
+                        batch_size=batch,
+                        min_region=min_region,
+                        maps_dir=maps,
+                        retry_errors=retry_errors,
+                        progress=not quiet,
+                    )
                 else:
-                    summary = score_into_store(scorer, store, paths, batch_size=batch, workers=workers,
-                                               progress=not quiet, retry_errors=retry_errors)
+                    summary = score_into_store(
+                        scorer,
+                        store,
+                        paths,
+                        batch_size=batch,
+                        workers=workers,
+                        progress=not quiet,
+                        retry_errors=retry_errors,
+                    )
         except KeyboardInterrupt:
-            fail(f"interrupted; {store.count(model_id)} images of {model_id} are stored in {output}: "
-                  "run the same command to resume", 130)
+            fail(
+                f"interrupted; {store.count(model_id)} images of {model_id} are stored in {output}: "
+                "run the same command to resume",
+                130,
+            )
         except (*user_errors(), StoreError) as e:
             fail(str(e))
-        out.print(f"{model_id}: scored {summary.n_scored} images ({summary.images_per_second:.1f} img/s), "
-                  f"{summary.n_errors} unreadable, {summary.n_skipped} already stored; "
-                  f"{store.count(model_id, decision='defect')} of {store.count(model_id, status='ok')} flagged "
-                  f"in {output}", highlight=False, soft_wrap=True)
+        out.print(
+            f"{model_id}: scored {summary.n_scored} images ({summary.images_per_second:.1f} img/s), "
+            f"{summary.n_errors} unreadable, {summary.n_skipped} already stored; "
+            f"{store.count(model_id, decision='defect')} of {store.count(model_id, status='ok')} flagged "
+            f"in {output}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if csv_out:
             out.print(f"wrote {store.export_csv(csv_out, model_id)}")
         if parquet_out:
@@ -126,17 +189,25 @@ def score(
 
 def threshold(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
-    data: Path = typer.Argument(..., help="labelled images (MVTec layout or CSV; its test split is used): "
-                                          "a validation set, not the images you will report on"),
+    data: Path = typer.Argument(
+        ...,
+        help="labelled images (MVTec layout or CSV; its test split is used): "
+        "a validation set, not the images you will report on",
+    ),
     rule: str = typer.Option("recall", "--rule", help=RULE_HELP),
-    target: Optional[float] = typer.Option(None, "--target", help="recall, FPR or quantile for the rule "
-                                                                  "(default 1.0 for recall, 0.01 for fpr, 0.99 "
-                                                                  "for good_quantile)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="model file to write with the chosen "
-                                                                       "point (default: update MODEL)"),
+    target: float | None = typer.Option(
+        None,
+        "--target",
+        help="recall, FPR or quantile for the rule "
+        "(default 1.0 for recall, 0.01 for fpr, 0.99 "
+        "for good_quantile)",
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="model file to write with the chosen point (default: update MODEL)"
+    ),
     save: bool = typer.Option(True, "--save/--no-save", help="store the point in the model file"),
-    curve_out: Optional[Path] = typer.Option(None, "--curve", help="write the threshold curve as CSV"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the point and metrics as JSON"),
+    curve_out: Path | None = typer.Option(None, "--curve", help="write the threshold curve as CSV"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the point and metrics as JSON"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images instead of stopping"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -157,22 +228,39 @@ def threshold(
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
-        choice = choose_operating_point(detector, load_dataset(data), rule, target, progress=not quiet,
-                                        on_error="skip" if skip_bad else "raise")
+        choice = choose_operating_point(
+            detector,
+            load_dataset(data),
+            rule,
+            target,
+            progress=not quiet,
+            on_error="skip" if skip_bad else "raise",
+        )
     except user_errors() as e:
         fail(str(e))
     point, labels, high, target = choice.point, choice.labels, choice.high_recall, choice.point.target
     calibrated = detector.calibration.threshold if detector.calibration else None
     versus = f" (calibrated: {calibrated:.6g})" if calibrated is not None else ""
-    out.print(f"operating point ({rule}{'' if target is None else f' {target:g}'}) on {len(labels)} images "
-              f"({sum(labels)} defective): threshold {point.threshold:.6g}{versus}", highlight=False, soft_wrap=True)
-    out.print(f"  recall {point.recall:.4f} ({point.fn} missed)   FPR {point.fpr:.4f} ({point.fp} false alarms)   "
-              f"precision {point.precision:.4f}   goods passing {point.good_pass_rate:.4f}",
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"operating point ({rule}{'' if target is None else f' {target:g}'}) on {len(labels)} images "
+        f"({sum(labels)} defective): threshold {point.threshold:.6g}{versus}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"  recall {point.recall:.4f} ({point.fn} missed)   FPR {point.fpr:.4f} ({point.fp} false alarms)   "
+        f"precision {point.precision:.4f}   goods passing {point.good_pass_rate:.4f}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if high:
-        out.print(f"  pAUROC (TPR >= {high['pauroc_min_tpr']}) {high['image_pauroc_high_recall']:.4f}   "
-                  f"at 100 % recall: FPR {high['fpr_at_full_recall']:.4f}, "
-                  f"accuracy {high['accuracy_at_full_recall']:.4f}", highlight=False, soft_wrap=True)
+        out.print(
+            f"  pAUROC (TPR >= {high['pauroc_min_tpr']}) {high['image_pauroc_high_recall']:.4f}   "
+            f"at 100 % recall: FPR {high['fpr_at_full_recall']:.4f}, "
+            f"accuracy {high['accuracy_at_full_recall']:.4f}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if curve_out:
         rows = threshold_curve(labels, choice.scores).rows()
         curve_out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +271,11 @@ def threshold(
         out.print(f"wrote {curve_out}")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"operating_point": point.to_dict(), "calibrated_threshold": calibrated,
-                                        **high}, indent=2))
+        json_out.write_text(
+            json.dumps(
+                {"operating_point": point.to_dict(), "calibrated_threshold": calibrated, **high}, indent=2
+            )
+        )
         out.print(f"wrote {json_out}")
     if save:
         detector.operating_point = point.to_dict()

@@ -3,6 +3,7 @@
 Every detector reads images through here, so corrupt files, progress and skip-and-log
 behave the same for all methods.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,9 @@ def as_items(images: Iterable | np.ndarray | str | Path) -> list[InputItem]:
         elif isinstance(obj, np.ndarray):
             items.append(InputItem(f"array[{i}]", array=obj))
         else:
-            raise TypeError(f"cannot use {type(obj).__name__} as an image: pass paths, Samples or numpy arrays")
+            raise TypeError(
+                f"cannot use {type(obj).__name__} as an image: pass paths, Samples or numpy arrays"
+            )
     return items
 
 
@@ -144,20 +147,36 @@ class Preprocess:
         if t.shape[0] != self.channels:
             # grayscale stays grayscale until here: only a 3-channel model gets it repeated
             t = t.mean(0, keepdim=True) if self.channels == 1 else t[:1].expand(self.channels, -1, -1)
-        t = F.interpolate(t[None], size=(self.image_size, self.image_size), mode="bilinear",
-                          align_corners=False, antialias=True)[0]
+        t = F.interpolate(
+            t[None],
+            size=(self.image_size, self.image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
         mean = torch.tensor(self.mean[: self.channels]).view(-1, 1, 1)
         std = torch.tensor(self.std[: self.channels]).view(-1, 1, 1)
         return (t - mean) / std
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "channels": self.channels, "mean": list(self.mean),
-                "std": list(self.std), "intensity": self.intensity}
+        return {
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "intensity": self.intensity,
+        }
 
 
-def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size: int, *,
-                 on_error: str = "raise", skip_log: SkipLog | None = None,
-                 progress: tqdm | None = None) -> Iterator[Batch]:
+def iter_batches(
+    items: Sequence[InputItem],
+    preprocess: Preprocess,
+    batch_size: int,
+    *,
+    on_error: str = "raise",
+    skip_log: SkipLog | None = None,
+    progress: tqdm | None = None,
+) -> Iterator[Batch]:
     """Read and preprocess in a background thread so decoding overlaps the model's compute."""
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
@@ -177,11 +196,14 @@ def iter_batches(items: Sequence[InputItem], preprocess: Preprocess, batch_size:
             keys.append(item.key)
             shapes.append(image.shape[:2])
             tensors.append(preprocess(image))
-        pixels = torch.stack(tensors) if tensors else torch.empty(0, preprocess.channels, preprocess.image_size,
-                                                                  preprocess.image_size)
+        pixels = (
+            torch.stack(tensors)
+            if tensors
+            else torch.empty(0, preprocess.channels, preprocess.image_size, preprocess.image_size)
+        )
         return Batch(keys, shapes, pixels), error
 
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(prepare, chunks[0]) if chunks else None
         for i in range(len(chunks)):

@@ -1,4 +1,5 @@
 """Progress bars on stderr (tqdm), silent when disabled or not wanted."""
+
 from __future__ import annotations
 
 import contextlib

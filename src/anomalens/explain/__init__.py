@@ -10,6 +10,7 @@ Methods (`explain_images(..., method=...)`):
 
 Maps from LIME and Grad-CAM lie in [0, 1] (1 = strongest evidence in that image).
 """
+
 from __future__ import annotations
 
 import time
@@ -23,14 +24,23 @@ from PIL import Image
 from anomalens.data.inputs import as_items, load_item
 from anomalens.explain.classifier import AnomalyClassifier, PseudoLabels, pseudo_labels, train_classifier
 from anomalens.explain.faithfulness import peak_point
+from anomalens.inference import Region, decide, find_regions, overlay_image
 from anomalens.models.base import Detector
 from anomalens.workflows.evaluate import Evaluation, gallery_indices
-from anomalens.inference import Region, decide, find_regions, overlay_image
 
 METHODS = ("map", "lime-score", "gradcam", "lime")
 
-__all__ = ["METHODS", "AnomalyClassifier", "Explanation", "PseudoLabels", "explain_images", "explanation_figure",
-           "gallery_explanations", "pseudo_labels", "train_classifier"]
+__all__ = [
+    "METHODS",
+    "AnomalyClassifier",
+    "Explanation",
+    "PseudoLabels",
+    "explain_images",
+    "explanation_figure",
+    "gallery_explanations",
+    "pseudo_labels",
+    "train_classifier",
+]
 
 # LIME on the score for a report's gallery images: a few seconds per image
 GALLERY_SEGMENTS, GALLERY_SAMPLES, GALLERY_NORMALS = 48, 96, 16
@@ -63,10 +73,18 @@ class Explanation:
         return peak_point(self.map)
 
 
-def explain_images(detector: Detector, images: Iterable | np.ndarray, method: str = "map", *,
-                   classifier: AnomalyClassifier | None = None, normal_images: Sequence | None = None,
-                   baseline: str = "auto", n_segments: int = 64, num_samples: int = 128,
-                   seed: int = 0) -> list[Explanation]:
+def explain_images(
+    detector: Detector,
+    images: Iterable | np.ndarray,
+    method: str = "map",
+    *,
+    classifier: AnomalyClassifier | None = None,
+    normal_images: Sequence | None = None,
+    baseline: str = "auto",
+    n_segments: int = 64,
+    num_samples: int = 128,
+    seed: int = 0,
+) -> list[Explanation]:
     """Explain each image with `method` (see the module docstring); `normal_images` (paths or arrays
     of good images) give LIME's replacement content, `classifier` is needed for gradcam and lime."""
     from anomalens.explain.cam import gradcam_maps
@@ -75,32 +93,61 @@ def explain_images(detector: Detector, images: Iterable | np.ndarray, method: st
     if method not in METHODS:
         raise ValueError(f"explanation method {method!r}: use one of {', '.join(METHODS)}")
     if method == "map" and not detector.localizes:
-        raise ValueError(f"{detector.name} scores whole images only (its map is constant): "
-                         "use method 'lime-score' to see where its score comes from")
+        raise ValueError(
+            f"{detector.name} scores whole images only (its map is constant): "
+            "use method 'lime-score' to see where its score comes from"
+        )
     if method in ("gradcam", "lime") and classifier is None:
-        raise ValueError(f"method {method!r} explains a classifier trained on the detector's pseudo-labels: "
-                         "pass classifier= (see train_classifier)")
+        raise ValueError(
+            f"method {method!r} explains a classifier trained on the detector's pseudo-labels: "
+            "pass classifier= (see train_classifier)"
+        )
     items = as_items(images)
     prediction = detector.predict(items)
     cal = prediction.calibration
     out = []
     for i, item in enumerate(items):
         start = time.perf_counter()
-        verdict = None if cal is None else decide(prediction.scores[i], prediction.maps[i], cal,
-                                                  localizes=detector.localizes)
+        verdict = (
+            None
+            if cal is None
+            else decide(prediction.scores[i], prediction.maps[i], cal, localizes=detector.localizes)
+        )
         if method == "map":
             amap = prediction.maps[i] if verdict is None else verdict.normalized_map
         elif method == "lime-score":
-            amap = lime_score_map(detector, load_item(item), normal_images, baseline=baseline,
-                                  n_segments=n_segments, num_samples=num_samples, seed=seed)
+            amap = lime_score_map(
+                detector,
+                load_item(item),
+                normal_images,
+                baseline=baseline,
+                n_segments=n_segments,
+                num_samples=num_samples,
+                seed=seed,
+            )
         elif method == "gradcam":
             amap = gradcam_maps(classifier, [load_item(item)])[0]
         else:
-            amap = lime_classifier_map(classifier, load_item(item), normal_images, baseline=baseline,
-                                       n_segments=n_segments, num_samples=num_samples, seed=seed)
-        out.append(Explanation(prediction.keys[i], method, amap, float(prediction.scores[i]),
-                               None if verdict is None else verdict.normalized_score,
-                               round(time.perf_counter() - start, 3), None if verdict is None else verdict.anomalous))
+            amap = lime_classifier_map(
+                classifier,
+                load_item(item),
+                normal_images,
+                baseline=baseline,
+                n_segments=n_segments,
+                num_samples=num_samples,
+                seed=seed,
+            )
+        out.append(
+            Explanation(
+                prediction.keys[i],
+                method,
+                amap,
+                float(prediction.scores[i]),
+                None if verdict is None else verdict.normalized_score,
+                round(time.perf_counter() - start, 3),
+                None if verdict is None else verdict.anomalous,
+            )
+        )
     return out
 
 
@@ -113,7 +160,9 @@ def explanation_figure(explanation: Explanation, image: np.ndarray, min_area: in
     return overlay_image(image, heat, explanation.regions(min_area), title, bool(explanation.flagged))
 
 
-def gallery_explanations(detector: Detector, evaluation: Evaluation, n_gallery: int = 6) -> dict[str, np.ndarray]:
+def gallery_explanations(
+    detector: Detector, evaluation: Evaluation, n_gallery: int = 6
+) -> dict[str, np.ndarray]:
     """LIME on the anomaly score (maps in [0, 1]) for the images an HTML report's gallery shows, keyed
     by image path; the test set's good images give LIME's normal content. For detectors whose own
     map is constant (classical ones): the report draws these instead."""
@@ -121,7 +170,13 @@ def gallery_explanations(detector: Detector, evaluation: Evaluation, n_gallery: 
 
     shown = sorted({i for idx in gallery_indices(evaluation, n_gallery).values() for i in idx})
     goods = [s.path for s in evaluation.samples if s.label == 0][:GALLERY_NORMALS]
-    return {str(evaluation.samples[i].path): lime_score_map(detector, evaluation.samples[i].path, goods or None,
-                                                            n_segments=GALLERY_SEGMENTS,
-                                                            num_samples=GALLERY_SAMPLES)
-            for i in shown}
+    return {
+        str(evaluation.samples[i].path): lime_score_map(
+            detector,
+            evaluation.samples[i].path,
+            goods or None,
+            n_segments=GALLERY_SEGMENTS,
+            num_samples=GALLERY_SAMPLES,
+        )
+        for i in shown
+    }

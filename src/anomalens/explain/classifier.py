@@ -5,6 +5,7 @@ backbone with a small head is fine-tuned on them (its last stage and the head tr
 frozen); its agreement with the detector on held-out pseudo-labelled images says how far its
 explanations can speak for the detector. Saved as one safetensors file with a JSON header.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ class PseudoLabels:
         return idx, np.concatenate([np.zeros(len(self.normal), int), np.ones(len(self.anomalous), int)])
 
 
-def pseudo_labels(scores: np.ndarray, anomalous_fraction: float = 0.2, normal_fraction: float = 0.5,
-                  threshold: float | None = None) -> PseudoLabels:
+def pseudo_labels(
+    scores: np.ndarray,
+    anomalous_fraction: float = 0.2,
+    normal_fraction: float = 0.5,
+    threshold: float | None = None,
+) -> PseudoLabels:
     """Top `anomalous_fraction` of scores = anomalous, bottom `normal_fraction` = normal.
 
     The images in between are the margin the detector is unsure about and are not used. With a
@@ -48,13 +53,17 @@ def pseudo_labels(scores: np.ndarray, anomalous_fraction: float = 0.2, normal_fr
     ones stay below it, so a set without defects yields no anomalous pseudo-labels.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    if not (0 < anomalous_fraction < 1 and 0 < normal_fraction < 1 and anomalous_fraction + normal_fraction <= 1):
-        raise ValueError(f"pseudo-label fractions must be in (0, 1) and sum to at most 1, got anomalous="
-                         f"{anomalous_fraction}, normal={normal_fraction}")
+    if not (
+        0 < anomalous_fraction < 1 and 0 < normal_fraction < 1 and anomalous_fraction + normal_fraction <= 1
+    ):
+        raise ValueError(
+            f"pseudo-label fractions must be in (0, 1) and sum to at most 1, got anomalous="
+            f"{anomalous_fraction}, normal={normal_fraction}"
+        )
     order = np.argsort(scores, kind="stable")
     n = len(scores)
     normal = order[: int(round(normal_fraction * n))]
-    anomalous = order[n - int(round(anomalous_fraction * n)):]
+    anomalous = order[n - int(round(anomalous_fraction * n)) :]
     if threshold is not None:
         normal, anomalous = normal[scores[normal] < threshold], anomalous[scores[anomalous] >= threshold]
     return PseudoLabels(anomalous=np.sort(anomalous), normal=np.sort(normal))
@@ -66,7 +75,9 @@ class AnomalyClassifier(nn.Module):
     def __init__(self, backbone: str = "efficientnet_lite0", layer: int = 3, image_size: int = 128) -> None:
         super().__init__()
         if backbone.startswith("torchvision:"):
-            raise BackboneError("the explanation classifier takes timm backbones (e.g. efficientnet_lite0, resnet18)")
+            raise BackboneError(
+                "the explanation classifier takes timm backbones (e.g. efficientnet_lite0, resnet18)"
+            )
         self.config = {"backbone": backbone, "layer": int(layer), "image_size": int(image_size)}
         self.extractor = build_backbone(BackboneSpec(name=backbone, layers=(int(layer),)), device="cpu")
         self.head = nn.Linear(self.extractor.channels[-1], 2)
@@ -106,11 +117,22 @@ class AnomalyClassifier(nn.Module):
         """P(anomalous) per image."""
         self.eval()
         x = self.pixels(images)
-        return np.concatenate([F.softmax(self(x[i:i + batch_size]), dim=1)[:, 1].numpy()
-                               for i in range(0, len(x), batch_size)])
+        return np.concatenate(
+            [
+                F.softmax(self(x[i : i + batch_size]), dim=1)[:, 1].numpy()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
-    def fit(self, images: Iterable | np.ndarray, labels: np.ndarray, epochs: int = 30, lr: float = 1e-3,
-            batch_size: int = 16, seed: int = 0) -> "AnomalyClassifier":
+    def fit(
+        self,
+        images: Iterable | np.ndarray,
+        labels: np.ndarray,
+        epochs: int = 30,
+        lr: float = 1e-3,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> AnomalyClassifier:
         """Fine-tune the last stage and the head on (image, 0/1 label) pairs, both classes needed.
 
         Horizontal and vertical flips of the cached stage inputs augment the few images; the loss
@@ -118,7 +140,9 @@ class AnomalyClassifier(nn.Module):
         """
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if set(labels.tolist()) != {0, 1}:
-            raise ValueError("the explanation classifier needs both anomalous and normal pseudo-labelled images")
+            raise ValueError(
+                "the explanation classifier needs both anomalous and normal pseudo-labelled images"
+            )
         torch.manual_seed(seed)
         inputs = torch.cat([self._last_stage_inputs(chunk) for chunk in self.pixels(images).split(32)])
         counts = torch.bincount(labels, minlength=2).float()
@@ -132,7 +156,9 @@ class AnomalyClassifier(nn.Module):
                 x = inputs[idx]
                 flips = [d for d, p in ((2, 0.5), (3, 0.5)) if torch.rand(1, generator=gen).item() < p]
                 x = x.flip(flips) if flips else x
-                loss = F.cross_entropy(self.head(self.last_stage(x).mean(dim=(2, 3))), labels[idx], weight=weight)
+                loss = F.cross_entropy(
+                    self.head(self.last_stage(x).mean(dim=(2, 3))), labels[idx], weight=weight
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -145,12 +171,19 @@ class AnomalyClassifier(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"anomalens": json.dumps(
-            {"format": CLASSIFIER_FORMAT, "config": self.config, "info": self.info})})
+        save_file(
+            state,
+            str(path),
+            metadata={
+                "anomalens": json.dumps(
+                    {"format": CLASSIFIER_FORMAT, "config": self.config, "info": self.info}
+                )
+            },
+        )
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AnomalyClassifier":
+    def load(cls, path: str | Path) -> AnomalyClassifier:
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"classifier file '{path}' not found")
@@ -159,21 +192,34 @@ class AnomalyClassifier(nn.Module):
                 header = json.loads((f.metadata() or {})["anomalens"])
             state = load_file(str(path))
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-            raise ModelFileError(f"'{path}' is not an anomalens explanation classifier "
-                                 f"({type(err).__name__})") from None
+            raise ModelFileError(
+                f"'{path}' is not an anomalens explanation classifier ({type(err).__name__})"
+            ) from None
         if header.get("format") != CLASSIFIER_FORMAT:
-            raise ModelFileError(f"'{path}' is not an anomalens explanation classifier "
-                                 f"(format {header.get('format')!r}, expected {CLASSIFIER_FORMAT!r})")
+            raise ModelFileError(
+                f"'{path}' is not an anomalens explanation classifier "
+                f"(format {header.get('format')!r}, expected {CLASSIFIER_FORMAT!r})"
+            )
         model = cls(**header["config"])
         model.load_state_dict(state)
         model.info = header.get("info", {})
         return model.eval()
 
 
-def train_classifier(detector_scores: np.ndarray, images: list, *, anomalous_fraction: float = 0.2,
-                     normal_fraction: float = 0.5, threshold: float | None = None, holdout_fraction: float = 0.25,
-                     backbone: str = "efficientnet_lite0", layer: int = 3, image_size: int = 128,
-                     epochs: int = 30, seed: int = 0) -> AnomalyClassifier:
+def train_classifier(
+    detector_scores: np.ndarray,
+    images: list,
+    *,
+    anomalous_fraction: float = 0.2,
+    normal_fraction: float = 0.5,
+    threshold: float | None = None,
+    holdout_fraction: float = 0.25,
+    backbone: str = "efficientnet_lite0",
+    layer: int = 3,
+    image_size: int = 128,
+    epochs: int = 30,
+    seed: int = 0,
+) -> AnomalyClassifier:
     """Pseudo-label `images` by the detector's scores, fine-tune a classifier on part of them and
     measure its agreement with the detector on the rest (`classifier.info['agreement']`)."""
     if len(images) != len(detector_scores):
@@ -185,12 +231,18 @@ def train_classifier(detector_scores: np.ndarray, images: list, *, anomalous_fra
     for c in (0, 1):  # stratified: both classes in training and in the held-out check
         members = np.flatnonzero(labels == c)
         if len(members) < 2:
-            raise ValueError(f"only {len(members)} {'anomalous' if c else 'normal'} pseudo-labelled image(s): "
-                             "give more images or larger pseudo-label fractions")
+            raise ValueError(
+                f"only {len(members)} {'anomalous' if c else 'normal'} pseudo-labelled image(s): "
+                "give more images or larger pseudo-label fractions"
+            )
         held[rng.choice(members, max(1, int(round(holdout_fraction * len(members)))), replace=False)] = True
     model = AnomalyClassifier(backbone, layer, image_size)
     model.fit([images[i] for i in idx[~held]], labels[~held], epochs=epochs, seed=seed)
     predicted = model.predict_proba([images[i] for i in idx[held]]) >= 0.5
-    model.info.update(agreement=round(float((predicted == labels[held]).mean()), 4), n_holdout=int(held.sum()),
-                      anomalous_fraction=anomalous_fraction, normal_fraction=normal_fraction)
+    model.info.update(
+        agreement=round(float((predicted == labels[held]).mean()), 4),
+        n_holdout=int(held.sum()),
+        anomalous_fraction=anomalous_fraction,
+        normal_fraction=normal_fraction,
+    )
     return model

@@ -8,6 +8,7 @@
   are replaced with normal content; a faithful map makes it drop fast (low area under the curve),
   compared with deleting the same number of pixels in random order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -45,24 +46,37 @@ def pointing_hit(explanation: np.ndarray, mask: np.ndarray, tolerance: int = 4) 
         raise ValueError(f"explanation map {np.shape(explanation)} and mask {np.shape(mask)} differ in shape")
     point = peak_point(explanation)
     mask = np.asarray(mask, bool)
-    return bool(point is not None and mask.any()
-                and ndimage.distance_transform_edt(~mask)[point[1], point[0]] <= tolerance)
+    return bool(
+        point is not None
+        and mask.any()
+        and ndimage.distance_transform_edt(~mask)[point[1], point[0]] <= tolerance
+    )
 
 
-def faithfulness_summary(explanations: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                         tolerance: int = 4) -> dict:
+def faithfulness_summary(
+    explanations: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerance: int = 4
+) -> dict:
     """Mean per-image pixel AUROC and pointing-game hit rate over the images with a non-empty mask."""
     pairs = [(e, m) for e, m in zip(explanations, masks) if m is not None and np.asarray(m).any()]
     if not pairs:
         raise ValueError("faithfulness needs at least one image with a non-empty ground-truth mask")
     aurocs = [a for a in (explanation_auroc(e, m) for e, m in pairs) if a is not None]
     hits = [pointing_hit(e, m, tolerance) for e, m in pairs]
-    return {"pixel_auroc": float(np.mean(aurocs)) if aurocs else None, "pointing_game": float(np.mean(hits)),
-            "n_images": len(pairs)}
+    return {
+        "pixel_auroc": float(np.mean(aurocs)) if aurocs else None,
+        "pointing_game": float(np.mean(hits)),
+        "n_images": len(pairs),
+    }
 
 
-def deletion_curve(score: Callable[[np.ndarray], np.ndarray], image: np.ndarray, explanation: np.ndarray,
-                   baseline: np.ndarray, fractions: Sequence[float] = DELETION_FRACTIONS, seed: int = 0) -> dict:
+def deletion_curve(
+    score: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    explanation: np.ndarray,
+    baseline: np.ndarray,
+    fractions: Sequence[float] = DELETION_FRACTIONS,
+    seed: int = 0,
+) -> dict:
     """Scores as the top `fractions` of explained pixels are replaced with `baseline` (normal content),
     and the same for a random pixel order; all images go to `score` in one batch.
 
@@ -82,8 +96,12 @@ def deletion_curve(score: Callable[[np.ndarray], np.ndarray], image: np.ndarray,
             gone = gone.reshape(explanation.shape)
             batch.append(np.where(gone[..., None] if image.ndim == 3 else gone, baseline, image))
     values = np.asarray(score(np.stack(batch)), np.float64)
-    explained, rand = values[: len(fractions)], values[len(fractions):]
+    explained, rand = values[: len(fractions)], values[len(fractions) :]
     span = max(fractions[-1] - fractions[0], 1e-12)
-    return {"fractions": fractions.tolist(), "scores": explained.tolist(), "random_scores": rand.tolist(),
-            "auc": float(np.trapezoid(explained, fractions) / span),
-            "random_auc": float(np.trapezoid(rand, fractions) / span)}
+    return {
+        "fractions": fractions.tolist(),
+        "scores": explained.tolist(),
+        "random_scores": rand.tolist(),
+        "auc": float(np.trapezoid(explained, fractions) / span),
+        "random_auc": float(np.trapezoid(rand, fractions) / span),
+    }

@@ -7,6 +7,7 @@ content (the nearest normal image, the mean of normal images, or a blur of the i
 removing a defect lowers the score. The perturbed images are built in one vectorized step and
 scored in batches; the weighted ridge fit is the `lime` package's LimeBase, with lime_image's kernel.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -40,7 +41,9 @@ def _fit_shape(array: np.ndarray, like: np.ndarray) -> np.ndarray:
     return resize(array, like.shape, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
-def baseline_image(image: np.ndarray, normal_images: Sequence | None = None, kind: str = "auto") -> np.ndarray:
+def baseline_image(
+    image: np.ndarray, normal_images: Sequence | None = None, kind: str = "auto"
+) -> np.ndarray:
     """What a switched-off superpixel shows.
 
     "normal": the normal image closest to `image` (on 32 px thumbnails), so replaced patches carry
@@ -54,7 +57,9 @@ def baseline_image(image: np.ndarray, normal_images: Sequence | None = None, kin
         kind = "normal" if normal_images is not None and len(normal_images) else "blur"
     if kind == "blur":
         sigma = max(image.shape[:2]) / 16
-        return gaussian_filter(image, sigma=(sigma, sigma, 0) if image.ndim == 3 else sigma).astype(np.float32)
+        return gaussian_filter(image, sigma=(sigma, sigma, 0) if image.ndim == 3 else sigma).astype(
+            np.float32
+        )
     if normal_images is None or not len(normal_images):
         raise ValueError(f"baseline {kind!r} needs normal images")
     normals = [_fit_shape(_image(n), image) for n in normal_images]
@@ -67,13 +72,25 @@ def baseline_image(image: np.ndarray, normal_images: Sequence | None = None, kin
 
 def superpixels(image: np.ndarray, n_segments: int = 64, compactness: float = 10.0) -> np.ndarray:
     """SLIC superpixel labels 0..K-1 (K close to `n_segments`)."""
-    return slic(image, n_segments=n_segments, compactness=compactness, start_label=0,
-                channel_axis=-1 if image.ndim == 3 else None)
+    return slic(
+        image,
+        n_segments=n_segments,
+        compactness=compactness,
+        start_label=0,
+        channel_axis=-1 if image.ndim == 3 else None,
+    )
 
 
-def lime_map(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], baseline: np.ndarray,
-             n_segments: int = 64, num_samples: int = 128, batch_size: int = 32, seed: int = 0,
-             compactness: float = 10.0) -> np.ndarray:
+def lime_map(
+    image: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    baseline: np.ndarray,
+    n_segments: int = 64,
+    num_samples: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    compactness: float = 10.0,
+) -> np.ndarray:
     """LIME weight of each superpixel for `predict` (a batch (N, H, W[, C]) -> (N,) values), painted
     on its pixels; positive weights scaled to [0, 1], the rest 0."""
     segments = superpixels(image, n_segments, compactness)
@@ -83,13 +100,15 @@ def lime_map(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], bas
     data[0] = 1  # the unperturbed image, as lime_image does
     values = []
     for start in range(0, num_samples, batch_size):
-        keep = data[start:start + batch_size][:, segments].astype(bool)  # (b, H, W)
+        keep = data[start : start + batch_size][:, segments].astype(bool)  # (b, H, W)
         keep = keep[..., None] if image.ndim == 3 else keep
         values.append(np.asarray(predict(np.where(keep, image[None], baseline[None])), dtype=np.float64))
     labels = np.concatenate(values)[:, None]
     distances = pairwise_distances(data, data[:1], metric="cosine").ravel()
-    lime = LimeBase(lambda d: np.sqrt(np.exp(-(d ** 2) / KERNEL_WIDTH ** 2)), random_state=seed)
-    _, weights, _, _ = lime.explain_instance_with_data(data, labels, distances, 0, n_seg, feature_selection="none")
+    lime = LimeBase(lambda d: np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2)), random_state=seed)
+    _, weights, _, _ = lime.explain_instance_with_data(
+        data, labels, distances, 0, n_seg, feature_selection="none"
+    )
     per_segment = np.zeros(n_seg)
     for feature, weight in weights:
         per_segment[feature] = weight
@@ -100,26 +119,56 @@ def lime_map(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], bas
 
 def detector_score_fn(detector: Detector) -> Callable[[np.ndarray], np.ndarray]:
     """Batch of images -> the detector's scores (normalized when it is calibrated)."""
+
     def score(batch: np.ndarray) -> np.ndarray:
         prediction = detector.predict(list(batch))
         normalized = prediction.normalized_scores
         return prediction.scores if normalized is None else normalized
+
     return score
 
 
-def lime_score_map(detector: Detector, image, normal_images: Sequence | None = None, *, baseline: str = "auto",
-                   n_segments: int = 64, num_samples: int = 128, seed: int = 0) -> np.ndarray:
+def lime_score_map(
+    detector: Detector,
+    image,
+    normal_images: Sequence | None = None,
+    *,
+    baseline: str = "auto",
+    n_segments: int = 64,
+    num_samples: int = 128,
+    seed: int = 0,
+) -> np.ndarray:
     """LIME on the anomaly score itself: any detector (classical ones included) gets a map in [0, 1]
     at the image's resolution, without a second model. `image`: a path or an array."""
     array = _image(image)
-    return lime_map(array, detector_score_fn(detector), baseline_image(array, normal_images, baseline),
-                    n_segments, num_samples, batch_size=max(8, detector.options["batch_size"]), seed=seed)
+    return lime_map(
+        array,
+        detector_score_fn(detector),
+        baseline_image(array, normal_images, baseline),
+        n_segments,
+        num_samples,
+        batch_size=max(8, detector.options["batch_size"]),
+        seed=seed,
+    )
 
 
-def lime_classifier_map(classifier: AnomalyClassifier, image, normal_images: Sequence | None = None, *,
-                        baseline: str = "auto", n_segments: int = 64, num_samples: int = 128,
-                        seed: int = 0) -> np.ndarray:
+def lime_classifier_map(
+    classifier: AnomalyClassifier,
+    image,
+    normal_images: Sequence | None = None,
+    *,
+    baseline: str = "auto",
+    n_segments: int = 64,
+    num_samples: int = 128,
+    seed: int = 0,
+) -> np.ndarray:
     """LIME on the explanation classifier's P(anomalous): a map in [0, 1] at the image's resolution."""
     array = _image(image)
-    return lime_map(array, lambda batch: classifier.predict_proba(list(batch)),
-                    baseline_image(array, normal_images, baseline), n_segments, num_samples, seed=seed)
+    return lime_map(
+        array,
+        lambda batch: classifier.predict_proba(list(batch)),
+        baseline_image(array, normal_images, baseline),
+        n_segments,
+        num_samples,
+        seed=seed,
+    )

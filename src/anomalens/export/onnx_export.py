@@ -8,6 +8,7 @@ image at its own resolution, before resizing, which a graph at model resolution 
 The ONNX metadata_props key "anomalens" holds a JSON header: detector, options, calibration,
 threshold, input description, anomalens version and the parity measured at export.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,15 +54,20 @@ class ExportGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(preprocess.mean[:c]).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std[:c]).view(1, c, 1, 1))
         # an uncalibrated detector exports its raw values as the "normalized" ones
-        cal = calibration or Calibration(threshold=1.0, center=0.0, pixel_threshold=1.0, pixel_center=0.0,
-                                         quantile=1.0, n_images=0)
+        cal = calibration or Calibration(
+            threshold=1.0, center=0.0, pixel_threshold=1.0, pixel_center=0.0, quantile=1.0, n_images=0
+        )
         self.center, self.scale = cal.center, _scale(cal.threshold, cal.center)
         self.pixel_center, self.pixel_scale = cal.pixel_center, _scale(cal.pixel_threshold, cal.pixel_center)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         scores, maps = self.core((image - self.mean) / self.std)  # the same arithmetic as Preprocess
-        return (scores, (scores - self.center) / self.scale,
-                maps, (maps - self.pixel_center) / self.pixel_scale)
+        return (
+            scores,
+            (scores - self.center) / self.scale,
+            maps,
+            (maps - self.pixel_center) / self.pixel_scale,
+        )
 
 
 def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
@@ -77,12 +83,15 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
         raise ExportError(f"{detector.name} is not fitted: fit it or load a model file first")
     core = detector.inference_module()
     if core is None:
-        raise NotExportableError(f"{detector.name} cannot be exported to ONNX: its scoring is not a neural "
-                                 "network graph (classical detectors run scikit-learn/PyOD models)")
+        raise NotExportableError(
+            f"{detector.name} cannot be exported to ONNX: its scoring is not a neural "
+            "network graph (classical detectors run scikit-learn/PyOD models)"
+        )
     pre = detector.preprocess()
     graph = ExportGraph(core, pre, detector.decision_calibration).eval()
-    example = torch.rand(2, pre.channels, pre.image_size, pre.image_size,
-                         generator=torch.Generator().manual_seed(0))  # batch 2: no shape fixed to 1
+    example = torch.rand(
+        2, pre.channels, pre.image_size, pre.image_size, generator=torch.Generator().manual_seed(0)
+    )  # batch 2: no shape fixed to 1
     with torch.no_grad():
         graph(example)  # an eager call first builds cached constants (smoothing matrices) outside the trace
     path = Path(path)
@@ -93,19 +102,30 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
             with torch.no_grad(), warnings.catch_warnings():
                 # TracerWarnings about Python ints taken from shapes are expected: S is fixed by design
                 warnings.simplefilter("ignore")
-                torch.onnx.export(graph, (example,), str(tmp), dynamo=False,  # dynamo needs onnxscript
-                                  opset_version=opset, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                  dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
-                                  do_constant_folding=True)
+                torch.onnx.export(
+                    graph,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,  # dynamo needs onnxscript
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
+                    do_constant_folding=True,
+                )
         except Exception as exc:  # the exporter fails with many error types
             # e.g. "kernel of unknown shape": a kernel or channel count built from a tensor's size
             # is unknown along the dynamic batch axis; int(...) sizes or a buffer avoid it
             first_line = (str(exc).splitlines() or [""])[0][:300]
-            raise ExportError(f"ONNX export of {detector.name} failed ({type(exc).__name__}: {first_line})") from exc
+            raise ExportError(
+                f"ONNX export of {detector.name} failed ({type(exc).__name__}: {first_line})"
+            ) from exc
         parity = check_parity(detector, tmp, example.numpy())
         if not parity["ok"]:
-            raise ExportError(f"ONNX export of {detector.name} does not reproduce its scores: max |score diff| "
-                              f"{parity['max_score_diff']:.3g}, max |map diff| {parity['max_map_diff']:.3g}")
+            raise ExportError(
+                f"ONNX export of {detector.name} does not reproduce its scores: max |score diff| "
+                f"{parity['max_score_diff']:.3g}, max |map diff| {parity['max_map_diff']:.3g}"
+            )
         model = onnx.load(str(tmp))
         model.producer_name, model.producer_version = "anomalens", __version__
         model.doc_string = f"anomalens {detector.name} detector; see the '{METADATA_KEY}' metadata entry"
@@ -122,15 +142,28 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
     """The JSON header stored in the ONNX file: everything needed to use it without anomalens' model file."""
     cal, decision = detector.calibration, detector.decision_calibration
     return {
-        "format": "anomalens-onnx", "format_version": FORMAT_VERSION, "anomalens_version": __version__,
-        "detector": detector.name, "options": detector.options, "localizes": detector.localizes,
-        "calibration": cal.to_dict() if cal else None, "operating_point": detector.operating_point,
+        "format": "anomalens-onnx",
+        "format_version": FORMAT_VERSION,
+        "anomalens_version": __version__,
+        "detector": detector.name,
+        "options": detector.options,
+        "localizes": detector.localizes,
+        "calibration": cal.to_dict() if cal else None,
+        "operating_point": detector.operating_point,
         "threshold": decision.threshold if decision else None,  # the image score that flags, as normalized
-        "fit_info": detector.fit_info, "opset": opset,
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
-                  "channels": preprocess.channels, "size": [preprocess.image_size, preprocess.image_size],
-                  "resize": "bilinear, antialiased, from the image's own size",
-                  "intensity": preprocess.intensity, "intensity_applied": "before resizing, outside the graph"},
+        "fit_info": detector.fit_info,
+        "opset": opset,
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "channels": preprocess.channels,
+            "size": [preprocess.image_size, preprocess.image_size],
+            "resize": "bilinear, antialiased, from the image's own size",
+            "intensity": preprocess.intensity,
+            "intensity_applied": "before resizing, outside the graph",
+        },
         "preprocess": preprocess.to_dict(),
         "outputs": list(OUTPUT_NAMES),
         "parity": parity,
@@ -144,12 +177,14 @@ def check_parity(detector, onnx_path: str | Path, images: np.ndarray) -> dict[st
     c = pre.channels
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     ref_scores, ref_maps = detector.score_batch(
-        (x - torch.tensor(pre.mean[:c]).view(1, c, 1, 1)) / torch.tensor(pre.std[:c]).view(1, c, 1, 1))
+        (x - torch.tensor(pre.mean[:c]).view(1, c, 1, 1)) / torch.tensor(pre.std[:c]).view(1, c, 1, 1)
+    )
     scores, _, maps, _ = ort_session(onnx_path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
     score_diff = float(np.abs(scores - ref_scores).max())
     map_diff = float(np.abs(maps - ref_maps).max())
-    ok = (score_diff <= TOLERANCE * max(1.0, float(np.abs(ref_scores).max()))
-          and map_diff <= TOLERANCE * max(1.0, float(np.abs(ref_maps).max())))
+    ok = score_diff <= TOLERANCE * max(1.0, float(np.abs(ref_scores).max())) and map_diff <= TOLERANCE * max(
+        1.0, float(np.abs(ref_maps).max())
+    )
     return {"max_score_diff": score_diff, "max_map_diff": map_diff, "n_images": int(x.shape[0]), "ok": ok}
 
 

@@ -1,4 +1,5 @@
 """Score images with an exported ONNX file through ONNX Runtime, as the torch detector does."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ class OnnxDetector:
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, batch_size: int | None = None) -> "OnnxDetector":
+    def load(
+        cls, path: str | Path, threads: int | None = None, batch_size: int | None = None
+    ) -> OnnxDetector:
         """Open an exported .onnx file, or a model file (exported on first use and cached)."""
         path = Path(path)
         if not path.is_file():
@@ -47,10 +50,14 @@ class OnnxDetector:
         try:
             metadata = json.loads(raw)
         except (TypeError, json.JSONDecodeError):
-            raise ModelFileError(f"'{path}' is not an anomalens ONNX export (no '{METADATA_KEY}' metadata)") from None
+            raise ModelFileError(
+                f"'{path}' is not an anomalens ONNX export (no '{METADATA_KEY}' metadata)"
+            ) from None
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ModelFileError(f"'{path}' has ONNX export format {metadata.get('format_version')}, "
-                                 f"this anomalens reads format {FORMAT_VERSION}")
+            raise ModelFileError(
+                f"'{path}' has ONNX export format {metadata.get('format_version')}, "
+                f"this anomalens reads format {FORMAT_VERSION}"
+            )
         detector = cls(path, session, metadata)
         if batch_size:
             detector.options["batch_size"] = int(batch_size)
@@ -69,8 +76,9 @@ class OnnxDetector:
         p = self.metadata["preprocess"]
         expected = (p["channels"], p["image_size"], p["image_size"])
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"{self.path}: expected images of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"{self.path}: expected images of shape (B, {', '.join(map(str, expected))}), got {x.shape}"
+            )
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})))
 
     def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -83,12 +91,14 @@ class OnnxDetector:
 
     # the loops every `Inferencer` shares: reading, batching, skip-and-log, map resizing and the
     # Prediction are the same for both runtimes
-    def iter_predict(self, images, *, progress: bool = False, on_error: str = "raise",
-                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+    def iter_predict(
+        self, images, *, progress: bool = False, on_error: str = "raise", skip_log: SkipLog | None = None
+    ) -> Iterator[tuple[str, float, np.ndarray]]:
         return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
 
-    def predict(self, images, *, progress: bool = False, on_error: str = "raise", calibrated: bool = True
-                ) -> Prediction:
+    def predict(
+        self, images, *, progress: bool = False, on_error: str = "raise", calibrated: bool = True
+    ) -> Prediction:
         return predict(self, images, progress=progress, on_error=on_error, calibrated=calibrated)
 
     def __repr__(self) -> str:

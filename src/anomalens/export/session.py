@@ -1,4 +1,5 @@
 """One way to open an ONNX file in ONNX Runtime on the CPU, for the export's parity check and the runtime."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """What an inspector looks at: the image | the image under its heat map, with region boxes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,9 @@ def _to_rgb8(image: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
-def overlay_image(image: np.ndarray, normalized_map: np.ndarray, regions: list[Region], title: str,
-                  flagged: bool) -> Image.Image:
+def overlay_image(
+    image: np.ndarray, normalized_map: np.ndarray, regions: list[Region], title: str, flagged: bool
+) -> Image.Image:
     """Side by side: the image, and the image under a heat map (transparent below half the
     threshold so good texture stays visible) with region boxes; a header line with the verdict."""
     base = _to_rgb8(image).astype(np.float32)
@@ -29,8 +31,9 @@ def overlay_image(image: np.ndarray, normalized_map: np.ndarray, regions: list[R
     canvas.paste(Image.fromarray(blended), (w + 4, header))
     draw = ImageDraw.Draw(canvas)
     for r in regions:
-        draw.rectangle([w + 4 + r.x0, header + r.y0, w + 4 + r.x1 - 1, header + r.y1 - 1], outline=(255, 0, 255),
-                       width=2)
+        draw.rectangle(
+            [w + 4 + r.x0, header + r.y0, w + 4 + r.x1 - 1, header + r.y1 - 1], outline=(255, 0, 255), width=2
+        )
     draw.text((3, 3), title, fill=(200, 0, 0) if flagged else (0, 110, 0))
     return canvas
 
@@ -41,5 +44,10 @@ def verdict_title(name: str, normalized_score: float, anomalous: bool) -> str:
 
 def verdict_overlay(image: np.ndarray, verdict: Verdict, name: str) -> Image.Image:
     """The overlay of one verdict, titled with the image's name, normalized score and verdict."""
-    return overlay_image(image, verdict.normalized_map, verdict.regions,
-                         verdict_title(name, verdict.normalized_score, verdict.anomalous), verdict.anomalous)
+    return overlay_image(
+        image,
+        verdict.normalized_map,
+        verdict.regions,
+        verdict_title(name, verdict.normalized_score, verdict.anomalous),
+        verdict.anomalous,
+    )

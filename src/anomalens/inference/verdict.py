@@ -5,6 +5,7 @@ the normalized score and the defect regions. `predict`, `score`, the service, th
 the HTML report and `explain` all call it, so an image is judged the same way wherever it is
 scored.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -33,14 +34,19 @@ class Region:
         return asdict(self)
 
 
-def find_regions(normalized_map: np.ndarray, min_area: int = MIN_REGION_AREA, min_share: float = 0.0,
-                 threshold: float = 1.0) -> list[Region]:
+def find_regions(
+    normalized_map: np.ndarray,
+    min_area: int = MIN_REGION_AREA,
+    min_share: float = 0.0,
+    threshold: float = 1.0,
+) -> list[Region]:
     """Connected areas where the normalized map reaches `threshold` (1.0 = the calibrated pixel
     threshold), largest first; specks under `min_area` pixels or `min_share` of the image are
     noise from smoothing, not defects."""
     if min_area < 0 or not 0.0 <= min_share < 1.0:
-        raise ValueError(f"smallest region: min_area must be >= 0 and min_share in [0, 1), "
-                         f"got {min_area} and {min_share}")
+        raise ValueError(
+            f"smallest region: min_area must be >= 0 and min_share in [0, 1), got {min_area} and {min_share}"
+        )
     labeled, _ = ndimage.label(normalized_map >= threshold, structure=np.ones((3, 3), bool))
     smallest = max(min_area, min_share * normalized_map.size)
     regions = []
@@ -49,8 +55,18 @@ def find_regions(normalized_map: np.ndarray, min_area: int = MIN_REGION_AREA, mi
         area = int(inside.sum())
         if area >= smallest:
             values = normalized_map[sl][inside]
-            regions.append(Region(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, area, float(values.max()),
-                                  round(area / normalized_map.size, 6), float(values.mean())))
+            regions.append(
+                Region(
+                    sl[1].start,
+                    sl[0].start,
+                    sl[1].stop,
+                    sl[0].stop,
+                    area,
+                    float(values.max()),
+                    round(area / normalized_map.size, 6),
+                    float(values.mean()),
+                )
+            )
     return sorted(regions, key=lambda r: -r.area)
 
 
@@ -70,12 +86,24 @@ class Verdict:
 
     def to_dict(self) -> dict:
         """JSON-safe: scores, verdict and regions (the map stays out)."""
-        return {"score": self.score, "normalized_score": self.normalized_score, "anomalous": self.anomalous,
-                "decision": self.decision, "regions": [r.to_dict() for r in self.regions]}
+        return {
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "anomalous": self.anomalous,
+            "decision": self.decision,
+            "regions": [r.to_dict() for r in self.regions],
+        }
 
 
-def decide(score: float, anomaly_map: np.ndarray, calibration: Calibration, *, localizes: bool = True,
-           min_area: int = MIN_REGION_AREA, min_share: float = 0.0) -> Verdict:
+def decide(
+    score: float,
+    anomaly_map: np.ndarray,
+    calibration: Calibration,
+    *,
+    localizes: bool = True,
+    min_area: int = MIN_REGION_AREA,
+    min_share: float = 0.0,
+) -> Verdict:
     """The verdict on one image from its raw score and raw anomaly map (at the image's resolution).
 
     `calibration` is the one that decides (a model's `decision_calibration`: its threshold moved to
@@ -84,6 +112,10 @@ def decide(score: float, anomaly_map: np.ndarray, calibration: Calibration, *, l
     """
     normalized_map = calibration.normalize_map(anomaly_map)
     regions = find_regions(normalized_map, min_area, min_share) if localizes else []
-    return Verdict(score=float(score), normalized_score=float(calibration.normalize(score)),
-                   anomalous=bool(calibration.is_anomalous(score)), normalized_map=normalized_map,
-                   regions=regions)
+    return Verdict(
+        score=float(score),
+        normalized_score=float(calibration.normalize(score)),
+        anomalous=bool(calibration.is_anomalous(score)),
+        normalized_map=normalized_map,
+        regions=regions,
+    )

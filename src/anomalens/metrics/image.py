@@ -113,13 +113,18 @@ def full_recall_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, Any]:
     threshold = float(s[y].min())
     flagged = s >= threshold
     n_good = int((~y).sum())
-    return {"threshold_at_full_recall": threshold,
-            "fpr_at_full_recall": float((flagged & ~y).sum() / n_good) if n_good else 0.0,
-            "accuracy_at_full_recall": float((flagged == y).mean())}
+    return {
+        "threshold_at_full_recall": threshold,
+        "fpr_at_full_recall": float((flagged & ~y).sum() / n_good) if n_good else 0.0,
+        "accuracy_at_full_recall": float((flagged == y).mean()),
+    }
 
 
 def high_recall_metrics(labels: ArrayLike, scores: ArrayLike, min_tpr: float = 0.9) -> dict[str, Any]:
     """Metrics for lines that must not miss defects: partial AUROC over TPR in [min_tpr, 1], and
     FPR, accuracy and threshold at 100 % recall."""
-    return {"image_pauroc_high_recall": partial_auroc_high_recall(labels, scores, min_tpr),
-            "pauroc_min_tpr": min_tpr, **full_recall_metrics(labels, scores)}
+    return {
+        "image_pauroc_high_recall": partial_auroc_high_recall(labels, scores, min_tpr),
+        "pauroc_min_tpr": min_tpr,
+        **full_recall_metrics(labels, scores),
+    }

@@ -132,7 +132,9 @@ def _auroc_ap(pairs: list[Pair], n_pixels: int, max_pixels: int) -> tuple[float 
         neg.append(s[~y])
     pos_all, neg_all = np.concatenate(pos), np.concatenate(neg)
     if not pos_all.size or not neg_all.size:
-        warnings.warn("pixel subsample lacks one class; pixel AUROC/AP reported as None", UserWarning, stacklevel=3)
+        warnings.warn(
+            "pixel subsample lacks one class; pixel AUROC/AP reported as None", UserWarning, stacklevel=3
+        )
         return None, None, subsample
     auroc, ap = _binary_auroc_ap(pos_all, neg_all)
     return auroc, ap, subsample
@@ -216,9 +218,9 @@ def pixel_metrics(
     return result
 
 
-
-def pixel_f1_at_threshold(masks: Sequence[ArrayLike | None], maps: Sequence[ArrayLike],
-                          threshold: float) -> dict[str, Any]:
+def pixel_f1_at_threshold(
+    masks: Sequence[ArrayLike | None], maps: Sequence[ArrayLike], threshold: float
+) -> dict[str, Any]:
     """Pixel precision, recall and F1 when a pixel is called defective iff its map value >= threshold
     (the calibrated pixel threshold tau), pooled over all images whose mask is not None."""
     tp = fp = fn = 0
@@ -230,5 +232,9 @@ def pixel_f1_at_threshold(masks: Sequence[ArrayLike | None], maps: Sequence[Arra
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"pixel_threshold": float(threshold), "pixel_precision": precision, "pixel_recall": recall,
-            "pixel_f1": f1}
+    return {
+        "pixel_threshold": float(threshold),
+        "pixel_precision": precision,
+        "pixel_recall": recall,
+        "pixel_f1": f1,
+    }

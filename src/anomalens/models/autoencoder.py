@@ -5,6 +5,7 @@ The autoencoder learns to reconstruct good images; a defect is reconstructed bad
 per-pixel residual (squared error or 1 - SSIM, max over channels, Gaussian-smoothed) is the
 anomaly map and its maximum the image score (`components.reconstruction.ResidualMap`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,9 +53,11 @@ class ConvEncoder(nn.Module):
             if 0 < i < depth - 1:
                 layers.append(_block(nn.Conv2d(c, c, 3, 1, 1), c))
             c_in = c
-        layers += [_block(nn.Conv2d(c_in, width * 2, 3, 1, 1), width * 2),
-                   _block(nn.Conv2d(width * 2, width, 3, 1, 1), width),
-                   nn.Conv2d(width, latent, grid)]  # linear bottleneck
+        layers += [
+            _block(nn.Conv2d(c_in, width * 2, 3, 1, 1), width * 2),
+            _block(nn.Conv2d(width * 2, width, 3, 1, 1), width),
+            nn.Conv2d(width, latent, grid),
+        ]  # linear bottleneck
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +71,11 @@ class ConvDecoder(nn.Module):
         super().__init__()
         grid = image_size // 2**depth
         widths = level_widths(depth, width)[::-1]
-        layers: list[nn.Module] = [_block(nn.ConvTranspose2d(latent, width, grid), width),
-                                   _block(nn.Conv2d(width, width * 2, 3, 1, 1), width * 2),
-                                   _block(nn.Conv2d(width * 2, widths[0], 3, 1, 1), widths[0])]
+        layers: list[nn.Module] = [
+            _block(nn.ConvTranspose2d(latent, width, grid), width),
+            _block(nn.Conv2d(width, width * 2, 3, 1, 1), width * 2),
+            _block(nn.Conv2d(width * 2, widths[0], 3, 1, 1), widths[0]),
+        ]
         for i, c in enumerate(widths):
             last = i == depth - 1
             c_out = channels if last else widths[i + 1]
@@ -111,9 +116,23 @@ class Autoencoder(TrainableDetector):
     (max or mean of the map)."""
 
     name = "autoencoder"
-    defaults = {"preset": "", "channels": 3, "depth": 4, "width": 32, "latent": 100, "loss": "l2+ssim",
-                "residual": "auto", "ssim_window": 11, "sigma": 2.0, "score": "max",
-                "epochs": 40, "min_steps": 1500, "lr": 5e-4, "weight_decay": 1e-5, "max_minutes": 12.0}
+    defaults = {
+        "preset": "",
+        "channels": 3,
+        "depth": 4,
+        "width": 32,
+        "latent": 100,
+        "loss": "l2+ssim",
+        "residual": "auto",
+        "ssim_window": 11,
+        "sigma": 2.0,
+        "score": "max",
+        "epochs": 40,
+        "min_steps": 1500,
+        "lr": 5e-4,
+        "weight_decay": 1e-5,
+        "max_minutes": 12.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         preset = options.get("preset", "")
@@ -148,5 +167,7 @@ class Autoencoder(TrainableDetector):
 
     def _scorer(self) -> AutoencoderModel:
         o = self.options
-        return AutoencoderModel(self.modules["ae"], ResidualMap(self.residual_kind, o["image_size"], o["sigma"],
-                                                                o["ssim_window"], o["score"]))
+        return AutoencoderModel(
+            self.modules["ae"],
+            ResidualMap(self.residual_kind, o["image_size"], o["sigma"], o["ssim_window"], o["score"]),
+        )

@@ -4,6 +4,7 @@
 each input's own resolution, `save`/`load` use one safetensors file whose JSON header holds
 the configuration: loading never runs code.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,30 +87,52 @@ class Inferencer(Protocol):
         """Raw image scores (B,) and anomaly maps (B, S, S) at model resolution for preprocessed pixels."""
 
 
-def iter_predict(model: Inferencer, images: Iterable | np.ndarray, *, progress: bool = False,
-                 on_error: str = "raise", skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+def iter_predict(
+    model: Inferencer,
+    images: Iterable | np.ndarray,
+    *,
+    progress: bool = False,
+    on_error: str = "raise",
+    skip_log: SkipLog | None = None,
+) -> Iterator[tuple[str, float, np.ndarray]]:
     """Yield (key, raw score, map at the image's own resolution) as each batch is scored, so batch
     jobs can write results as they go and keep them if a later image fails."""
     items = as_items(images)
     with progress_bar(len(items), f"{model.name}: predict", enabled=progress) as bar:
-        for batch in iter_batches(items, model.preprocess(), model.options["batch_size"],
-                                  on_error=on_error, skip_log=skip_log, progress=bar):
+        for batch in iter_batches(
+            items,
+            model.preprocess(),
+            model.options["batch_size"],
+            on_error=on_error,
+            skip_log=skip_log,
+            progress=bar,
+        ):
             scores, maps = model.score_batch(batch.pixels)
             for key, score, amap, shape in zip(batch.keys, scores, maps, batch.shapes):
                 yield key, float(score), resize_map(amap, shape)
 
 
-def predict(model: Inferencer, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
-            calibrated: bool = True) -> Prediction:
+def predict(
+    model: Inferencer,
+    images: Iterable | np.ndarray,
+    *,
+    progress: bool = False,
+    on_error: str = "raise",
+    calibrated: bool = True,
+) -> Prediction:
     """Score images with any `Inferencer`; maps come back at each image's own resolution.
 
     on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
     """
     skip_log = SkipLog()
     rows = list(iter_predict(model, images, progress=progress, on_error=on_error, skip_log=skip_log))
-    return Prediction(keys=[r[0] for r in rows], scores=np.array([r[1] for r in rows], dtype=np.float64),
-                      maps=[r[2] for r in rows], calibration=model.decision_calibration if calibrated else None,
-                      skipped=skip_log.skipped)
+    return Prediction(
+        keys=[r[0] for r in rows],
+        scores=np.array([r[1] for r in rows], dtype=np.float64),
+        maps=[r[2] for r in rows],
+        calibration=model.decision_calibration if calibrated else None,
+        skipped=skip_log.skipped,
+    )
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -126,7 +149,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return tuple(kind(v) for v in value.split(",") if v.strip())
         return type(default)(value)
     except ValueError:
-        raise ValueError(f"option {name}={value!r}: expected {type(default).__name__} like {default!r}") from None
+        raise ValueError(
+            f"option {name}={value!r}: expected {type(default).__name__} like {default!r}"
+        ) from None
 
 
 class Detector(ABC):
@@ -152,7 +177,9 @@ class Detector(ABC):
         allowed = {**self.base_defaults, **self.defaults}
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+            raise ValueError(
+                f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
+            )
         self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
         check_intensity(self.options["intensity"])
         self.calibration: Calibration | None = None
@@ -201,8 +228,13 @@ class Detector(ABC):
             d = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(d)
 
-    def fit(self, images: Iterable | np.ndarray, calibration: Iterable | np.ndarray | None = None, *,
-            progress: bool = False) -> "Detector":
+    def fit(
+        self,
+        images: Iterable | np.ndarray,
+        calibration: Iterable | np.ndarray | None = None,
+        *,
+        progress: bool = False,
+    ) -> Detector:
         """Learn normality from good images and calibrate the threshold.
 
         Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
@@ -214,8 +246,9 @@ class Detector(ABC):
                 raise ValueError("fit needs at least 2 good images (one is held out for calibration)")
             by_key = {it.key: it for it in items}
             samples = [Sample(path=Path(it.key), label=0) for it in items]
-            fit_s, cal_s = calibration_split(samples, fraction=self.options["calibration_fraction"],
-                                             seed=self.options["seed"])
+            fit_s, cal_s = calibration_split(
+                samples, fraction=self.options["calibration_fraction"], seed=self.options["seed"]
+            )
             fit_items, cal_items = [by_key[str(s.path)] for s in fit_s], [by_key[str(s.path)] for s in cal_s]
         else:
             fit_items, cal_items = items, as_items(calibration)
@@ -227,15 +260,21 @@ class Detector(ABC):
         self._calibration_items = cal_items  # trainable methods compute a validation loss on them
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
-            self._fit_batches(iter_batches(fit_items, self._preprocess(), self.options["batch_size"],
-                                           progress=bar), len(fit_items))
+            self._fit_batches(
+                iter_batches(fit_items, self._preprocess(), self.options["batch_size"], progress=bar),
+                len(fit_items),
+            )
         self._fitted = True
         fit_seconds = time.perf_counter() - start
         cal = self.predict(cal_items, progress=progress, calibrated=False)
         self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
         self.operating_point = None  # chosen for the old fit: no longer valid
-        self.fit_info.update(n_fit=len(fit_items), n_calibration=len(cal_items),
-                             fit_seconds=round(fit_seconds, 3), anomalens_version=__version__)
+        self.fit_info.update(
+            n_fit=len(fit_items),
+            n_calibration=len(cal_items),
+            fit_seconds=round(fit_seconds, 3),
+            anomalens_version=__version__,
+        )
         return self
 
     def preprocess(self) -> Preprocess:
@@ -251,14 +290,26 @@ class Detector(ABC):
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a model file first")
 
-    def iter_predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
-                     skip_log: SkipLog | None = None) -> Iterator[tuple[str, float, np.ndarray]]:
+    def iter_predict(
+        self,
+        images: Iterable | np.ndarray,
+        *,
+        progress: bool = False,
+        on_error: str = "raise",
+        skip_log: SkipLog | None = None,
+    ) -> Iterator[tuple[str, float, np.ndarray]]:
         """Yield (key, raw score, map at the image's own resolution) as each batch is scored."""
         self._check_fitted()
         return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
 
-    def predict(self, images: Iterable | np.ndarray, *, progress: bool = False, on_error: str = "raise",
-                calibrated: bool = True) -> Prediction:
+    def predict(
+        self,
+        images: Iterable | np.ndarray,
+        *,
+        progress: bool = False,
+        on_error: str = "raise",
+        calibrated: bool = True,
+    ) -> Prediction:
         """Score images; maps come back at each image's own resolution.
 
         on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
@@ -275,19 +326,28 @@ class Detector(ABC):
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: nothing to save")
         arrays, meta = self._state()
-        header = {"format_version": FORMAT_VERSION, "detector": self.name, "options": self.options,
-                  "calibration": self.calibration.to_dict() if self.calibration else None,
-                  "operating_point": self.operating_point, "fit_info": self.fit_info, "state": meta}
+        header = {
+            "format_version": FORMAT_VERSION,
+            "detector": self.name,
+            "options": self.options,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "operating_point": self.operating_point,
+            "fit_info": self.fit_info,
+            "state": meta,
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                  metadata={"anomalens": json.dumps(header)})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            str(tmp),
+            metadata={"anomalens": json.dumps(header)},
+        )
         tmp.replace(path)  # a crash mid-write never leaves a half model under the real name
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Detector":
+    def load(cls, path: str | Path) -> Detector:
         from anomalens.registry import get_class
 
         header, arrays = read_model_file(path)
@@ -316,8 +376,10 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
         raise ModelFileError(f"'{path}' is not an anomalens model file ({type(err).__name__})") from None
     if header.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"'{path}' has model format {header.get('format_version')}, "
-                             f"this anomalens reads format {FORMAT_VERSION}")
+        raise ModelFileError(
+            f"'{path}' has model format {header.get('format_version')}, "
+            f"this anomalens reads format {FORMAT_VERSION}"
+        )
     return header, arrays
 
 

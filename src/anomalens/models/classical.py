@@ -58,6 +58,7 @@ its score depends on the training goods only. LSCP draws feature subsets from a 
 advances at every call; it is reset to `seed` before each call, so scores do not depend on what
 was scored before.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,11 +73,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
+from anomalens.backbones import (
+    BackboneError,
+    BackboneSpec,
+    build_backbone,
+    make_feature_runner,
+    weights_checksum,
+)
 from anomalens.data.inputs import Batch, Preprocess
 from anomalens.models.components.layers import SmoothUpsample
-from anomalens.models.components.representations import (FeatureSpec, Representation, check_features,
-                                                         subsample_indices)
+from anomalens.models.components.representations import (
+    FeatureSpec,
+    Representation,
+    check_features,
+    subsample_indices,
+)
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.registry import register
 
@@ -111,45 +122,192 @@ class PyodEntry:
 
 
 PYOD_TABLE: tuple[PyodEntry, ...] = (
-    PyodEntry("abod", "ABOD", "pyod.models.abod", "ABOD", {"method": "fast", "n_neighbors": 10},
-              neighbours=("n_neighbors",), max_samples=2000, fit_cost=3.0, score_cost=1e-3,
-              note="angle-based (fast variant, Python loop per vector): capped at 2000 training vectors"),
-    PyodEntry("cblof", "CBLOF", "pyod.models.cblof", "CBLOF", {"n_clusters": 8, "alpha": 0.9, "beta": 5},
-              seeded=True, neighbours=("n_clusters",), fit_cost=1.0, note="cluster-based local outlier factor"),
-    PyodEntry("feature_bagging", "Feature Bagging", "pyod.models.feature_bagging", "FeatureBagging",
-              {"n_estimators": 10, "n_neighbors": 20}, seeded=True, neighbours=("n_neighbors",), fit_cost=3.0,
-              fit_power=1.3, score_cost=3e-3, score_power=0.3, note="LOF on random feature subsets, averaged"),
-    PyodEntry("hbos", "HBOS", "pyod.models.hbos", "HBOS", {"n_bins": 10}, fit_cost=0.2,
-              note="histogram-based, features independent"),
-    PyodEntry("iforest", "Isolation Forest", "pyod.models.iforest", "IForest", {"n_estimators": 100}, seeded=True,
-              fit_cost=0.3, fit_power=0.2, score_cost=2e-5, note="isolation forest"),
-    PyodEntry("knn", "KNN", "pyod.models.knn", "KNN", {"method": "largest", "n_neighbors": 5},
-              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1,
-              note="distance to the k-th nearest training vector"),
-    PyodEntry("avg_knn", "average KNN", "pyod.models.knn", "KNN", {"method": "mean", "n_neighbors": 5},
-              neighbours=("n_neighbors",), fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1,
-              note="mean distance to the k nearest training vectors"),
-    PyodEntry("lof", "LOF", "pyod.models.lof", "LOF", {"n_neighbors": 20}, neighbours=("n_neighbors",),
-              fit_cost=0.3, fit_power=1.5, score_cost=3.6e-4, score_power=0.1, note="local outlier factor (novelty)"),
-    PyodEntry("ocsvm", "OCSVM", "pyod.models.ocsvm", "OCSVM", {"kernel": "rbf", "nu": 0.5, "gamma": "auto"},
-              max_samples=5000, fit_cost=0.3, fit_power=2.0, score_cost=1e-4, score_power=1.0,
-              note="one-class SVM (fit grows ~N^2): capped at 5000 training vectors"),
-    PyodEntry("pca", "PCA", "pyod.models.pca", "PCA", {}, seeded=True, fit_cost=0.5, score_cost=1e-4,
-              note="weighted distance to the principal hyperplanes (PyOD's PCA detector)"),
-    PyodEntry("lscp", "LSCP", "pyod.models.lscp", "LSCP", {"lof_neighbors": [10, 15, 20, 25], "local_region_size": 30},
-              seeded=True, neighbours=("lof_neighbors", "local_region_size"), max_samples=2000, fit_cost=8.0,
-              fit_power=1.3, score_cost=8e-3, score_power=0.3,
-              note="locally selected combination of a LOF pool: capped at 2000 training vectors"),
-    PyodEntry("inne", "INNE", "pyod.models.inne", "INNE", {"n_estimators": 200}, seeded=True, fit_cost=3.0,
-              fit_power=0.3, score_cost=2.5e-3, note="isolation with nearest-neighbour ensembles"),
-    PyodEntry("gmm", "GMM", "pyod.models.gmm", "GMM", {"n_components": 1, "covariance_type": "full", "reg_covar": 1e-3},
-              seeded=True, neighbours=("n_components",), fit_cost=1.0, score_cost=1e-4, dim_power=1.5,
-              note="Gaussian mixture negative log-likelihood"),
-    PyodEntry("kde", "KDE", "pyod.models.kde", "KDE", {"bandwidth": 1.0}, max_samples=5000, fit_cost=0.5,
-              score_cost=5e-4, score_power=1.0, note="kernel density (negative log-density): capped at 5000"),
-    PyodEntry("lmdd", "LMDD", "pyod.models.lmdd", "LMDD", {"n_iter": 10, "dis_measure": "aad"}, seeded=True,
-              max_samples=64, fit_cost=0.05, score_cost=1.3, score_power=1.0,
-              note="linear deviation-based (transductive): each image scored against a 64-vector reference set"),
+    PyodEntry(
+        "abod",
+        "ABOD",
+        "pyod.models.abod",
+        "ABOD",
+        {"method": "fast", "n_neighbors": 10},
+        neighbours=("n_neighbors",),
+        max_samples=2000,
+        fit_cost=3.0,
+        score_cost=1e-3,
+        note="angle-based (fast variant, Python loop per vector): capped at 2000 training vectors",
+    ),
+    PyodEntry(
+        "cblof",
+        "CBLOF",
+        "pyod.models.cblof",
+        "CBLOF",
+        {"n_clusters": 8, "alpha": 0.9, "beta": 5},
+        seeded=True,
+        neighbours=("n_clusters",),
+        fit_cost=1.0,
+        note="cluster-based local outlier factor",
+    ),
+    PyodEntry(
+        "feature_bagging",
+        "Feature Bagging",
+        "pyod.models.feature_bagging",
+        "FeatureBagging",
+        {"n_estimators": 10, "n_neighbors": 20},
+        seeded=True,
+        neighbours=("n_neighbors",),
+        fit_cost=3.0,
+        fit_power=1.3,
+        score_cost=3e-3,
+        score_power=0.3,
+        note="LOF on random feature subsets, averaged",
+    ),
+    PyodEntry(
+        "hbos",
+        "HBOS",
+        "pyod.models.hbos",
+        "HBOS",
+        {"n_bins": 10},
+        fit_cost=0.2,
+        note="histogram-based, features independent",
+    ),
+    PyodEntry(
+        "iforest",
+        "Isolation Forest",
+        "pyod.models.iforest",
+        "IForest",
+        {"n_estimators": 100},
+        seeded=True,
+        fit_cost=0.3,
+        fit_power=0.2,
+        score_cost=2e-5,
+        note="isolation forest",
+    ),
+    PyodEntry(
+        "knn",
+        "KNN",
+        "pyod.models.knn",
+        "KNN",
+        {"method": "largest", "n_neighbors": 5},
+        neighbours=("n_neighbors",),
+        fit_cost=0.3,
+        fit_power=1.5,
+        score_cost=3.6e-4,
+        score_power=0.1,
+        note="distance to the k-th nearest training vector",
+    ),
+    PyodEntry(
+        "avg_knn",
+        "average KNN",
+        "pyod.models.knn",
+        "KNN",
+        {"method": "mean", "n_neighbors": 5},
+        neighbours=("n_neighbors",),
+        fit_cost=0.3,
+        fit_power=1.5,
+        score_cost=3.6e-4,
+        score_power=0.1,
+        note="mean distance to the k nearest training vectors",
+    ),
+    PyodEntry(
+        "lof",
+        "LOF",
+        "pyod.models.lof",
+        "LOF",
+        {"n_neighbors": 20},
+        neighbours=("n_neighbors",),
+        fit_cost=0.3,
+        fit_power=1.5,
+        score_cost=3.6e-4,
+        score_power=0.1,
+        note="local outlier factor (novelty)",
+    ),
+    PyodEntry(
+        "ocsvm",
+        "OCSVM",
+        "pyod.models.ocsvm",
+        "OCSVM",
+        {"kernel": "rbf", "nu": 0.5, "gamma": "auto"},
+        max_samples=5000,
+        fit_cost=0.3,
+        fit_power=2.0,
+        score_cost=1e-4,
+        score_power=1.0,
+        note="one-class SVM (fit grows ~N^2): capped at 5000 training vectors",
+    ),
+    PyodEntry(
+        "pca",
+        "PCA",
+        "pyod.models.pca",
+        "PCA",
+        {},
+        seeded=True,
+        fit_cost=0.5,
+        score_cost=1e-4,
+        note="weighted distance to the principal hyperplanes (PyOD's PCA detector)",
+    ),
+    PyodEntry(
+        "lscp",
+        "LSCP",
+        "pyod.models.lscp",
+        "LSCP",
+        {"lof_neighbors": [10, 15, 20, 25], "local_region_size": 30},
+        seeded=True,
+        neighbours=("lof_neighbors", "local_region_size"),
+        max_samples=2000,
+        fit_cost=8.0,
+        fit_power=1.3,
+        score_cost=8e-3,
+        score_power=0.3,
+        note="locally selected combination of a LOF pool: capped at 2000 training vectors",
+    ),
+    PyodEntry(
+        "inne",
+        "INNE",
+        "pyod.models.inne",
+        "INNE",
+        {"n_estimators": 200},
+        seeded=True,
+        fit_cost=3.0,
+        fit_power=0.3,
+        score_cost=2.5e-3,
+        note="isolation with nearest-neighbour ensembles",
+    ),
+    PyodEntry(
+        "gmm",
+        "GMM",
+        "pyod.models.gmm",
+        "GMM",
+        {"n_components": 1, "covariance_type": "full", "reg_covar": 1e-3},
+        seeded=True,
+        neighbours=("n_components",),
+        fit_cost=1.0,
+        score_cost=1e-4,
+        dim_power=1.5,
+        note="Gaussian mixture negative log-likelihood",
+    ),
+    PyodEntry(
+        "kde",
+        "KDE",
+        "pyod.models.kde",
+        "KDE",
+        {"bandwidth": 1.0},
+        max_samples=5000,
+        fit_cost=0.5,
+        score_cost=5e-4,
+        score_power=1.0,
+        note="kernel density (negative log-density): capped at 5000",
+    ),
+    PyodEntry(
+        "lmdd",
+        "LMDD",
+        "pyod.models.lmdd",
+        "LMDD",
+        {"n_iter": 10, "dis_measure": "aad"},
+        seeded=True,
+        max_samples=64,
+        fit_cost=0.05,
+        score_cost=1.3,
+        score_power=1.0,
+        note="linear deviation-based (transductive): each image scored against a 64-vector reference set",
+    ),
 )
 TABLE: dict[str, PyodEntry] = {e.key: e for e in PYOD_TABLE}
 CLASSICAL_NAMES: tuple[str, ...] = tuple(PREFIX + e.key for e in PYOD_TABLE)
@@ -171,7 +329,7 @@ def expand_models(text: str | Iterable[str]) -> list[str]:
     return out
 
 
-# -- options ------------------------------------------------------------------------------------------------------
+# -- options ---------------------------------------------------------------------------------------
 def _parse_value(text: str) -> Any:
     t = text.strip()
     if "," in t:
@@ -208,12 +366,14 @@ def parse_pyod_options(value: str | dict | None) -> dict[str, Any]:
 
 def format_pyod_options(options: dict[str, Any]) -> str:
     """Canonical text form, stable under save/load: sorted 'key=value;...'."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, (list, tuple)):
             return ",".join(fmt(x) for x in v)
         if isinstance(v, bool):
             return "true" if v else "false"
         return "none" if v is None else str(v)
+
     return ";".join(f"{k}={fmt(options[k])}" for k in sorted(options))
 
 
@@ -267,7 +427,7 @@ class ClassicalReading:
     proba_labels: np.ndarray
 
 
-# -- the detector -------------------------------------------------------------------------------------------------
+# -- the detector ----------------------------------------------------------------------------------
 class ClassicalDetector(BackboneDetector):
     """Base of the `classical:*` detectors (see the module docstring); subclasses only set `entry`."""
 
@@ -296,21 +456,27 @@ class ClassicalDetector(BackboneDetector):
         self.options["features"] = str(self.spec)
         self.options["pyod"] = format_pyod_options(parse_pyod_options(self.options["pyod"]))
         if not 0 < float(self.options["contamination"]) <= 0.5:
-            raise ValueError(f"option contamination={self.options['contamination']}: PyOD wants it in (0, 0.5]")
+            raise ValueError(
+                f"option contamination={self.options['contamination']}: PyOD wants it in (0, 0.5]"
+            )
         for key in ("pixel_size", "max_samples", "pca_max_samples", "kpca_max_samples", "max_patches"):
             if self.options[key] < (1 if key == "pixel_size" else 0):
-                raise ValueError(f"option {key}={self.options[key]} must be {'>= 1' if key == 'pixel_size' else '>= 0'}")
+                raise ValueError(
+                    f"option {key}={self.options[key]} must be {'>= 1' if key == 'pixel_size' else '>= 0'}"
+                )
         self.pyod_kwargs = self._pyod_kwargs()  # validated now, before any image is read
         self.rep: Representation | None = None
         self.model = None  # the fitted PyOD detector
-        self.train: np.ndarray | None = None  # training matrix the detector is fitted on (before standardization)
+        self.train: np.ndarray | None = (
+            None  # training matrix the detector is fitted on (before standardization)
+        )
         self.scale_mean: np.ndarray | None = None
         self.scale_std: np.ndarray | None = None
         self.train_scores: np.ndarray | None = None
         self._reference: np.ndarray | None = None  # LMDD
         self._upsample: SmoothUpsample | None = None
 
-    # -- options --------------------------------------------------------------------------------------------------
+    # -- options -----------------------------------------------------------------------------------
     def _pyod_kwargs(self) -> dict[str, Any]:
         import inspect
 
@@ -320,13 +486,20 @@ class ClassicalDetector(BackboneDetector):
         if "contamination" in user:
             kwargs["contamination"] = float(user["contamination"])
         cls = getattr(importlib.import_module(entry.module), entry.cls)
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "random_state", "detector_list",
-                                                                     "base_estimator", "n_jobs"}
+        allowed = set(inspect.signature(cls.__init__).parameters) - {
+            "self",
+            "random_state",
+            "detector_list",
+            "base_estimator",
+            "n_jobs",
+        }
         pseudo = {"feature_bagging": {"n_neighbors"}, "lscp": {"lof_neighbors"}}.get(entry.key, set())
         unknown = sorted(set(kwargs) - allowed - pseudo)
         if unknown:
-            raise ValueError(f"{self.name}: unknown PyOD option(s) {', '.join(unknown)} for {entry.cls}; valid: "
-                             f"{', '.join(sorted(allowed | pseudo))}")
+            raise ValueError(
+                f"{self.name}: unknown PyOD option(s) {', '.join(unknown)} for {entry.cls}; valid: "
+                f"{', '.join(sorted(allowed | pseudo))}"
+            )
         return kwargs
 
     def _build_pyod(self):
@@ -345,15 +518,19 @@ class ClassicalDetector(BackboneDetector):
             neighbours = kwargs.pop("lof_neighbors")
             neighbours = neighbours if isinstance(neighbours, list) else [neighbours]
             if len(neighbours) < 2:
-                raise ValueError(f"{self.name}: lof_neighbors needs at least 2 values (a pool), e.g. 10,15,20")
+                raise ValueError(
+                    f"{self.name}: lof_neighbors needs at least 2 values (a pool), e.g. 10,15,20"
+                )
             kwargs["detector_list"] = [LOF(n_neighbors=int(k)) for k in neighbours]
         if entry.seeded:
             kwargs["random_state"] = seed
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{self.name}: PyOD rejected options {self.options['pyod'] or '(defaults)'}: "
-                             f"{str(err).splitlines()[0]}") from None
+            raise ValueError(
+                f"{self.name}: PyOD rejected options {self.options['pyod'] or '(defaults)'}: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
 
     # one extractor and one runner per process and configuration, shared by the detectors (15 of them
     # in a study): building and checking an ONNX session takes about a second each time
@@ -361,15 +538,19 @@ class ClassicalDetector(BackboneDetector):
     def extractor(self):
         if self._extractor is None:
             spec = self.backbone_spec
-            stamp = Path(spec.weights).stat().st_mtime if spec.weights and Path(spec.weights).exists() else None
+            stamp = (
+                Path(spec.weights).stat().st_mtime if spec.weights and Path(spec.weights).exists() else None
+            )
             key = (spec.name, spec.layers, spec.weights, stamp, str(self.device))
             if key not in _EXTRACTORS:
                 extractor = build_backbone(spec, device=self.device)
                 _EXTRACTORS[key] = (extractor, weights_checksum(extractor))
             extractor, checksum = _EXTRACTORS[key]
             if self._backbone_checksum is not None and checksum != self._backbone_checksum:
-                raise BackboneError(f"backbone {spec.name!r} now has other weights than when the model was fitted: "
-                                    "refit, or restore the original weight file")
+                raise BackboneError(
+                    f"backbone {spec.name!r} now has other weights than when the model was fitted: "
+                    "refit, or restore the original weight file"
+                )
             self._extractor, self._backbone_checksum = extractor, checksum
         return self._extractor
 
@@ -378,8 +559,9 @@ class ClassicalDetector(BackboneDetector):
             extractor = self.extractor
             key = (id(extractor), self.options["image_size"], str(self.device), self.options["engine"])
             if key not in _RUNNERS:
-                _RUNNERS[key] = make_feature_runner(extractor, self.options["image_size"], self.device,
-                                                    engine=self.options["engine"])
+                _RUNNERS[key] = make_feature_runner(
+                    extractor, self.options["image_size"], self.device, engine=self.options["engine"]
+                )
             self._runner = _RUNNERS[key]
         return super().features(pixels)
 
@@ -389,22 +571,32 @@ class ClassicalDetector(BackboneDetector):
 
     @property
     def backbone_spec(self) -> BackboneSpec:
-        return BackboneSpec(name=self.options["backbone"], layers=self.spec.layers or (2, 3),
-                            weights=self.options["weights"] or None)
+        return BackboneSpec(
+            name=self.options["backbone"],
+            layers=self.spec.layers or (2, 3),
+            weights=self.options["weights"] or None,
+        )
 
     def _preprocess(self) -> Preprocess:
         if self.spec.uses_pixels:
             c = 3 if self.options["color"] else 1
-            return Preprocess(self.options["pixel_size"], c, (0.0,) * 3, (1.0,) * 3, self.options["intensity"])
+            return Preprocess(
+                self.options["pixel_size"], c, (0.0,) * 3, (1.0,) * 3, self.options["intensity"]
+            )
         return super()._preprocess()
 
     def _new_representation(self) -> Representation:
         o = self.options
-        return Representation(self.spec, seed=int(o["seed"]), pca_max_samples=o["pca_max_samples"],
-                              kpca_max_samples=o["kpca_max_samples"], max_patches=o["max_patches"],
-                              backbone=self.features if self.spec.uses_backbone else None)
+        return Representation(
+            self.spec,
+            seed=int(o["seed"]),
+            pca_max_samples=o["pca_max_samples"],
+            kpca_max_samples=o["kpca_max_samples"],
+            max_patches=o["max_patches"],
+            backbone=self.features if self.spec.uses_backbone else None,
+        )
 
-    # -- fitting --------------------------------------------------------------------------------------------------
+    # -- fitting -----------------------------------------------------------------------------------
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         rep = self._new_representation()
         rep.start(n_images)
@@ -422,12 +614,19 @@ class ClassicalDetector(BackboneDetector):
             if need is not None and n <= int(need):
                 unit = "training patches" if self.spec.is_patch else "training images"
                 hint = max(1, n - 1)
-                example = f"{key}={','.join(str(min(int(v), hint)) for v in value)}" if isinstance(value, list) \
+                example = (
+                    f"{key}={','.join(str(min(int(v), hint)) for v in value)}"
+                    if isinstance(value, list)
                     else f"{key}={hint}"
-                raise ValueError(f"{self.name} needs more {unit} than {key}={need} (got {n}): lower it, "
-                                 f"e.g. --set pyod={example}, or add good images")
+                )
+                raise ValueError(
+                    f"{self.name} needs more {unit} than {key}={need} (got {n}): lower it, "
+                    f"e.g. --set pyod={example}, or add good images"
+                )
 
-    def fit_matrix(self, train: np.ndarray, *, representation: Representation | None = None) -> ClassicalDetector:
+    def fit_matrix(
+        self, train: np.ndarray, *, representation: Representation | None = None
+    ) -> ClassicalDetector:
         """Fit the PyOD detector on a training feature matrix (N, d) from `representation`.
 
         `fit` calls it after streaming the images; the study calls it directly with features
@@ -437,10 +636,17 @@ class ClassicalDetector(BackboneDetector):
         train = np.ascontiguousarray(train, dtype=np.float32)
         what = f"{self.name} on features {self.spec}"
         check_features(train, what)
-        idx = subsample_indices(train.shape[0], int(self.options["max_samples"]), int(self.options["seed"]), salt=2)
+        idx = subsample_indices(
+            train.shape[0], int(self.options["max_samples"]), int(self.options["seed"]), salt=2
+        )
         if len(idx) < train.shape[0]:
-            log.warning("%s: fitting on a seeded subsample of %d of %d training vectors (max_samples=%d)",
-                        self.name, len(idx), train.shape[0], self.options["max_samples"])
+            log.warning(
+                "%s: fitting on a seeded subsample of %d of %d training vectors (max_samples=%d)",
+                self.name,
+                len(idx),
+                train.shape[0],
+                self.options["max_samples"],
+            )
             self.fit_info["subsampled"] = [int(len(idx)), int(train.shape[0])]
             train = train[idx]
         n, d = train.shape
@@ -449,18 +655,32 @@ class ClassicalDetector(BackboneDetector):
         self._check_neighbours(n)
         fit_s, per_1000 = estimate_seconds(self.entry, n, d, 1000)
         if fit_s > SLOW_WARNING_S:
-            log.warning("%s: fitting on %d x %d features is estimated to take %.0f s; bound it with "
-                        "--set max_samples=N (seeded subsample) or fewer features", self.name, n, d, fit_s)
+            log.warning(
+                "%s: fitting on %d x %d features is estimated to take %.0f s; bound it with "
+                "--set max_samples=N (seeded subsample) or fewer features",
+                self.name,
+                n,
+                d,
+                fit_s,
+            )
         if per_1000 > SLOW_WARNING_S and not self.spec.is_patch:
-            log.warning("%s: scoring is estimated at %.0f ms per image on %d x %d features; lower max_samples "
-                        "or use fewer features for large batches", self.name, per_1000, n, d)
+            log.warning(
+                "%s: scoring is estimated at %.0f ms per image on %d x %d features; lower max_samples "
+                "or use fewer features for large batches",
+                self.name,
+                per_1000,
+                n,
+                d,
+            )
         self.rep = representation
         self.train = train
         self.scale_mean = self.scale_std = None
         self._fit_pyod()
         self.train_scores = np.asarray(self.model.decision_scores_, dtype=np.float64)
         self._fitted = True
-        self.fit_info.update(n_train_vectors=int(n), feature_dim=int(d), pyod_threshold=float(self.model.threshold_))
+        self.fit_info.update(
+            n_train_vectors=int(n), feature_dim=int(d), pyod_threshold=float(self.model.threshold_)
+        )
         return self
 
     def _standardized(self, x: np.ndarray) -> np.ndarray:
@@ -487,19 +707,23 @@ class ClassicalDetector(BackboneDetector):
                 model.fit(x)
             except (ValueError, AssertionError, np.linalg.LinAlgError) as err:
                 msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise ValueError(f"{self.name} could not be fitted on {x.shape[0]} x {x.shape[1]} features "
-                                 f"({self.spec}): {msg}; try other features or PyOD options (--set pyod=...)") from None
+                raise ValueError(
+                    f"{self.name} could not be fitted on {x.shape[0]} x {x.shape[1]} features "
+                    f"({self.spec}): {msg}; try other features or PyOD options (--set pyod=...)"
+                ) from None
         self.model = model
 
-    # -- scoring --------------------------------------------------------------------------------------------------
+    # -- scoring -----------------------------------------------------------------------------------
     def decision(self, x: np.ndarray) -> np.ndarray:
         """PyOD decision scores (higher = more anomalous) of feature vectors (n, d), before standardization."""
         z = self._standardized(x)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.entry.key == "lmdd":
-                return np.array([self.model.decision_function(np.vstack([self._reference, row[None]]))[-1]
-                                 for row in z], dtype=np.float64)
+                return np.array(
+                    [self.model.decision_function(np.vstack([self._reference, row[None]]))[-1] for row in z],
+                    dtype=np.float64,
+                )
             if self.entry.key == "lscp":
                 self.model.random_state = np.random.RandomState(int(self.options["seed"]))
             return np.asarray(self.model.decision_function(z), dtype=np.float64)
@@ -518,8 +742,10 @@ class ClassicalDetector(BackboneDetector):
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if self.rep is None:
-            raise RuntimeError(f"{self.name} was fitted from a feature matrix without its representation: "
-                               "it cannot score images")
+            raise RuntimeError(
+                f"{self.name} was fitted from a feature matrix without its representation: "
+                "it cannot score images"
+            )
         with torch.inference_mode():
             feats = self.rep.transform(pixels)
         scores, maps = self.score_matrix(feats)
@@ -528,7 +754,7 @@ class ClassicalDetector(BackboneDetector):
             maps = np.broadcast_to(scores.astype(np.float32)[:, None, None], (len(scores), size, size)).copy()
         return scores, maps
 
-    # -- PyOD's own decision ----------------------------------------------------------------------------------------
+    # -- PyOD's own decision -----------------------------------------------------------------------
     @property
     def pyod_threshold(self) -> float:
         if self.model is None:
@@ -542,18 +768,25 @@ class ClassicalDetector(BackboneDetector):
         lo, hi = float(self.train_scores.min()), float(self.train_scores.max())
         proba = np.clip((scores - lo) / (hi - lo), 0, 1) if hi > lo else (scores > hi).astype(np.float64)
         threshold = self.pyod_threshold
-        return ClassicalReading(scores=scores, threshold=threshold, labels=(scores > threshold).astype(int),
-                                proba=proba, proba_labels=(proba > 0.5).astype(int))
+        return ClassicalReading(
+            scores=scores,
+            threshold=threshold,
+            labels=(scores > threshold).astype(int),
+            proba=proba,
+            proba_labels=(proba > 0.5).astype(int),
+        )
 
     def classical_labels(self, images, **predict_options: Any) -> ClassicalReading:
         """Score images and read them with PyOD's own threshold (see `pyod_reading`)."""
         return self.pyod_reading(self.predict(images, **predict_options).scores)
 
-    # -- state ------------------------------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         if self.rep is None:
-            raise RuntimeError(f"{self.name} was fitted from a feature matrix without its representation: "
-                               "nothing complete to save")
+            raise RuntimeError(
+                f"{self.name} was fitted from a feature matrix without its representation: "
+                "nothing complete to save"
+            )
         import pyod
         import sklearn
 
@@ -561,10 +794,16 @@ class ClassicalDetector(BackboneDetector):
         arrays = {**arrays, "train": self.train, "train_scores": self.train_scores}
         if self.scale_mean is not None:
             arrays.update(scale_mean=self.scale_mean, scale_std=self.scale_std)
-        meta = {"representation": rep_meta, "pyod_kwargs": {k: v for k, v in self.pyod_kwargs.items()},
-                "pyod_threshold": self.pyod_threshold, "versions": {"pyod": pyod.__version__,
-                                                                    "scikit-learn": sklearn.__version__,
-                                                                    "numpy": np.__version__}}
+        meta = {
+            "representation": rep_meta,
+            "pyod_kwargs": {k: v for k, v in self.pyod_kwargs.items()},
+            "pyod_threshold": self.pyod_threshold,
+            "versions": {
+                "pyod": pyod.__version__,
+                "scikit-learn": sklearn.__version__,
+                "numpy": np.__version__,
+            },
+        }
         if self.spec.uses_backbone:
             meta.update(self._backbone_state())
         return arrays, meta
@@ -580,24 +819,40 @@ class ClassicalDetector(BackboneDetector):
         self._fit_pyod()
         self.train_scores = np.asarray(arrays["train_scores"], dtype=np.float64)
         refit = np.asarray(self.model.decision_scores_, dtype=np.float64)
-        if refit.shape != self.train_scores.shape or not np.allclose(refit, self.train_scores, rtol=1e-6, atol=1e-9):
+        if refit.shape != self.train_scores.shape or not np.allclose(
+            refit, self.train_scores, rtol=1e-6, atol=1e-9
+        ):
             import pyod
 
-            warnings.warn(f"{self.name}: the detector refitted at load differs from the saved one (saved with PyOD "
-                          f"{meta.get('versions', {}).get('pyod')}, now {pyod.__version__}): scores may differ "
-                          "from when the model was saved", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: the detector refitted at load differs from the saved one (saved with PyOD "
+                f"{meta.get('versions', {}).get('pyod')}, now {pyod.__version__}): scores may differ "
+                "from when the model was saved",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def _make_class(entry: PyodEntry) -> type[ClassicalDetector]:
     camel = "".join(p.capitalize() for p in entry.key.split("_"))
-    doc = (f"{entry.title} (PyOD `{entry.cls}`) on image features: {entry.note}.\n\n"
-           f"Defaults: {format_pyod_options(entry.kwargs) or 'PyOD defaults'}"
-           + (f"; max_samples={entry.max_samples}" if entry.max_samples else "") + ". See anomalens.models.classical.")
-    cls = type(f"Classical{camel}", (ClassicalDetector,), {
-        "__doc__": doc, "__module__": __name__, "entry": entry, "name": PREFIX + entry.key,
-        "stochastic": entry.seeded,
-        "defaults": {**ClassicalDetector.common_defaults, "max_samples": entry.max_samples},
-    })
+    doc = (
+        f"{entry.title} (PyOD `{entry.cls}`) on image features: {entry.note}.\n\n"
+        f"Defaults: {format_pyod_options(entry.kwargs) or 'PyOD defaults'}"
+        + (f"; max_samples={entry.max_samples}" if entry.max_samples else "")
+        + ". See anomalens.models.classical."
+    )
+    cls = type(
+        f"Classical{camel}",
+        (ClassicalDetector,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "entry": entry,
+            "name": PREFIX + entry.key,
+            "stochastic": entry.seeded,
+            "defaults": {**ClassicalDetector.common_defaults, "max_samples": entry.max_samples},
+        },
+    )
     return register(cls)
 
 

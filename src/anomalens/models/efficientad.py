@@ -28,6 +28,7 @@ Deviations (offline, CPU budget; see docs/distillation.md):
 - Autoencoder sizes. The paper's decoder upsampling sizes are those of 256 px images; here they
   scale with `image_size` (identical at 256), so small test images work too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,8 @@ from torch import nn
 
 from anomalens.data.inputs import Batch, iter_batches
 from anomalens.models.components.features import locally_aware_embedding
-from anomalens.models.training import Phase, TrainConfig, Trainer
 from anomalens.models.trainable import BackboneTrainableDetector
+from anomalens.models.training import Phase, TrainConfig, Trainer
 from anomalens.registry import register
 
 #: the map padding of the reference code: PDN-S without padding loses 4 output cells per side
@@ -58,10 +59,16 @@ def pdn_small(out_channels: int, padding: bool = False) -> nn.Sequential:
     without, image_size / 4 - 8 (training and inference); the weights are the same."""
     p = 1 if padding else 0
     return nn.Sequential(
-        nn.Conv2d(3, 128, 4, padding=3 * p), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2, padding=p),
-        nn.Conv2d(128, 256, 4, padding=3 * p), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2, padding=p),
-        nn.Conv2d(256, 256, 3, padding=p), nn.ReLU(inplace=True),
-        nn.Conv2d(256, out_channels, 4))
+        nn.Conv2d(3, 128, 4, padding=3 * p),
+        nn.ReLU(inplace=True),
+        nn.AvgPool2d(2, 2, padding=p),
+        nn.Conv2d(128, 256, 4, padding=3 * p),
+        nn.ReLU(inplace=True),
+        nn.AvgPool2d(2, 2, padding=p),
+        nn.Conv2d(256, 256, 3, padding=p),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(256, out_channels, 4),
+    )
 
 
 def pdn_output_size(image_size: int) -> int:
@@ -75,7 +82,9 @@ class EfficientAdAutoencoder(nn.Module):
     def __init__(self, image_size: int, out_channels: int) -> None:
         super().__init__()
         if image_size % 32 or image_size < 64:
-            raise ValueError(f"efficientad: image_size must be a multiple of 32 and at least 64, got {image_size}")
+            raise ValueError(
+                f"efficientad: image_size must be a multiple of 32 and at least 64, got {image_size}"
+            )
         s = image_size
         enc: list[nn.Module] = []
         for c_in, c_out in ((3, 32), (32, 32), (32, 64), (64, 64), (64, 64)):
@@ -84,11 +93,19 @@ class EfficientAdAutoencoder(nn.Module):
         dec: list[nn.Module] = []
         # 3, 8, 15, 32, 63, 127 at 256 px; each 4x4 convolution with padding 2 adds one cell
         for size in (s // 64 - 1, s // 32, s // 16 - 1, s // 8, s // 4 - 1, s // 2 - 1):
-            dec += [nn.Upsample(size=max(1, size), mode="bilinear"), nn.Conv2d(64, 64, 4, padding=2),
-                    nn.ReLU(inplace=True), nn.Dropout(0.2)]
-        self.decoder = nn.Sequential(*dec, nn.Upsample(size=pdn_output_size(s), mode="bilinear"),
-                                     nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
-                                     nn.Conv2d(64, out_channels, 3, padding=1))
+            dec += [
+                nn.Upsample(size=max(1, size), mode="bilinear"),
+                nn.Conv2d(64, 64, 4, padding=2),
+                nn.ReLU(inplace=True),
+                nn.Dropout(0.2),
+            ]
+        self.decoder = nn.Sequential(
+            *dec,
+            nn.Upsample(size=pdn_output_size(s), mode="bilinear"),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, out_channels, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
@@ -123,8 +140,9 @@ def penalty_textures(n: int, size: int, device: torch.device) -> torch.Tensor:
     image = torch.zeros(n, 3, size, size, device=device)
     for octave in (4, 16, 64):
         noise = torch.randn(n, 3, octave, octave, device=device)
-        image += torch.rand(n, 1, 1, 1, device=device) * F.interpolate(noise, size=(size, size), mode="bicubic",
-                                                                       align_corners=False)
+        image += torch.rand(n, 1, 1, 1, device=device) * F.interpolate(
+            noise, size=(size, size), mode="bicubic", align_corners=False
+        )
     grey = torch.rand(n, 1, 1, 1, device=device) < 0.3
     image = torch.where(grey, image.mean(1, keepdim=True).expand_as(image), image)
     lo = image.amin(dim=(1, 2, 3), keepdim=True)
@@ -137,7 +155,7 @@ def colour_jitter(x: torch.Tensor) -> torch.Tensor:
     [0.8, 1.2], per image, on [-1, 1] pixels."""
     img = (x + 1) / 2
     b = x.shape[0]
-    factor = (0.8 + 0.4 * torch.rand(b, 1, 1, 1, device=x.device))
+    factor = 0.8 + 0.4 * torch.rand(b, 1, 1, 1, device=x.device)
     kind = torch.randint(3, (b, 1, 1, 1), device=x.device)
     grey = (img * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     brightness = img * factor
@@ -150,8 +168,14 @@ def colour_jitter(x: torch.Tensor) -> torch.Tensor:
 class EfficientAdModel(nn.Module):
     """Pixels -> (scores (B,), maps (B, S, S)): normalized student-teacher and autoencoder maps."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, autoencoder: EfficientAdAutoencoder,
-                 norm: MapNormalization, image_size: int) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        autoencoder: EfficientAdAutoencoder,
+        norm: MapNormalization,
+        image_size: int,
+    ) -> None:
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -176,8 +200,9 @@ class EfficientAdModel(nn.Module):
         map_st = 0.1 * (map_st - q_st[0]) / (q_st[1] - q_st[0])
         map_ae = 0.1 * (map_ae - q_ae[0]) / (q_ae[1] - q_ae[0])
         combined = F.pad(0.5 * map_st + 0.5 * map_ae, (MAP_PAD,) * 4).unsqueeze(1)
-        maps = F.interpolate(combined, size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False)[:, 0]
+        maps = F.interpolate(
+            combined, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )[:, 0]
         return maps.amax(dim=(1, 2)), maps
 
 
@@ -194,13 +219,26 @@ class EfficientAd(BackboneTrainableDetector):
     statistics)."""
 
     name = "efficientad"
-    defaults = {"layers": (2, 3), "out_channels": 384, "epochs": 2, "min_steps": 1300, "batch_size": 1, "lr": 1e-4,
-                "weight_decay": 1e-5, "max_minutes": 8.0, "distill_steps": 150, "distill_batch_size": 8,
-                "distill_crop": 128, "norm_images": 64}
+    defaults = {
+        "layers": (2, 3),
+        "out_channels": 384,
+        "epochs": 2,
+        "min_steps": 1300,
+        "batch_size": 1,
+        "lr": 1e-4,
+        "weight_decay": 1e-5,
+        "max_minutes": 8.0,
+        "distill_steps": 150,
+        "distill_batch_size": 8,
+        "distill_crop": 128,
+        "norm_images": 64,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        EfficientAdAutoencoder(self.options["image_size"], 1)  # validates image_size now, not after reading images
+        EfficientAdAutoencoder(
+            self.options["image_size"], 1
+        )  # validates image_size now, not after reading images
         self._teacher_init: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     # -- modules -----------------------------------------------------------------------------
@@ -212,12 +250,18 @@ class EfficientAd(BackboneTrainableDetector):
             teacher.load_state_dict(state)
             norm.teacher_mean.copy_(mean)
             norm.teacher_std.copy_(std)
-        return {"teacher": teacher.requires_grad_(False), "student": pdn_small(2 * c),
-                "autoencoder": EfficientAdAutoencoder(s, c), "norm": norm}
+        return {
+            "teacher": teacher.requires_grad_(False),
+            "student": pdn_small(2 * c),
+            "autoencoder": EfficientAdAutoencoder(s, c),
+            "norm": norm,
+        }
 
     def _scorer(self) -> EfficientAdModel:
         m = self.modules
-        return EfficientAdModel(m["teacher"], m["student"], m["autoencoder"], m["norm"], self.options["image_size"])
+        return EfficientAdModel(
+            m["teacher"], m["student"], m["autoencoder"], m["norm"], self.options["image_size"]
+        )
 
     # -- training ----------------------------------------------------------------------------
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
@@ -247,7 +291,9 @@ class EfficientAd(BackboneTrainableDetector):
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * total)), gamma=0.1)
         c = o["out_channels"]
 
-        def losses(x: torch.Tensor, penalty: torch.Tensor | None, jitter: bool = True) -> dict[str, torch.Tensor]:
+        def losses(
+            x: torch.Tensor, penalty: torch.Tensor | None, jitter: bool = True
+        ) -> dict[str, torch.Tensor]:
             t = model.teacher_features(x)
             loss_st = hard_feature_loss((t - model.student(x)[:, :c]).pow(2))
             if penalty is not None:
@@ -256,8 +302,12 @@ class EfficientAd(BackboneTrainableDetector):
             ae = model.autoencoder(x_ae)
             loss_ae = (model.teacher_features(x_ae) - ae).pow(2).mean()
             loss_stae = (ae - model.student(x_ae)[:, c:]).pow(2).mean()
-            return {"loss": loss_st + loss_ae + loss_stae, "loss_st": loss_st, "loss_ae": loss_ae,
-                    "loss_stae": loss_stae}
+            return {
+                "loss": loss_st + loss_ae + loss_stae,
+                "loss_st": loss_st,
+                "loss_ae": loss_ae,
+                "loss_stae": loss_stae,
+            }
 
         def step(x: torch.Tensor, ctx) -> dict[str, torch.Tensor]:
             with ctx.autocast():
@@ -266,8 +316,15 @@ class EfficientAd(BackboneTrainableDetector):
             scheduler.step()
             return {k: v.detach() for k, v in out.items()}
 
-        return [self.phase("train", step, {"adam": opt}, val_loss=lambda x: losses(x, None, jitter=False)["loss"],
-                           train_modules=("student", "autoencoder"))]
+        return [
+            self.phase(
+                "train",
+                step,
+                {"adam": opt},
+                val_loss=lambda x: losses(x, None, jitter=False)["loss"],
+                train_modules=("student", "autoencoder"),
+            )
+        ]
 
     def _validation_pixels(self) -> list[torch.Tensor]:
         items = getattr(self, "_calibration_items", [])
@@ -284,9 +341,11 @@ class EfficientAd(BackboneTrainableDetector):
             buffer.copy_(torch.from_numpy(np.quantile(values, [0.9, 0.995]).astype(np.float32)))
 
     @torch.no_grad()
-    def _teacher_statistics(self, teacher: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_statistics(
+        self, teacher: nn.Module, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the teacher's outputs over (a subset of) the goods."""
-        outs = torch.cat([teacher(pixels[i:i + 8].to(self.device)) for i in range(0, len(pixels), 8)])
+        outs = torch.cat([teacher(pixels[i : i + 8].to(self.device)) for i in range(0, len(pixels), 8)])
         return outs.mean(dim=(0, 2, 3), keepdim=True), outs.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
 
     # -- teacher pretraining ---------------------------------------------------------------------
@@ -294,9 +353,11 @@ class EfficientAd(BackboneTrainableDetector):
         o = self.options
         _ = self.extractor  # computes the backbone checksum
         data = hashlib.sha256(train.contiguous().numpy()).hexdigest()[:16]
-        key = (f"{o['backbone']}-{self._backbone_checksum[:12]}-layers{'_'.join(map(str, o['layers']))}"
-               f"-size{o['image_size']}-crop{o['distill_crop']}-steps{o['distill_steps']}x{o['distill_batch_size']}"
-               f"-seed{o['seed']}-c{o['out_channels']}-data{data}")
+        key = (
+            f"{o['backbone']}-{self._backbone_checksum[:12]}-layers{'_'.join(map(str, o['layers']))}"
+            f"-size{o['image_size']}-crop{o['distill_crop']}-steps{o['distill_steps']}x{o['distill_batch_size']}"
+            f"-seed{o['seed']}-c{o['out_channels']}-data{data}"
+        )
         return _cache_dir() / f"teacher-{key}.safetensors"
 
     def _distilled_teacher(self, train: torch.Tensor) -> nn.Module:
@@ -328,8 +389,12 @@ class EfficientAd(BackboneTrainableDetector):
         def target(x: torch.Tensor) -> torch.Tensor:
             # the backbone sees the crop at twice the PDN's resolution, as in the reference pretraining
             feats = backbone(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-            emb = F.interpolate(locally_aware_embedding(feats), size=(crop // 4, crop // 4), mode="bilinear",
-                                align_corners=False)
+            emb = F.interpolate(
+                locally_aware_embedding(feats),
+                size=(crop // 4, crop // 4),
+                mode="bilinear",
+                align_corners=False,
+            )
             b, d, h, w = emb.shape
             # channel aggregation of the reference code (adaptive average pooling to out_channels)
             flat = F.adaptive_avg_pool1d(emb.permute(0, 2, 3, 1).reshape(-1, 1, d), c)
@@ -339,14 +404,20 @@ class EfficientAd(BackboneTrainableDetector):
             x = train[idx.cpu()].to(self.device)
             n = x.shape[0]
             i, j = torch.randint(o["image_size"] - crop + 1, (2,)).tolist()
-            goods = x[: (n + 1) // 2, :, i:i + crop, j:j + crop]
-            goods = torch.where(torch.rand(goods.shape[0], 1, 1, 1, device=x.device) < 0.5, goods.flip(-1), goods)
+            goods = x[: (n + 1) // 2, :, i : i + crop, j : j + crop]
+            goods = torch.where(
+                torch.rand(goods.shape[0], 1, 1, 1, device=x.device) < 0.5, goods.flip(-1), goods
+            )
             return torch.cat([goods, penalty_textures(n - goods.shape[0], crop, x.device)])
 
         gen = torch.Generator().manual_seed(o["seed"])
         with torch.no_grad():  # target standardization, estimated on a few batches as in the reference
-            probe = torch.cat([target(sample(torch.randint(len(train), (o["distill_batch_size"],), generator=gen)))
-                               for _ in range(4)])
+            probe = torch.cat(
+                [
+                    target(sample(torch.randint(len(train), (o["distill_batch_size"],), generator=gen)))
+                    for _ in range(4)
+                ]
+            )
             t_mean = probe.mean(dim=(0, 2, 3), keepdim=True)
             t_std = probe.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         opt = torch.optim.Adam(teacher.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -363,7 +434,15 @@ class EfficientAd(BackboneTrainableDetector):
         # the engine iterates over image indices: one epoch of exactly distill_steps shuffled batches
         bs = o["distill_batch_size"]
         indices = torch.arange(o["distill_steps"] * bs) % len(train)
-        config = TrainConfig(batch_size=bs, seed=o["seed"], device=self.device, amp=o["amp"],
-                             progress=self._show_progress, desc=f"{self.name}: teacher")
-        result = Trainer({"teacher": teacher}, config).fit([Phase("distill", step, 1, {"adam": opt})], indices)
+        config = TrainConfig(
+            batch_size=bs,
+            seed=o["seed"],
+            device=self.device,
+            amp=o["amp"],
+            progress=self._show_progress,
+            desc=f"{self.name}: teacher",
+        )
+        result = Trainer({"teacher": teacher}, config).fit(
+            [Phase("distill", step, 1, {"adam": opt})], indices
+        )
         self.fit_info["teacher_distillation"] = result.summary()

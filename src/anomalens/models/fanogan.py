@@ -12,6 +12,7 @@ with respect to its input, so its features have no set scale: on cookies the fea
 was 500 times the pixel residual, alone decided both the encoder's loss and the score, and ranked
 cracked cookies below good ones (image AUROC 0.19; the pixel residual alone 0.78).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,8 +46,16 @@ class FeatureScale(nn.Module):
 
 
 class FAnoGanModel(nn.Module):
-    def __init__(self, generator: DCGenerator, critic: DCEncoder, encoder: DCEncoder, feature_scale: FeatureScale,
-                 residual: ResidualMap, kappa: float, score: str = "izi_f") -> None:
+    def __init__(
+        self,
+        generator: DCGenerator,
+        critic: DCEncoder,
+        encoder: DCEncoder,
+        feature_scale: FeatureScale,
+        residual: ResidualMap,
+        kappa: float,
+        score: str = "izi_f",
+    ) -> None:
         super().__init__()
         self.generator, self.critic, self.encoder, self.residual = generator, critic, encoder, residual
         self.feature_scale, self.kappa, self.score = feature_scale, kappa, score
@@ -77,9 +86,23 @@ class FAnoGan(TrainableDetector):
     paper's raw sum)."""
 
     name = "fanogan"
-    defaults = {"channels": 3, "latent": 128, "width": 16, "gan_epochs": 60, "n_critic": 5, "gp_weight": 10.0,
-                "kappa": 1.0, "gan_share": 0.7, "sigma": 2.0, "score": "izi_f", "feature_norm": True, "epochs": 40,
-                "min_steps": 1500, "lr": 1e-4, "max_minutes": 12.0}
+    defaults = {
+        "channels": 3,
+        "latent": 128,
+        "width": 16,
+        "gan_epochs": 60,
+        "n_critic": 5,
+        "gp_weight": 10.0,
+        "kappa": 1.0,
+        "gan_share": 0.7,
+        "sigma": 2.0,
+        "score": "izi_f",
+        "feature_norm": True,
+        "epochs": 40,
+        "min_steps": 1500,
+        "lr": 1e-4,
+        "max_minutes": 12.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -90,10 +113,12 @@ class FAnoGan(TrainableDetector):
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
-        return {"generator": DCGenerator(o["latent"], o["channels"], o["image_size"], o["width"]),
-                "critic": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=False),
-                "encoder": DCEncoder(o["channels"], o["image_size"], o["width"], o["latent"], batchnorm=False),
-                "feature_scale": FeatureScale()}
+        return {
+            "generator": DCGenerator(o["latent"], o["channels"], o["image_size"], o["width"]),
+            "critic": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=False),
+            "encoder": DCEncoder(o["channels"], o["image_size"], o["width"], o["latent"], batchnorm=False),
+            "feature_scale": FeatureScale(),
+        }
 
     def _phases(self) -> list[Phase]:
         o = self.options
@@ -122,7 +147,9 @@ class FAnoGan(TrainableDetector):
 
         def measure_feature_scale(train: torch.Tensor) -> None:
             if o["feature_norm"]:
-                total = sum(float(critic(b.to(self.device))[1].float().pow(2).mean(1).sum()) for b in train.split(64))
+                total = sum(
+                    float(critic(b.to(self.device))[1].float().pow(2).mean(1).sum()) for b in train.split(64)
+                )
                 self.modules["feature_scale"].value.fill_(max(total / len(train), 1e-12))
 
         def izi_f_loss(x: torch.Tensor) -> torch.Tensor:
@@ -136,13 +163,36 @@ class FAnoGan(TrainableDetector):
             ctx.update(loss, opt_e)
             return {"loss": loss}
 
-        return [self.phase("gan", gan_step, {"generator": opt_g, "critic": opt_d}, epochs=o["gan_epochs"],
-                           patience=0, train_modules=("generator", "critic"), time_share=o["gan_share"]),
-                self.phase("encoder", encoder_step, {"encoder": opt_e}, val_loss=izi_f_loss,
-                           on_start=measure_feature_scale, train_modules=("encoder",), time_share=1 - o["gan_share"])]
+        return [
+            self.phase(
+                "gan",
+                gan_step,
+                {"generator": opt_g, "critic": opt_d},
+                epochs=o["gan_epochs"],
+                patience=0,
+                train_modules=("generator", "critic"),
+                time_share=o["gan_share"],
+            ),
+            self.phase(
+                "encoder",
+                encoder_step,
+                {"encoder": opt_e},
+                val_loss=izi_f_loss,
+                on_start=measure_feature_scale,
+                train_modules=("encoder",),
+                time_share=1 - o["gan_share"],
+            ),
+        ]
 
     def _scorer(self) -> FAnoGanModel:
         o = self.options
         m = self.modules
-        return FAnoGanModel(m["generator"], m["critic"], m["encoder"], m["feature_scale"],
-                            ResidualMap("l2", o["image_size"], o["sigma"]), o["kappa"], o["score"])
+        return FAnoGanModel(
+            m["generator"],
+            m["critic"],
+            m["encoder"],
+            m["feature_scale"],
+            ResidualMap("l2", o["image_size"], o["sigma"]),
+            o["kappa"],
+            o["score"],
+        )

@@ -1,4 +1,5 @@
 """Shared plumbing of detectors built on a pretrained backbone (PatchCore, PaDiM, ...)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalens.backbones import BackboneError, BackboneSpec, build_backbone, make_feature_runner, weights_checksum
+from anomalens.backbones import (
+    BackboneError,
+    BackboneSpec,
+    build_backbone,
+    make_feature_runner,
+    weights_checksum,
+)
 from anomalens.data.inputs import Preprocess
 from anomalens.models.base import Detector
 
@@ -29,8 +36,11 @@ class BackboneDetector(Detector):
 
     @property
     def backbone_spec(self) -> BackboneSpec:
-        return BackboneSpec(name=self.options["backbone"], layers=tuple(self.options["layers"]),
-                            weights=self.options["weights"] or None)
+        return BackboneSpec(
+            name=self.options["backbone"],
+            layers=tuple(self.options["layers"]),
+            weights=self.options["weights"] or None,
+        )
 
     @property
     def extractor(self):
@@ -38,20 +48,25 @@ class BackboneDetector(Detector):
             self._extractor = build_backbone(self.backbone_spec, device=self.device)
             checksum = weights_checksum(self._extractor)
             if self._backbone_checksum is not None and checksum != self._backbone_checksum:
-                raise BackboneError(f"backbone {self.backbone_spec.name!r} now has other weights than when the "
-                                    "model was fitted: refit, or restore the original weight file")
+                raise BackboneError(
+                    f"backbone {self.backbone_spec.name!r} now has other weights than when the "
+                    "model was fitted: refit, or restore the original weight file"
+                )
             self._backbone_checksum = checksum
         return self._extractor
 
     def _preprocess(self) -> Preprocess:
         ex = self.extractor
-        return Preprocess(self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"])
+        return Preprocess(
+            self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"]
+        )
 
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
         if self._runner is None:
-            self._runner = make_feature_runner(self.extractor, self.options["image_size"], self.device,
-                                               engine=self.options["engine"])
+            self._runner = make_feature_runner(
+                self.extractor, self.options["image_size"], self.device, engine=self.options["engine"]
+            )
         outs = self._runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
 

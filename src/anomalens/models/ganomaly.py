@@ -6,6 +6,7 @@ a contextual loss |x - x_hat|_1 and a latent loss ||z - z_hat||^2; an anomaly's 
 is not reproduced, so the score is the latent distance mean((z - z_hat)^2). GANomaly does not
 localize by design; its map is the smoothed reconstruction residual, for inspection.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,9 +55,20 @@ class Ganomaly(TrainableDetector):
     "residual": the residual map's maximum)."""
 
     name = "ganomaly"
-    defaults = {"channels": 3, "latent": 100, "width": 32, "w_adv": 1.0, "w_con": 50.0, "w_enc": 1.0, "sigma": 2.0,
-                "score": "latent",
-                "epochs": 30, "min_steps": 1200, "lr": 2e-4, "max_minutes": 12.0}
+    defaults = {
+        "channels": 3,
+        "latent": 100,
+        "width": 32,
+        "w_adv": 1.0,
+        "w_con": 50.0,
+        "w_enc": 1.0,
+        "sigma": 2.0,
+        "score": "latent",
+        "epochs": 30,
+        "min_steps": 1200,
+        "lr": 2e-4,
+        "max_minutes": 12.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -65,8 +77,10 @@ class Ganomaly(TrainableDetector):
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
-        return {"generator": GanomalyGenerator(o["channels"], o["image_size"], o["width"], o["latent"]),
-                "discriminator": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=True)}
+        return {
+            "generator": GanomalyGenerator(o["channels"], o["image_size"], o["width"], o["latent"]),
+            "discriminator": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=True),
+        }
 
     def _phases(self) -> list[Phase]:
         o = self.options
@@ -79,8 +93,13 @@ class Ganomaly(TrainableDetector):
             adv = F.mse_loss(disc(recon)[1], disc(x)[1].detach())  # feature matching
             con = F.l1_loss(recon, x)
             enc = F.mse_loss(z_hat, z)
-            return {"loss": o["w_adv"] * adv + o["w_con"] * con + o["w_enc"] * enc, "adv": adv, "con": con,
-                    "enc": enc, "recon": recon}
+            return {
+                "loss": o["w_adv"] * adv + o["w_con"] * con + o["w_enc"] * enc,
+                "adv": adv,
+                "con": con,
+                "enc": enc,
+                "recon": recon,
+            }
 
         def step(x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
             disc.requires_grad_(False)  # the generator update leaves the discriminator's gradients alone
@@ -91,10 +110,14 @@ class Ganomaly(TrainableDetector):
             with ctx.autocast():
                 real, _ = disc(x)
                 fake, _ = disc(losses.pop("recon").detach())
-                loss_d = (F.binary_cross_entropy_with_logits(real.float(), torch.ones_like(real.float()))
-                          + F.binary_cross_entropy_with_logits(fake.float(), torch.zeros_like(fake.float()))) / 2
+                loss_d = (
+                    F.binary_cross_entropy_with_logits(real.float(), torch.ones_like(real.float()))
+                    + F.binary_cross_entropy_with_logits(fake.float(), torch.zeros_like(fake.float()))
+                ) / 2
             ctx.update(loss_d, opt_d)
-            if float(loss_d.detach()) < 1e-5:  # the paper re-initializes a discriminator that has won outright
+            if (
+                float(loss_d.detach()) < 1e-5
+            ):  # the paper re-initializes a discriminator that has won outright
                 for module in disc.modules():
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
@@ -107,4 +130,6 @@ class Ganomaly(TrainableDetector):
 
     def _scorer(self) -> GanomalyModel:
         o = self.options
-        return GanomalyModel(self.modules["generator"], ResidualMap("l2", o["image_size"], o["sigma"]), o["score"])
+        return GanomalyModel(
+            self.modules["generator"], ResidualMap("l2", o["image_size"], o["sigma"]), o["score"]
+        )

@@ -3,6 +3,7 @@
 `PadimModel` is the inference compute (exportable nn.Module); `Padim` streams the per-position
 mean and covariance over the training images, so memory does not grow with their number.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,22 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.data.inputs import Batch
-from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.components.layers import SmoothUpsample
+from anomalens.models.feature_base import BackboneDetector
 from anomalens.registry import register
 
 
 def concat_embedding(features: list[torch.Tensor], channel_idx: torch.Tensor) -> torch.Tensor:
     """Deeper stages upsampled (nearest) to the first stage's grid, concatenated, channel subset."""
     size = features[0].shape[-2:]
-    emb = torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest")
-                     for f in features], dim=1)
+    emb = torch.cat(
+        [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features], dim=1
+    )
     return emb.index_select(1, channel_idx)
 
 
 class PadimModel(nn.Module):
-    def __init__(self, channel_idx: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor, image_size: int,
-                 sigma: float = 4.0) -> None:
+    def __init__(
+        self,
+        channel_idx: torch.Tensor,
+        mean: torch.Tensor,
+        inv_cov: torch.Tensor,
+        image_size: int,
+        sigma: float = 4.0,
+    ) -> None:
         super().__init__()
         self.register_buffer("channel_idx", channel_idx)
         self.register_buffer("mean", mean)  # (P, d)
@@ -105,15 +113,20 @@ class Padim(BackboneDetector):
         # slower on CPU for thousands of small matrices
         chol, info = torch.linalg.cholesky_ex(cov)
         if int(info.max()) > 0:
-            raise ValueError("padim: a covariance is not positive definite; raise the regularization option "
-                             f"(now {self.options['regularization']})")
+            raise ValueError(
+                "padim: a covariance is not positive definite; raise the regularization option "
+                f"(now {self.options['regularization']})"
+            )
         inv_cov = torch.cholesky_inverse(chol)
         self._set_model(channel_idx, mean.float(), inv_cov.float())
         self.fit_info.update(grid=list(map(int, (h, w))), n_features=int(d))
 
     def _set_model(self, channel_idx: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> None:
-        self.model = PadimModel(channel_idx, mean, inv_cov, self.options["image_size"],
-                                self.options["sigma"]).to(self.device).eval()
+        self.model = (
+            PadimModel(channel_idx, mean, inv_cov, self.options["image_size"], self.options["sigma"])
+            .to(self.device)
+            .eval()
+        )
 
     @torch.inference_mode()
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +139,11 @@ class Padim(BackboneDetector):
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         m = self.model
-        arrays = {"channel_idx": m.channel_idx.cpu().numpy(), "mean": m.mean.cpu().numpy(),
-                  "inv_cov": m.inv_cov.cpu().numpy()}
+        arrays = {
+            "channel_idx": m.channel_idx.cpu().numpy(),
+            "mean": m.mean.cpu().numpy(),
+            "inv_cov": m.inv_cov.cpu().numpy(),
+        }
         return arrays, self._backbone_state()
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 Inference compute lives in `PatchCoreModel` (a plain nn.Module that exports to ONNX as it is);
 `PatchCore` holds the fitting: streaming feature extraction and a chunked greedy coreset.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,14 @@ from anomalens.registry import register
 class PatchCoreModel(nn.Module):
     """Features -> nearest memory patch -> reweighted image score and smoothed pixel map."""
 
-    def __init__(self, memory_bank: torch.Tensor, bank_support: torch.Tensor, image_size: int,
-                 sigma: float = 4.0, top_k: int = 0) -> None:
+    def __init__(
+        self,
+        memory_bank: torch.Tensor,
+        bank_support: torch.Tensor,
+        image_size: int,
+        sigma: float = 4.0,
+        top_k: int = 0,
+    ) -> None:
         super().__init__()
         self.register_buffer("memory_bank", memory_bank)
         # (M, k): each memory entry's k nearest memory entries (itself first), fixed once fitted
@@ -51,8 +58,9 @@ class PatchCoreModel(nn.Module):
         error (large for near matches) would make the faiss and the exported path disagree."""
         return torch.linalg.vector_norm(flat - self.memory_bank[nn_idx], dim=1)
 
-    def score(self, emb: torch.Tensor, nn_dist: torch.Tensor,
-              nn_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, emb: torch.Tensor, nn_dist: torch.Tensor, nn_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and maps (B, S, S) from each patch's nearest-memory distance.
 
         With top_k > 0 the image score is the mean of the top_k patch distances, steadier on
@@ -74,8 +82,13 @@ class PatchCoreModel(nn.Module):
         return weight * patch.max(dim=1).values, maps
 
 
-def greedy_coreset(features: torch.Tensor, n_select: int, projection_dim: int, seed: int,
-                   on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def greedy_coreset(
+    features: torch.Tensor,
+    n_select: int,
+    projection_dim: int,
+    seed: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Indices of an approximate k-center coreset (PatchCore's greedy selection).
 
     Written here because neither faiss nor scikit-learn offers greedy k-center; distances run on
@@ -112,8 +125,8 @@ class PatchCore(BackboneDetector):
     coreset_min_size (a floor so tiny training sets keep enough patches), num_neighbors
     (the paper's score reweighting, used when top_k=0), top_k (default 10: the image score is
     the mean of the 10 highest patch distances, which scored higher than the paper's reweighted
-    maximum on both development sets; 0 restores the paper), projection_dim (coreset distances), chunk_patches (memory bound of
-    the streaming coreset), sigma (map smoothing).
+    maximum on both development sets; 0 restores the paper), projection_dim (coreset distances),
+    chunk_patches (memory bound of the streaming coreset), sigma (map smoothing).
     """
 
     name = "patchcore"
@@ -171,8 +184,15 @@ class PatchCore(BackboneDetector):
         candidates = torch.cat(kept)
         n_bank = self._coreset_size(n_total)
         with progress_bar(n_bank, "patchcore: coreset", enabled=self._show_progress, unit="patch") as bar:
-            bank = candidates[greedy_coreset(candidates, n_bank, o["projection_dim"], o["seed"],
-                                             on_progress=bar.update if bar else None)]
+            bank = candidates[
+                greedy_coreset(
+                    candidates,
+                    n_bank,
+                    o["projection_dim"],
+                    o["seed"],
+                    on_progress=bar.update if bar else None,
+                )
+            ]
         self._set_bank(bank.float().contiguous())
         self.fit_info.update(n_patches=n_total, memory_bank=int(bank.shape[0]))
 
@@ -182,8 +202,17 @@ class PatchCore(BackboneDetector):
         self._index.add(bank_np)
         # the support neighbourhood of every memory entry never changes: look it up once
         _, support = self._index.search(bank_np, min(self.options["num_neighbors"], bank_np.shape[0]))
-        self.model = PatchCoreModel(bank, torch.from_numpy(support), self.options["image_size"],
-                                    self.options["sigma"], self.options["top_k"]).to(self.device).eval()
+        self.model = (
+            PatchCoreModel(
+                bank,
+                torch.from_numpy(support),
+                self.options["image_size"],
+                self.options["sigma"],
+                self.options["top_k"],
+            )
+            .to(self.device)
+            .eval()
+        )
 
     @torch.inference_mode()
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

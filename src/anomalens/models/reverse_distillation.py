@@ -17,6 +17,7 @@ its deepest encoder width). EfficientNet stage outputs are linear (no ReLU after
 so each decoder stage ends without the ReLU of the paper's ResNet blocks, letting it reproduce
 negative features.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.models.training import Phase
 from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import BackboneTrainableDetector
+from anomalens.models.training import Phase
 from anomalens.registry import register
 
 
@@ -45,15 +46,24 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if scale == 0.5:
             first: nn.Module = nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False)
-            shortcut: nn.Module | None = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False),
-                                                       nn.BatchNorm2d(c_out))
+            shortcut: nn.Module | None = nn.Sequential(
+                nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False), nn.BatchNorm2d(c_out)
+            )
         else:
             stride = int(scale)
             first = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-            shortcut = None if stride == 1 and c_in == c_out else nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        self.body = nn.Sequential(first, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                                  nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+            shortcut = (
+                None
+                if stride == 1 and c_in == c_out
+                else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            )
+        self.body = nn.Sequential(
+            first,
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
         self.shortcut = shortcut
         self.final_relu = final_relu
 
@@ -70,8 +80,10 @@ class OneClassBottleneck(nn.Module):
         c1, c2, c3 = channels
         self.fuse1 = nn.Sequential(_conv_bn(c1, c2, 2), _conv_bn(c2, c3, 2))
         self.fuse2 = _conv_bn(c2, c3, 2)
-        self.embed = nn.Sequential(ResidualBlock(3 * c3, 2 * c3, scale=2),
-                                   *(ResidualBlock(2 * c3, 2 * c3) for _ in range(blocks - 1)))
+        self.embed = nn.Sequential(
+            ResidualBlock(3 * c3, 2 * c3, scale=2),
+            *(ResidualBlock(2 * c3, 2 * c3) for _ in range(blocks - 1)),
+        )
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.embed(torch.cat([self.fuse1(feats[0]), self.fuse2(feats[1]), feats[2]], dim=1))
@@ -85,8 +97,10 @@ class StudentDecoder(nn.Module):
         c1, c2, c3 = channels
 
         def stage(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(ResidualBlock(c_in, c_out, scale=0.5, final_relu=blocks > 1),
-                                 *(ResidualBlock(c_out, c_out, final_relu=i < blocks - 2) for i in range(blocks - 1)))
+            return nn.Sequential(
+                ResidualBlock(c_in, c_out, scale=0.5, final_relu=blocks > 1),
+                *(ResidualBlock(c_out, c_out, final_relu=i < blocks - 2) for i in range(blocks - 1)),
+            )
 
         self.stages = nn.ModuleList([stage(2 * c3, c3), stage(c3, c2), stage(c2, c1)])
 
@@ -100,15 +114,22 @@ class StudentDecoder(nn.Module):
 
 def cosine_distance_loss(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> torch.Tensor:
     """Paper's eq. 2: sum over scales of 1 - cosine similarity of the flattened maps, batch mean."""
-    return sum((1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
-               for e, d in zip(encoded, decoded))
+    return sum(
+        (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean() for e, d in zip(encoded, decoded)
+    )
 
 
 class ReverseDistillationModel(nn.Module):
     """Pixels -> (scores (B,), maps (B, S, S)) for RD4AD."""
 
-    def __init__(self, encoder: FeatureExtractor, bottleneck: OneClassBottleneck, decoder: StudentDecoder,
-                 image_size: int, sigma: float = 4.0) -> None:
+    def __init__(
+        self,
+        encoder: FeatureExtractor,
+        bottleneck: OneClassBottleneck,
+        decoder: StudentDecoder,
+        image_size: int,
+        sigma: float = 4.0,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.bottleneck = bottleneck
@@ -139,22 +160,39 @@ class ReverseDistillation(BackboneTrainableDetector):
     is far shorter (`epochs`, `max_minutes`)."""
 
     name = "reverse_distillation"
-    defaults = {"layers": (1, 2, 3), "blocks": 2, "sigma": 4.0, "epochs": 10, "min_steps": 400, "batch_size": 16,
-                "lr": 0.005, "max_minutes": 15.0}
+    defaults = {
+        "layers": (1, 2, 3),
+        "blocks": 2,
+        "sigma": 4.0,
+        "epochs": 10,
+        "min_steps": 400,
+        "batch_size": 16,
+        "lr": 0.005,
+        "max_minutes": 15.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if len(self.options["layers"]) != 3:
-            raise ValueError(f"{self.name}: layers must name three encoder stages, got {self.options['layers']}")
+            raise ValueError(
+                f"{self.name}: layers must name three encoder stages, got {self.options['layers']}"
+            )
 
     def _build_modules(self) -> dict[str, nn.Module]:
         channels = tuple(self.extractor.channels)
-        return {"bottleneck": OneClassBottleneck(channels, self.options["blocks"]),
-                "decoder": StudentDecoder(channels, self.options["blocks"])}
+        return {
+            "bottleneck": OneClassBottleneck(channels, self.options["blocks"]),
+            "decoder": StudentDecoder(channels, self.options["blocks"]),
+        }
 
     def _scorer(self) -> ReverseDistillationModel:
-        return ReverseDistillationModel(self.extractor, self.modules["bottleneck"], self.modules["decoder"],
-                                        self.options["image_size"], self.options["sigma"])
+        return ReverseDistillationModel(
+            self.extractor,
+            self.modules["bottleneck"],
+            self.modules["decoder"],
+            self.options["image_size"],
+            self.options["sigma"],
+        )
 
     def _phases(self) -> list[Phase]:
         model = self._scorer()

@@ -12,6 +12,7 @@ Deviation from the paper: the backbone is the offline EfficientNet-Lite0 (stages
 This file also holds `BackboneTrainableDetector`, the plumbing shared with reverse distillation
 and EfficientAD (a trained model on top of a frozen pretrained backbone).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.models.training import Phase
 from anomalens.models.trainable import BackboneTrainableDetector
+from anomalens.models.training import Phase
 from anomalens.registry import register
 
 
@@ -76,8 +77,16 @@ class Stfpm(BackboneTrainableDetector):
     default is far shorter (`epochs`, `max_minutes`)."""
 
     name = "stfpm"
-    defaults = {"layers": (1, 2, 3), "epochs": 10, "min_steps": 400, "batch_size": 16, "lr": 0.4, "momentum": 0.9,
-                "weight_decay": 1e-4, "max_minutes": 15.0}
+    defaults = {
+        "layers": (1, 2, 3),
+        "epochs": 10,
+        "min_steps": 400,
+        "batch_size": 16,
+        "lr": 0.4,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "max_minutes": 15.0,
+    }
 
     def _build_modules(self) -> dict[str, nn.Module]:
         return {"student": random_student(self.extractor)}
@@ -88,7 +97,8 @@ class Stfpm(BackboneTrainableDetector):
     def _phases(self) -> list[Phase]:
         o = self.options
         model = self._scorer()
-        opt = torch.optim.SGD(model.student.parameters(), lr=o["lr"], momentum=o["momentum"],
-                              weight_decay=o["weight_decay"])
+        opt = torch.optim.SGD(
+            model.student.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
+        )
 
         return [self.loss_phase("train", model.loss, {"sgd": opt})]

@@ -37,6 +37,7 @@ scoring and, deep-copied to the CPU, as `inference_module()` for ONNX export. Im
 normalized to [-1, 1] with the `channels` option (3 where a subclass has none); override
 `_preprocess` for other normalizations (e.g. a pretrained backbone's mean/std).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,9 @@ import torch
 from torch import nn
 
 from anomalens.data.inputs import Batch, Preprocess, iter_batches
-from anomalens.models.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
 from anomalens.models.base import Detector
 from anomalens.models.feature_base import BackboneDetector
+from anomalens.models.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
 
 
 def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -107,9 +108,15 @@ class TrainableDetector(Detector):
         """Module over `self.modules` mapping preprocessed pixels to (scores (B,), maps (B, S, S))."""
 
     # -- plumbing ----------------------------------------------------------------------------
-    def fit(self, images: Iterable | np.ndarray, calibration: Iterable | np.ndarray | None = None, *,
-            progress: bool = False, checkpoint_dir: str | Path | None = None,
-            resume: bool = False) -> "TrainableDetector":
+    def fit(
+        self,
+        images: Iterable | np.ndarray,
+        calibration: Iterable | np.ndarray | None = None,
+        *,
+        progress: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> TrainableDetector:
         """Like `Detector.fit`; `checkpoint_dir` gets a checkpoint after every epoch, and `resume`
         continues from the one there (same options and images) instead of starting over."""
         if resume and checkpoint_dir is None:
@@ -120,12 +127,19 @@ class TrainableDetector(Detector):
 
     @property
     def checkpoint_path(self) -> Path | None:
-        return None if self._checkpoint_dir is None else self._checkpoint_dir / f"{self.name}.ckpt.safetensors"
+        return (
+            None if self._checkpoint_dir is None else self._checkpoint_dir / f"{self.name}.ckpt.safetensors"
+        )
 
     def _preprocess(self) -> Preprocess:
         channels = self.options.get("channels", 3)
-        return Preprocess(self.options["image_size"], channels, (0.5,) * channels, (0.5,) * channels,
-                          self.options["intensity"])
+        return Preprocess(
+            self.options["image_size"],
+            channels,
+            (0.5,) * channels,
+            (0.5,) * channels,
+            self.options["intensity"],
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -138,14 +152,20 @@ class TrainableDetector(Detector):
             return epochs
         return max(epochs, math.ceil(epochs * o["min_steps"] / (o["epochs"] * self.steps_per_epoch)))
 
-    def phase(self, name: str, step: StepFn, optimizers: dict[str, torch.optim.Optimizer], **kwargs: Any) -> Phase:
+    def phase(
+        self, name: str, step: StepFn, optimizers: dict[str, torch.optim.Optimizer], **kwargs: Any
+    ) -> Phase:
         """A Phase with epochs (scaled by `phase_epochs`) and patience from the options unless given."""
         kwargs["epochs"] = self.phase_epochs(kwargs.get("epochs", self.options["epochs"]))
         kwargs.setdefault("patience", self.options["patience"])
         return Phase(name, step, optimizers=optimizers, **kwargs)
 
-    def loss_phase(self, name: str, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                   optimizers: dict[str, torch.optim.Optimizer]) -> Phase:
+    def loss_phase(
+        self,
+        name: str,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        optimizers: dict[str, torch.optim.Optimizer],
+    ) -> Phase:
         """The common case: one optimizer ({name: optimizer}) minimizing one loss, which is also
         the validation loss."""
         (opt,) = optimizers.values()
@@ -165,13 +185,23 @@ class TrainableDetector(Detector):
         train = torch.cat([b.pixels for b in batches])
         self._n_train = len(train)
         cal_items = getattr(self, "_calibration_items", [])
-        val_batches = [b.pixels for b in iter_batches(cal_items, self._preprocess(), self.options["batch_size"])]
+        val_batches = [
+            b.pixels for b in iter_batches(cal_items, self._preprocess(), self.options["batch_size"])
+        ]
         val = torch.cat(val_batches) if val_batches else None
         self._set_modules(self._build_modules())
-        config = TrainConfig(batch_size=self.options["batch_size"], seed=self.options["seed"], device=self.device,
-                             amp=self.options["amp"], checkpoint=self.checkpoint_path, resume=self._resume,
-                             max_minutes=self.options["max_minutes"], progress=self._show_progress, desc=self.name,
-                             augment=parse_augment(self.options["augment"]))
+        config = TrainConfig(
+            batch_size=self.options["batch_size"],
+            seed=self.options["seed"],
+            device=self.device,
+            amp=self.options["amp"],
+            checkpoint=self.checkpoint_path,
+            resume=self._resume,
+            max_minutes=self.options["max_minutes"],
+            progress=self._show_progress,
+            desc=self.name,
+            augment=parse_augment(self.options["augment"]),
+        )
         result = Trainer(self.modules, config).fit(self._phases(), train, val)
         self.fit_info.update(training=result.summary(), history=result.history)
 
@@ -184,16 +214,20 @@ class TrainableDetector(Detector):
         return copy.deepcopy(self._scorer()).cpu().eval()
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {f"{name}/{k}": v.detach().cpu().numpy() for name, m in self.modules.items()
-                  for k, v in m.state_dict().items()}
+        arrays = {
+            f"{name}/{k}": v.detach().cpu().numpy()
+            for name, m in self.modules.items()
+            for k, v in m.state_dict().items()
+        }
         return arrays, {}
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         modules = self._build_modules()
         for name, m in modules.items():
             prefix = f"{name}/"
-            m.load_state_dict({k[len(prefix):]: torch.from_numpy(v) for k, v in arrays.items()
-                               if k.startswith(prefix)})
+            m.load_state_dict(
+                {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+            )
         self._set_modules(modules)
 
 
@@ -205,10 +239,15 @@ class BackboneTrainableDetector(TrainableDetector, BackboneDetector):
     inside the trained model's torch graph, so BackboneDetector's `engine` option does not apply.
     """
 
-    stochastic = True  # the trained weights depend on `seed` (initialisation, shuffling): benchmarks repeat seeds
-    base_defaults = {**TrainableDetector.base_defaults,
-                     **{k: v for k, v in BackboneDetector.base_defaults.items() if k != "engine"},
-                     "image_size": 256, "batch_size": 8}
+    stochastic = (
+        True  # the trained weights depend on `seed` (initialisation, shuffling): benchmarks repeat seeds
+    )
+    base_defaults = {
+        **TrainableDetector.base_defaults,
+        **{k: v for k, v in BackboneDetector.base_defaults.items() if k != "engine"},
+        "image_size": 256,
+        "batch_size": 8,
+    }
 
     def _preprocess(self) -> Preprocess:
         return BackboneDetector._preprocess(self)

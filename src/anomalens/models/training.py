@@ -46,6 +46,7 @@ multi-phase training passes several `Phase`s (`train_modules`
 names the modules put in train mode; the others stay in eval mode and should be frozen by the
 step function, e.g. by only stepping the optimizer of the trained module).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -149,13 +150,19 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """JSON-safe digest for a detector's fit_info."""
         last = self.history[-1] if self.history else {}
-        return {"epochs_run": len(self.history), "stopped": self.stopped, "train_seconds": round(self.seconds, 2),
-                "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                "resumed_from": self.resumed_from}
+        return {
+            "epochs_run": len(self.history),
+            "stopped": self.stopped,
+            "train_seconds": round(self.seconds, 2),
+            "final_loss": last.get("loss"),
+            "final_val_loss": last.get("val_loss"),
+            "resumed_from": self.resumed_from,
+        }
 
 
-def augment_batch(x: torch.Tensor, kinds: tuple[str, ...], *, max_degrees: float = 10.0,
-                  noise_std: float = 0.02) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, kinds: tuple[str, ...], *, max_degrees: float = 10.0, noise_std: float = 0.02
+) -> torch.Tensor:
     """Random horizontal/vertical flips, small rotations and Gaussian noise on a (B, C, H, W) batch.
 
     Draws from the global torch RNG, which the trainer re-seeds every epoch (reproducible).
@@ -163,7 +170,9 @@ def augment_batch(x: torch.Tensor, kinds: tuple[str, ...], *, max_degrees: float
     """
     unknown = sorted(set(kinds) - set(AUGMENTATIONS))
     if unknown:
-        raise ValueError(f"augment: unknown kind(s) {', '.join(unknown)}; use any of {', '.join(AUGMENTATIONS)}")
+        raise ValueError(
+            f"augment: unknown kind(s) {', '.join(unknown)}; use any of {', '.join(AUGMENTATIONS)}"
+        )
     b = x.shape[0]
     if "flip" in kinds:
         h = torch.rand(b, device=x.device) < 0.5
@@ -206,13 +215,21 @@ class Trainer:
     # -- checkpoint ------------------------------------------------------------------------------
     def _signature(self, phases: list[Phase], n_train: int) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed: the architecture, phases, seed, data size."""
-        return {"modules": {name: {k: list(v.shape) for k, v in m.state_dict().items()}
-                            for name, m in self.modules.items()},
-                "phases": [[p.name, p.epochs] for p in phases], "seed": self.config.seed,
-                "batch_size": self.config.batch_size, "n_train": n_train, "augment": list(self.config.augment)}
+        return {
+            "modules": {
+                name: {k: list(v.shape) for k, v in m.state_dict().items()}
+                for name, m in self.modules.items()
+            },
+            "phases": [[p.name, p.epochs] for p in phases],
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "n_train": n_train,
+            "augment": list(self.config.augment),
+        }
 
-    def _save(self, path: Path, phases: list[Phase], meta: dict[str, Any],
-              best: dict[str, torch.Tensor] | None) -> None:
+    def _save(
+        self, path: Path, phases: list[Phase], meta: dict[str, Any], best: dict[str, torch.Tensor] | None
+    ) -> None:
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
             for k, v in module.state_dict().items():
@@ -227,7 +244,9 @@ class Trainer:
                 for pid, state in sd["state"].items():
                     for k, v in state.items():
                         if torch.is_tensor(v):
-                            tensors[f"optim/{phase.name}/{name}/{pid}/{k}"] = v.detach().cpu().clone().contiguous()
+                            tensors[f"optim/{phase.name}/{name}/{pid}/{k}"] = (
+                                v.detach().cpu().clone().contiguous()
+                            )
                         else:
                             scalars.setdefault(str(pid), {})[k] = v
                 opt_meta[f"{phase.name}/{name}"] = {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -237,21 +256,27 @@ class Trainer:
         save_file(tensors, str(tmp), metadata={"anomalens_checkpoint": json.dumps(header)})
         tmp.replace(path)  # a crash while writing keeps the previous epoch's checkpoint intact
 
-    def _load(self, path: Path, phases: list[Phase], signature: dict[str, Any]
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    def _load(
+        self, path: Path, phases: list[Phase], signature: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {})["anomalens_checkpoint"])
             tensors = load_file(str(path))
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-            raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(err).__name__}); delete it to "
-                                  "start over") from None
-        if header.get("format") != CHECKPOINT_FORMAT or header.get("signature") != json.loads(json.dumps(signature)):
-            raise CheckpointError(f"checkpoint '{path}' was written with another model configuration or data; "
-                                  "delete it or train without resume")
+            raise CheckpointError(
+                f"checkpoint '{path}' is unreadable ({type(err).__name__}); delete it to start over"
+            ) from None
+        if header.get("format") != CHECKPOINT_FORMAT or header.get("signature") != json.loads(
+            json.dumps(signature)
+        ):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written with another model configuration or data; "
+                "delete it or train without resume"
+            )
         for name, module in self.modules.items():
             prefix = f"module/{name}/"
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         for phase in phases:
             for name, opt in phase.optimizers.items():
                 meta = header["optimizers"][f"{phase.name}/{name}"]
@@ -259,20 +284,24 @@ class Trainer:
                 state: dict[int, dict[str, Any]] = {}
                 for k, v in tensors.items():
                     if k.startswith(prefix):
-                        pid, key = k[len(prefix):].split("/", 1)
+                        pid, key = k[len(prefix) :].split("/", 1)
                         state.setdefault(int(pid), {})[key] = v
                 for pid, scalars in meta["scalars"].items():
                     state.setdefault(int(pid), {}).update(scalars)
                 opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+        best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
         return header, best or None
 
     # -- training --------------------------------------------------------------------------------
     def _batches(self, data: torch.Tensor, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-        order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
+        order = (
+            torch.randperm(len(data), generator=generator)
+            if generator is not None
+            else torch.arange(len(data))
+        )
         bs = self.config.batch_size
         for i in range(0, len(data), bs):
-            yield data[order[i:i + bs]].to(self.device, non_blocking=True)
+            yield data[order[i : i + bs]].to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def _validate(self, phase: Phase, val: torch.Tensor) -> float:
@@ -285,13 +314,16 @@ class Trainer:
         return total / len(val)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {f"{name}/{k}": v.detach().clone() for name, m in self.modules.items()
-                for k, v in m.state_dict().items()}
+        return {
+            f"{name}/{k}": v.detach().clone()
+            for name, m in self.modules.items()
+            for k, v in m.state_dict().items()
+        }
 
     def _restore_snapshot(self, snap: dict[str, torch.Tensor]) -> None:
         for name, m in self.modules.items():
             prefix = f"{name}/"
-            m.load_state_dict({k[len(prefix):]: v for k, v in snap.items() if k.startswith(prefix)})
+            m.load_state_dict({k[len(prefix) :]: v for k, v in snap.items() if k.startswith(prefix)})
 
     def fit(self, phases: list[Phase], train: torch.Tensor, val: torch.Tensor | None = None) -> TrainResult:
         """Train through `phases` on `train` (N, C, H, W); `val` feeds each phase's val_loss."""
@@ -321,9 +353,19 @@ class Trainer:
 
         def save(stopped: str | None = None) -> None:
             if path is not None:
-                self._save(path, phases, {"signature": signature, "position": pos, "history": result.history,
-                                          "seconds": previous_seconds + time.perf_counter() - start,
-                                          "notes": notes, "stopped": stopped}, best)
+                self._save(
+                    path,
+                    phases,
+                    {
+                        "signature": signature,
+                        "position": pos,
+                        "history": result.history,
+                        "seconds": previous_seconds + time.perf_counter() - start,
+                        "notes": notes,
+                        "stopped": stopped,
+                    },
+                    best,
+                )
 
         for pi in range(pos["phase"], len(phases)):
             phase = phases[pi]
@@ -331,8 +373,11 @@ class Trainer:
             phase_start = time.perf_counter() - pos["phase_seconds"]
             # a phase may use its share of the budget, and never more than what is left of it
             left = cfg.max_minutes * 60 - (previous_seconds + time.perf_counter() - start)
-            deadline = (min(phase_start + cfg.max_minutes * 60 * phase.time_share, time.perf_counter() + left)
-                        if cfg.max_minutes > 0 else math.inf)
+            deadline = (
+                min(phase_start + cfg.max_minutes * 60 * phase.time_share, time.perf_counter() + left)
+                if cfg.max_minutes > 0
+                else math.inf
+            )
             steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
             out_of_time = False
             if phase.on_start is not None and pos["epoch"] == 0:
@@ -340,8 +385,9 @@ class Trainer:
                     m.eval()
                 with torch.no_grad():
                     phase.on_start(train)
-            with progress_bar(steps_per_epoch * phase.epochs, f"{cfg.desc}: {phase.name}", enabled=cfg.progress,
-                              unit="step") as bar:
+            with progress_bar(
+                steps_per_epoch * phase.epochs, f"{cfg.desc}: {phase.name}", enabled=cfg.progress, unit="step"
+            ) as bar:
                 if bar is not None:
                     bar.update(steps_per_epoch * pos["epoch"])
                 for epoch in range(pos["epoch"], phase.epochs):
@@ -360,17 +406,24 @@ class Trainer:
                             x = augment_batch(x, cfg.augment)
                         losses = phase.step(x, self.ctx)
                         for k, v in losses.items():
-                            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(x)
+                            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(
+                                x
+                            )
                         n_seen += len(x)
                         if bar is not None:
                             bar.update(1)
-                            bar.set_postfix(epoch=f"{epoch + 1}/{phase.epochs}",
-                                            loss=f"{sums.get('loss', next(iter(sums.values()))) / n_seen:.4g}")
+                            bar.set_postfix(
+                                epoch=f"{epoch + 1}/{phase.epochs}",
+                                loss=f"{sums.get('loss', next(iter(sums.values()))) / n_seen:.4g}",
+                            )
                         if time.perf_counter() > deadline:
                             out_of_time = True
                             break
-                    row: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1,
-                                           **{k: v / n_seen for k, v in sums.items()}}
+                    row: dict[str, Any] = {
+                        "phase": phase.name,
+                        "epoch": epoch + 1,
+                        **{k: v / n_seen for k, v in sums.items()},
+                    }
                     if use_val:
                         row["val_loss"] = self._validate(phase, val)
                         if pos["best_val"] is None or row["val_loss"] < pos["best_val"]:
@@ -379,8 +432,11 @@ class Trainer:
                         else:
                             pos["bad_epochs"] += 1
                         if bar is not None:
-                            bar.set_postfix(epoch=f"{epoch + 1}/{phase.epochs}", loss=f"{row.get('loss', 0):.4g}",
-                                            val=f"{row['val_loss']:.4g}")
+                            bar.set_postfix(
+                                epoch=f"{epoch + 1}/{phase.epochs}",
+                                loss=f"{row.get('loss', 0):.4g}",
+                                val=f"{row['val_loss']:.4g}",
+                            )
                     row["seconds"] = round(time.perf_counter() - epoch_start, 3)
                     result.history.append(row)
                     if out_of_time:

@@ -9,6 +9,7 @@ connection. Decoding climbs back: S x S learned queries attend to the coarser to
 skip tokens and become the finer level's window (patch expanding). `UtradModel` is the whole
 inference graph, backbone included, so it exports to ONNX in one piece.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
-from anomalens.models.training import Phase
 from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import BackboneTrainableDetector
+from anomalens.models.training import Phase
 from anomalens.registry import register
 
 
@@ -46,7 +47,9 @@ class Standardize(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return super().forward(x)
-        return (x - self.running_mean.view(1, -1, 1, 1)) * torch.rsqrt(self.running_var.view(1, -1, 1, 1) + self.eps)
+        return (x - self.running_mean.view(1, -1, 1, 1)) * torch.rsqrt(
+            self.running_var.view(1, -1, 1, 1) + self.eps
+        )
 
 
 class CrossBlock(nn.Module):
@@ -94,8 +97,16 @@ def from_windows(x: torch.Tensor, b: int, p: int, s: int) -> torch.Tensor:
 class UTransformer(nn.Module):
     """Reconstructs a (B, C, G, G) feature map; G must equal the product of `windows`."""
 
-    def __init__(self, in_dim: int, windows: tuple[int, ...], dim: int = 128, heads: int = 4, depth: int = 2,
-                 mlp_ratio: float = 2.0, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        windows: tuple[int, ...],
+        dim: int = 128,
+        heads: int = 4,
+        depth: int = 2,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.windows = tuple(windows)
         self.grid = math.prod(self.windows)
@@ -106,20 +117,38 @@ class UTransformer(nn.Module):
         self.standardize = Standardize(in_dim)
         self.embed = nn.Conv2d(in_dim, dim, kernel_size=1)
         self.position = nn.Parameter(torch.zeros(1, self.grid, self.grid, dim))
-        self.window_position = nn.ParameterList([nn.Parameter(torch.zeros(1, s * s, dim)) for s in self.windows])
+        self.window_position = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, s * s, dim)) for s in self.windows]
+        )
         self.merge_token = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in self.windows])
         self.queries = nn.ParameterList([nn.Parameter(torch.zeros(1, s * s, dim)) for s in self.windows])
         self.drop = nn.Dropout(dropout)
         self.encoders = nn.ModuleList(
-            nn.Sequential(*[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout)
-                            for _ in range(depth)], nn.LayerNorm(dim)) for _ in self.windows)
+            nn.Sequential(
+                *[
+                    Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout)
+                    for _ in range(depth)
+                ],
+                nn.LayerNorm(dim),
+            )
+            for _ in self.windows
+        )
         # the authors' narrow bottleneck on every skip connection: it keeps the decoder from
         # copying the encoder's tokens through (an identity shortcut reconstructs defects too)
         self.bottlenecks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, dim // 4), nn.LayerNorm(dim // 4), nn.GELU(), nn.Linear(dim // 4, dim),
-                          nn.LayerNorm(dim)) for _ in self.windows)
+            nn.Sequential(
+                nn.Linear(dim, dim // 4),
+                nn.LayerNorm(dim // 4),
+                nn.GELU(),
+                nn.Linear(dim // 4, dim),
+                nn.LayerNorm(dim),
+            )
+            for _ in self.windows
+        )
         self.decoders = nn.ModuleList(
-            nn.ModuleList(CrossBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth)) for _ in self.windows)
+            nn.ModuleList(CrossBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+            for _ in self.windows
+        )
         self.decoder_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.windows)
         self.head = nn.Conv2d(dim, in_dim, kernel_size=1)
         self.apply(_init_weights)
@@ -131,8 +160,9 @@ class UTransformer(nn.Module):
         b = features.shape[0]
         x = self.drop(self.embed(features).permute(0, 2, 3, 1) + self.position)  # (B, G, G, D)
         skips = []
-        for s, pos, token, encoder, bottleneck in zip(self.windows, self.window_position, self.merge_token,
-                                                      self.encoders, self.bottlenecks):
+        for s, pos, token, encoder, bottleneck in zip(
+            self.windows, self.window_position, self.merge_token, self.encoders, self.bottlenecks
+        ):
             p = x.shape[1] // s
             windows = to_windows(x, s) + pos
             out = encoder(torch.cat([token.expand(windows.shape[0], -1, -1), windows], dim=1))
@@ -168,8 +198,9 @@ def backbone_embedding(features: list[torch.Tensor]) -> torch.Tensor:
     `concat_embedding` without its random channel subset, whose index_select would hide the
     channel count from the ONNX exporter (the standardizing batch norm needs it)."""
     size = features[0].shape[-2:]
-    return torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest")
-                      for f in features], dim=1)
+    return torch.cat(
+        [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features], dim=1
+    )
 
 
 class UtradModel(nn.Module):
@@ -181,7 +212,9 @@ class UtradModel(nn.Module):
         self.net = net
         # SmoothUpsample's (S, G) matrix as a buffer: its per-size cache is keyed by a traced
         # size during ONNX export and would put the float64 matrix construction in the graph
-        self.register_buffer("upsample", SmoothUpsample(image_size, sigma).matrix(net.grid, torch.device("cpu")))
+        self.register_buffer(
+            "upsample", SmoothUpsample(image_size, sigma).matrix(net.grid, torch.device("cpu"))
+        )
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Standardized backbone embedding (B, C, G, G): the reconstruction target."""
@@ -212,8 +245,20 @@ class Utrad(BackboneTrainableDetector):
     """
 
     name = "utrad"
-    defaults = {"layers": (2, 3), "windows": (4, 4, 2), "dim": 128, "heads": 4, "depth": 2, "mlp_ratio": 2.0,
-                "dropout": 0.1, "sigma": 4.0, "epochs": 10, "min_steps": 800, "lr": 2e-4, "max_minutes": 15.0}
+    defaults = {
+        "layers": (2, 3),
+        "windows": (4, 4, 2),
+        "dim": 128,
+        "heads": 4,
+        "depth": 2,
+        "mlp_ratio": 2.0,
+        "dropout": 0.1,
+        "sigma": 4.0,
+        "epochs": 10,
+        "min_steps": 800,
+        "lr": 2e-4,
+        "max_minutes": 15.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -227,11 +272,20 @@ class Utrad(BackboneTrainableDetector):
         stride = self.extractor.strides[0]
         grid = o["image_size"] // stride
         if grid * stride != o["image_size"] or math.prod(o["windows"]) != grid:
-            raise ValueError(f"utrad: image_size {o['image_size']} with layers {tuple(o['layers'])} gives a "
-                             f"{o['image_size'] / stride:g}-cell feature grid, but windows {tuple(o['windows'])} "
-                             f"multiply to {math.prod(o['windows'])}: choose windows whose product is the grid")
-        net = UTransformer(sum(self.extractor.channels), o["windows"], o["dim"], o["heads"], o["depth"],
-                           o["mlp_ratio"], o["dropout"])
+            raise ValueError(
+                f"utrad: image_size {o['image_size']} with layers {tuple(o['layers'])} gives a "
+                f"{o['image_size'] / stride:g}-cell feature grid, but windows {tuple(o['windows'])} "
+                f"multiply to {math.prod(o['windows'])}: choose windows whose product is the grid"
+            )
+        net = UTransformer(
+            sum(self.extractor.channels),
+            o["windows"],
+            o["dim"],
+            o["heads"],
+            o["depth"],
+            o["mlp_ratio"],
+            o["dropout"],
+        )
         return {"net": net}
 
     def _scorer(self) -> UtradModel:

@@ -15,6 +15,7 @@ width); the encoder ends in a LayerNorm without affine and the mixture reads a b
 embedding, because the mixture is conditioned on the very embedding it scores: without these
 the encoder could shrink its embeddings, or the mixture copy them, and make every patch likely.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,9 @@ from pytorch_msssim import SSIM
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from anomalens.models.training import Phase
 from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.trainable import TrainableDetector
+from anomalens.models.training import Phase
 from anomalens.registry import register
 
 
@@ -76,19 +77,31 @@ def deconv_decoder(dim: int, channels: int, patch_size: int) -> nn.Sequential:
 class VTADLNet(nn.Module):
     """ViT encoder over patches, reconstruction decoder and mixture density network."""
 
-    def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, depth: int, heads: int,
-                 mlp_ratio: float, dropout: float, n_gaussians: int, mdn_hidden: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        channels: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        n_gaussians: int,
+        mdn_hidden: int,
+    ) -> None:
         super().__init__()
         self.grid = image_size // patch_size
         self.channels = channels
         self.patch_embed = nn.Conv2d(channels, dim, patch_size, stride=patch_size)  # linear patch projection
         self.position = nn.Parameter(torch.randn(1, self.grid * self.grid, dim) * 0.02)
         self.drop = nn.Dropout(dropout)
-        self.encoder = nn.Sequential(*[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout)
-                                       for _ in range(depth)],
-                                     # no affine: the encoder cannot shrink its embeddings to make
-                                     # them likely, the decoder's batch norms would undo the scale
-                                     nn.LayerNorm(dim, elementwise_affine=False))
+        self.encoder = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout) for _ in range(depth)],
+            # no affine: the encoder cannot shrink its embeddings to make
+            # them likely, the decoder's batch norms would undo the scale
+            nn.LayerNorm(dim, elementwise_affine=False),
+        )
         self.decoder = deconv_decoder(dim, channels, patch_size)
         self.mdn = MixtureDensity(dim, n_gaussians, mdn_hidden)
 
@@ -104,8 +117,9 @@ class VTADLNet(nn.Module):
         return z, self.decoder(grid)
 
 
-def reconstruction_error(pixels: torch.Tensor, recon: torch.Tensor, ssim: SSIM, mse_weight: float,
-                         ssim_weight: float) -> torch.Tensor:
+def reconstruction_error(
+    pixels: torch.Tensor, recon: torch.Tensor, ssim: SSIM, mse_weight: float, ssim_weight: float
+) -> torch.Tensor:
     """Per image: mse_weight * MSE + ssim_weight * (1 - SSIM), on pixels normalized to [-1, 1]."""
     mse = (recon - pixels).pow(2).mean(dim=(1, 2, 3))
     return mse_weight * mse + ssim_weight * (1 - ssim(recon, pixels))
@@ -114,14 +128,23 @@ def reconstruction_error(pixels: torch.Tensor, recon: torch.Tensor, ssim: SSIM, 
 class VtadlModel(nn.Module):
     """Pixels -> (scores (B,), maps (B, S, S)); also the training loss."""
 
-    def __init__(self, net: VTADLNet, image_size: int, sigma: float, mse_weight: float, ssim_weight: float,
-                 nll_weight: float) -> None:
+    def __init__(
+        self,
+        net: VTADLNet,
+        image_size: int,
+        sigma: float,
+        mse_weight: float,
+        ssim_weight: float,
+        nll_weight: float,
+    ) -> None:
         super().__init__()
         self.net = net
         self.weights = (mse_weight, ssim_weight, nll_weight)
         # SmoothUpsample's matrix as a buffer: its per-size cache is keyed by a traced size during
         # ONNX export and would put the float64 matrix construction in the graph
-        self.register_buffer("upsample", SmoothUpsample(image_size, sigma).matrix(net.grid, torch.device("cpu")))
+        self.register_buffer(
+            "upsample", SmoothUpsample(image_size, sigma).matrix(net.grid, torch.device("cpu"))
+        )
         # the module form of SSIM builds its Gaussian window once: the functional form builds it
         # from the input's shape, a convolution kernel of unknown shape for the ONNX exporter
         self.ssim = SSIM(data_range=2.0, size_average=False, channel=net.channels)
@@ -154,17 +177,37 @@ class Vtadl(TrainableDetector):
     """
 
     name = "vtadl"
-    defaults = {"image_size": 128, "batch_size": 8, "channels": 3, "patch_size": 8, "dim": 128, "depth": 4,
-                "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0, "n_gaussians": 10, "mdn_hidden": 32,
-                "mse_weight": 5.0, "ssim_weight": 0.5, "nll_weight": 1.0, "sigma": 4.0, "epochs": 30,
-                "min_steps": 2500, "lr": 5e-4, "weight_decay": 1e-4, "max_minutes": 15.0}
+    defaults = {
+        "image_size": 128,
+        "batch_size": 8,
+        "channels": 3,
+        "patch_size": 8,
+        "dim": 128,
+        "depth": 4,
+        "heads": 4,
+        "mlp_ratio": 2.0,
+        "dropout": 0.0,
+        "n_gaussians": 10,
+        "mdn_hidden": 32,
+        "mse_weight": 5.0,
+        "ssim_weight": 0.5,
+        "nll_weight": 1.0,
+        "sigma": 4.0,
+        "epochs": 30,
+        "min_steps": 2500,
+        "lr": 5e-4,
+        "weight_decay": 1e-4,
+        "max_minutes": 15.0,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         o = self.options
         p = o["patch_size"]
         if p < 2 or p & (p - 1) or o["image_size"] % p:
-            raise ValueError(f"vtadl: patch_size={p} must be a power of two dividing image_size={o['image_size']}")
+            raise ValueError(
+                f"vtadl: patch_size={p} must be a power of two dividing image_size={o['image_size']}"
+            )
         if o["dim"] % o["heads"]:
             raise ValueError(f"vtadl: dim={o['dim']} must be a multiple of heads={o['heads']}")
         if o["channels"] not in (1, 3):
@@ -173,22 +216,40 @@ class Vtadl(TrainableDetector):
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
-        return {"net": VTADLNet(o["image_size"], o["patch_size"], o["channels"], o["dim"], o["depth"], o["heads"],
-                                o["mlp_ratio"], o["dropout"], o["n_gaussians"], o["mdn_hidden"])}
+        return {
+            "net": VTADLNet(
+                o["image_size"],
+                o["patch_size"],
+                o["channels"],
+                o["dim"],
+                o["depth"],
+                o["heads"],
+                o["mlp_ratio"],
+                o["dropout"],
+                o["n_gaussians"],
+                o["mdn_hidden"],
+            )
+        }
 
     def _scorer(self) -> VtadlModel:
         net = self.modules["net"]
         if self._model is None or self._model.net is not net:
             o = self.options
-            self._model = VtadlModel(net, o["image_size"], o["sigma"], o["mse_weight"], o["ssim_weight"],
-                                     o["nll_weight"]).to(self.device).eval()
+            self._model = (
+                VtadlModel(
+                    net, o["image_size"], o["sigma"], o["mse_weight"], o["ssim_weight"], o["nll_weight"]
+                )
+                .to(self.device)
+                .eval()
+            )
         return self._model
 
     def _phases(self) -> list[Phase]:
         model = self._scorer()
         # the reference implementation's Adam with weight decay 1e-4; its lr is 1e-4, the default
         # here 5e-4 because a CPU budget allows about a tenth of its training steps
-        opt = torch.optim.Adam(model.net.parameters(), lr=self.options["lr"],
-                               weight_decay=self.options["weight_decay"])
+        opt = torch.optim.Adam(
+            model.net.parameters(), lr=self.options["lr"], weight_decay=self.options["weight_decay"]
+        )
 
         return [self.loss_phase("train", model.loss, {"adam": opt})]

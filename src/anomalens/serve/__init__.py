@@ -5,6 +5,7 @@
 
 See docs/serve.md for the endpoints and serve/review.py for the review page's API.
 """
+
 from anomalens.models.base import Inferencer
 from anomalens.serve.app import ServeConfig, create_app
 from anomalens.serve.model import ServedModel, load_inferencer

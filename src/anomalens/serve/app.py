@@ -8,6 +8,7 @@ Endpoints: `POST /predict` (multipart field `file`), `GET /health`, `GET /model`
 at `/review` (see serve/review.py) and OpenAPI docs at `/docs`. When a token is configured every
 POST needs `Authorization: Bearer <token>`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -35,7 +36,6 @@ from anomalens.inference import verdict_overlay
 from anomalens.serve.model import ServedModel, load_inferencer
 from anomalens.serve.review import ReviewStore, png_bytes, review_router
 from anomalens.workflows.scoring import model_id_for, path_key
-
 
 
 @dataclass
@@ -95,8 +95,9 @@ class UploadLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        response = JSONResponse({"detail": f"upload too large: the limit is {self.max_bytes / 1e6:g} MB"},
-                                status_code=413)
+        response = JSONResponse(
+            {"detail": f"upload too large: the limit is {self.max_bytes / 1e6:g} MB"}, status_code=413
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await response(scope, receive, send)
@@ -130,8 +131,11 @@ def bearer_guard(token: str | None) -> Callable[[Request], None]:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or wrong token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return check
 
@@ -141,12 +145,15 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
     if config.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {config.max_upload_mb}")
     inferencer = inferencer or load_inferencer(config.model, config.runtime, config.threads)
-    mid, model_sha = model_id_for(config.model, inferencer.metadata["detector"])  # the ids `anomalens score` uses
+    mid, model_sha = model_id_for(
+        config.model, inferencer.metadata["detector"]
+    )  # the ids `anomalens score` uses
     review = ReviewStore(config.store, mid) if config.store else None
     uploads = config.uploads_dir()
     if review is not None:
-        review.register_model(inferencer.metadata["detector"], model_sha, str(config.model),
-                              inferencer.calibration.threshold)
+        review.register_model(
+            inferencer.metadata["detector"], model_sha, str(config.model), inferencer.calibration.threshold
+        )
         uploads.mkdir(parents=True, exist_ok=True)
     require_token = Depends(bearer_guard(config.token))
     started = time.time()
@@ -157,9 +164,13 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
         if review is not None:
             review.close()
 
-    app = FastAPI(title="anomalens", version=__version__, lifespan=lifespan,
-                  description="Visual anomaly detection: score images against a model of good parts, "
-                              "review the results. POST endpoints need a Bearer token when one is configured.")
+    app = FastAPI(
+        title="anomalens",
+        version=__version__,
+        lifespan=lifespan,
+        description="Visual anomaly detection: score images against a model of good parts, "
+        "review the results. POST endpoints need a Bearer token when one is configured.",
+    )
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 1e6))
 
     @app.exception_handler(ImageReadError)
@@ -172,33 +183,55 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
 
     @app.get("/health", summary="Liveness: the model is loaded")
     def health() -> dict:
-        return {"status": "ok", "model_id": mid, "runtime": inferencer.runtime,
-                "uptime_s": round(time.time() - started, 1)}
+        return {
+            "status": "ok",
+            "model_id": mid,
+            "runtime": inferencer.runtime,
+            "uptime_s": round(time.time() - started, 1),
+        }
 
     @app.get("/model", summary="Model metadata and decision threshold")
     def model_info() -> dict:
         cal = inferencer.calibration
-        return {**inferencer.metadata, "model_id": mid, "model_file": config.model.name,
-                "runtime": inferencer.runtime, "threads": config.threads, "localizes": inferencer.localizes,
-                "threshold": {"raw": cal.threshold, "normalized": 1.0,
-                              "rule": "flagged when normalized_score >= 1.0"},
-                "store": config.store is not None, "token_required": config.token is not None,
-                "max_upload_mb": config.max_upload_mb, "anomalens_version": __version__}
+        return {
+            **inferencer.metadata,
+            "model_id": mid,
+            "model_file": config.model.name,
+            "runtime": inferencer.runtime,
+            "threads": config.threads,
+            "localizes": inferencer.localizes,
+            "threshold": {
+                "raw": cal.threshold,
+                "normalized": 1.0,
+                "rule": "flagged when normalized_score >= 1.0",
+            },
+            "store": config.store is not None,
+            "token_required": config.token is not None,
+            "max_upload_mb": config.max_upload_mb,
+            "anomalens_version": __version__,
+        }
 
     @app.post("/predict", summary="Score one image (multipart field 'file')", dependencies=[require_token])
-    async def predict(file: UploadFile = File(..., description="the image: PNG, JPEG, BMP or TIFF"),
-                      with_map: bool = Query(False, alias="map", description="add the normalized anomaly map "
-                                                                             "as base64 PNG (128 = threshold)"),
-                      with_overlay: bool = Query(False, alias="overlay",
-                                                 description="add the image | heat-map overlay as base64 PNG")
-                      ) -> dict:
+    async def predict(
+        file: UploadFile = File(..., description="the image: PNG, JPEG, BMP or TIFF"),
+        with_map: bool = Query(
+            False, alias="map", description="add the normalized anomaly map as base64 PNG (128 = threshold)"
+        ),
+        with_overlay: bool = Query(
+            False, alias="overlay", description="add the image | heat-map overlay as base64 PNG"
+        ),
+    ) -> dict:
         name = Path(file.filename or "upload").name
         suffix = Path(name).suffix.lower()
         content_type = (file.content_type or "").lower()
         if (suffix and suffix not in IMAGE_EXTENSIONS) or not (
-                content_type.startswith("image/") or content_type in ("", "application/octet-stream")):
-            raise HTTPException(415, f"'{name}' ({content_type or 'no content type'}) is not a supported image; "
-                                     f"send one of {', '.join(IMAGE_EXTENSIONS)}")
+            content_type.startswith("image/") or content_type in ("", "application/octet-stream")
+        ):
+            raise HTTPException(
+                415,
+                f"'{name}' ({content_type or 'no content type'}) is not a supported image; "
+                f"send one of {', '.join(IMAGE_EXTENSIONS)}",
+            )
         data = await file.read()
         if not data:
             raise HTTPException(422, f"'{name}' is empty")
@@ -209,10 +242,16 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
         image = decode_upload(data, name)
         verdict = inferencer.verdict(image, config.min_region)
         body: dict[str, Any] = {
-            "filename": name, "score": verdict.score, "normalized_score": verdict.normalized_score,
-            "decision": verdict.decision, "anomalous": verdict.anomalous,
-            "regions": [r.to_dict() for r in verdict.regions], "width": int(image.shape[1]),
-            "height": int(image.shape[0]), "model_id": mid}
+            "filename": name,
+            "score": verdict.score,
+            "normalized_score": verdict.normalized_score,
+            "decision": verdict.decision,
+            "anomalous": verdict.anomalous,
+            "regions": [r.to_dict() for r in verdict.regions],
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "model_id": mid,
+        }
         if with_map:
             body["map_png"] = base64.b64encode(map_png(verdict.normalized_map)).decode()
         if with_overlay:

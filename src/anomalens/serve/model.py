@@ -1,5 +1,6 @@
 """The model behind the service: any `Inferencer` (the torch detector or its ONNX export) and
 what the endpoints report about it."""
+
 from __future__ import annotations
 
 import threading
@@ -41,8 +42,9 @@ class ServedModel:
         """Score one image (H, W[, C]) in [0, 1] and judge it as every other path does."""
         with self.lock:
             result = self.model.predict([image], calibrated=False)
-        return decide(result.scores[0], result.maps[0], self.calibration, localizes=self.localizes,
-                      min_area=min_area)
+        return decide(
+            result.scores[0], result.maps[0], self.calibration, localizes=self.localizes, min_area=min_area
+        )
 
 
 def load_inferencer(path: Path, runtime: str = "onnx", threads: int | None = None) -> ServedModel:
@@ -70,7 +72,14 @@ def load_inferencer(path: Path, runtime: str = "onnx", threads: int | None = Non
         fit_info = model.fit_info
     calibration = model.decision_calibration
     if calibration is None:
-        raise ValueError(f"model '{path}' is not calibrated: fit it with calibration images before serving it")
-    metadata = {"detector": model.name, "options": model.options, "fit_info": fit_info,
-                "calibration": calibration.to_dict(), "operating_point": model.operating_point}
+        raise ValueError(
+            f"model '{path}' is not calibrated: fit it with calibration images before serving it"
+        )
+    metadata = {
+        "detector": model.name,
+        "options": model.options,
+        "fit_info": fit_info,
+        "calibration": calibration.to_dict(),
+        "operating_point": model.operating_point,
+    }
     return ServedModel(model, runtime, metadata)

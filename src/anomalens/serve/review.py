@@ -5,6 +5,7 @@ Built on the result store (anomalens.store): writes go through `ResultStore` (`a
 connection, which WAL mode lets run beside the writer. Images are only ever read from paths
 recorded in the store, looked up by result id: a request cannot name a file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,10 +32,25 @@ from anomalens.store import ResultRecord, ResultStore
 from anomalens.workflows.scoring import load_map
 
 STATIC = Path(__file__).parent / "static"
-FILTERS = {"all": "", "unlabelled": " AND label IS NULL", "defect": " AND label = 'defect'",
-           "good": " AND label = 'good'"}
-_ITEM_COLUMNS = "id, path, score, normalized_score, decision, regions, map_path, label, labelled_at, reviewer, note"
-_EXPORT_COLUMNS = ("path", "score", "normalized_score", "decision", "label", "reviewer", "labelled_at", "note")
+FILTERS = {
+    "all": "",
+    "unlabelled": " AND label IS NULL",
+    "defect": " AND label = 'defect'",
+    "good": " AND label = 'good'",
+}
+_ITEM_COLUMNS = (
+    "id, path, score, normalized_score, decision, regions, map_path, label, labelled_at, reviewer, note"
+)
+_EXPORT_COLUMNS = (
+    "path",
+    "score",
+    "normalized_score",
+    "decision",
+    "label",
+    "reviewer",
+    "labelled_at",
+    "note",
+)
 
 
 class ReviewStore:
@@ -64,19 +80,31 @@ class ReviewStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def register_model(self, detector: str, file_sha256: str, model_path: str, threshold: float) -> None:
-        self.store.register_model(self.model_id, detector=detector, file_sha256=file_sha256,
-                                  model_path=model_path, threshold=threshold)
+        self.store.register_model(
+            self.model_id,
+            detector=detector,
+            file_sha256=file_sha256,
+            model_path=model_path,
+            threshold=threshold,
+        )
 
     def add_result(self, *, path: str, content_hash: str, verdict: Verdict) -> int:
         """Record one scored image; returns its result id."""
-        record = ResultRecord(model_id=self.model_id, path=path, content_sha256=content_hash, score=verdict.score,
-                              normalized_score=verdict.normalized_score, decision=verdict.decision,
-                              regions=[r.to_dict() for r in verdict.regions])
+        record = ResultRecord(
+            model_id=self.model_id,
+            path=path,
+            content_sha256=content_hash,
+            score=verdict.score,
+            normalized_score=verdict.normalized_score,
+            decision=verdict.decision,
+            regions=[r.to_dict() for r in verdict.regions],
+        )
         self.store.add_results([record])
         return self.store.get(self.model_id, path).id
 
-    def set_label(self, result_id: int, label: str | None, reviewer: str | None = None,
-                  note: str | None = None) -> dict[str, Any]:
+    def set_label(
+        self, result_id: int, label: str | None, reviewer: str | None = None, note: str | None = None
+    ) -> dict[str, Any]:
         """Label one result (None clears it); saved before this returns."""
         item = self.item(result_id)
         self.store.set_label(item["path"], label, reviewer=reviewer, note=note, model_id=self.model_id)
@@ -84,8 +112,9 @@ class ReviewStore:
 
     # -- reads ----------------------------------------------------------------------------------
     def item(self, result_id: int) -> dict[str, Any]:
-        rows = self._rows(f"SELECT {_ITEM_COLUMNS} FROM results WHERE id = ? AND model_id = ?",
-                          (result_id, self.model_id))
+        rows = self._rows(
+            f"SELECT {_ITEM_COLUMNS} FROM results WHERE id = ? AND model_id = ?", (result_id, self.model_id)
+        )
         if not rows:
             raise HTTPException(404, f"no result {result_id} for model {self.model_id}")
         return self._item(rows[0])
@@ -93,15 +122,26 @@ class ReviewStore:
     def page(self, offset: int = 0, limit: int = 60, label_filter: str = "all") -> dict[str, Any]:
         """Scored images, most anomalous first, with the total matching the filter."""
         where = f"WHERE model_id = ? AND status = 'ok'{FILTERS[label_filter]}"
-        rows = self._rows(f"SELECT {_ITEM_COLUMNS} FROM results {where} "
-                          "ORDER BY normalized_score DESC, path LIMIT ? OFFSET ?", (self.model_id, limit, offset))
+        rows = self._rows(
+            f"SELECT {_ITEM_COLUMNS} FROM results {where} "
+            "ORDER BY normalized_score DESC, path LIMIT ? OFFSET ?",
+            (self.model_id, limit, offset),
+        )
         total = self._rows(f"SELECT COUNT(*) FROM results {where}", (self.model_id,))[0][0]
         return {"items": [self._item(r) for r in rows], "total": total, "offset": offset}
 
     def summary(self) -> dict[str, Any]:
-        row = self._rows("SELECT COUNT(*), MIN(normalized_score), MAX(normalized_score) FROM results "
-                         "WHERE model_id = ? AND status = 'ok'", (self.model_id,))[0]
-        return {"model_id": self.model_id, "n_total": row[0], "score_min": row[1] or 0.0, "score_max": row[2] or 0.0}
+        row = self._rows(
+            "SELECT COUNT(*), MIN(normalized_score), MAX(normalized_score) FROM results "
+            "WHERE model_id = ? AND status = 'ok'",
+            (self.model_id,),
+        )[0]
+        return {
+            "model_id": self.model_id,
+            "n_total": row[0],
+            "score_min": row[1] or 0.0,
+            "score_max": row[2] or 0.0,
+        }
 
     def stats(self, threshold: float = 1.0) -> dict[str, Any]:
         """Counts at a normalized-score threshold (an image passes below it) and, from the human
@@ -111,17 +151,31 @@ class ReviewStore:
             "COALESCE(SUM(label = 'defect'), 0), COALESCE(SUM(label = 'good'), 0), "
             "COALESCE(SUM(label = 'defect' AND normalized_score >= :t), 0), "
             "COALESCE(SUM(label = 'good' AND normalized_score >= :t), 0) "
-            "FROM results WHERE model_id = :m AND status = 'ok'", {"t": threshold, "m": self.model_id})[0]
+            "FROM results WHERE model_id = :m AND status = 'ok'",
+            {"t": threshold, "m": self.model_id},
+        )[0]
         n, flagged, labelled, n_defect, n_good, caught, false_alarms = row
-        return {"threshold": threshold, "n_total": n, "n_pass": n - flagged, "n_flagged": flagged,
-                "n_labelled": labelled, "n_defect": n_defect, "n_good": n_good, "n_defect_caught": caught,
-                "n_good_flagged": false_alarms, "recall": caught / n_defect if n_defect else None,
-                "false_alarm_rate": false_alarms / n_good if n_good else None}
+        return {
+            "threshold": threshold,
+            "n_total": n,
+            "n_pass": n - flagged,
+            "n_flagged": flagged,
+            "n_labelled": labelled,
+            "n_defect": n_defect,
+            "n_good": n_good,
+            "n_defect_caught": caught,
+            "n_good_flagged": false_alarms,
+            "recall": caught / n_defect if n_defect else None,
+            "false_alarm_rate": false_alarms / n_good if n_good else None,
+        }
 
     def labels_csv(self) -> str:
         """The reviewed images of this model as CSV text."""
-        rows = self._rows(f"SELECT {', '.join(_EXPORT_COLUMNS)} FROM results WHERE model_id = ? AND label IS NOT NULL "
-                          "ORDER BY normalized_score DESC, path", (self.model_id,))
+        rows = self._rows(
+            f"SELECT {', '.join(_EXPORT_COLUMNS)} FROM results WHERE model_id = ? AND label IS NOT NULL "
+            "ORDER BY normalized_score DESC, path",
+            (self.model_id,),
+        )
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(_EXPORT_COLUMNS)
@@ -141,8 +195,9 @@ class LabelIn(BaseModel):
     note: str | None = Field(None, max_length=2000)
 
 
-def review_router(review: ReviewStore, inferencer: ServedModel, require_token: Any, min_region: int,
-                  cache_size: int = 128) -> APIRouter:
+def review_router(
+    review: ReviewStore, inferencer: ServedModel, require_token: Any, min_region: int, cache_size: int = 128
+) -> APIRouter:
     """Routes of the review page and its API; `require_token` guards the label writes."""
     router = APIRouter()
     overlays: OrderedDict[int, bytes] = OrderedDict()  # small LRU: re-rendering costs a model call
@@ -161,8 +216,15 @@ def review_router(review: ReviewStore, inferencer: ServedModel, require_token: A
         if item["map_path"] and Path(item["map_path"]).is_file():  # saved by `anomalens score --maps`
             # the stored verdict and regions, drawn on the stored map: no model call
             anomalous = item["decision"] == "defect"
-            png = png_bytes(overlay_image(image, load_map(item["map_path"]), [Region(**r) for r in item["regions"]],
-                                          verdict_title(item["name"], item["normalized_score"], anomalous), anomalous))
+            png = png_bytes(
+                overlay_image(
+                    image,
+                    load_map(item["map_path"]),
+                    [Region(**r) for r in item["regions"]],
+                    verdict_title(item["name"], item["normalized_score"], anomalous),
+                    anomalous,
+                )
+            )
         else:
             png = png_bytes(verdict_overlay(image, inferencer.verdict(image, min_region), item["name"]))
         with overlay_lock:
@@ -187,33 +249,55 @@ def review_router(review: ReviewStore, inferencer: ServedModel, require_token: A
         return {**review.summary(), "detector": inferencer.metadata["detector"]}
 
     @router.get("/api/review/items", tags=["review"], summary="Scored images, most anomalous first")
-    def items(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1, le=500),
-              filter: Literal["all", "unlabelled", "defect", "good"] = "all") -> dict:
+    def items(
+        offset: int = Query(0, ge=0),
+        limit: int = Query(60, ge=1, le=500),
+        filter: Literal["all", "unlabelled", "defect", "good"] = "all",
+    ) -> dict:
         return review.page(offset, limit, filter)
 
     @router.get("/api/review/items/{result_id}", tags=["review"], summary="One scored image")
     def item(result_id: int) -> dict:
         return review.item(result_id)
 
-    @router.post("/api/review/items/{result_id}/label", tags=["review"], dependencies=[require_token],
-                 summary="Mark an image 'defect' or 'good' (null clears); saved at once")
+    @router.post(
+        "/api/review/items/{result_id}/label",
+        tags=["review"],
+        dependencies=[require_token],
+        summary="Mark an image 'defect' or 'good' (null clears); saved at once",
+    )
     def label(result_id: int, body: LabelIn) -> dict:
         return review.set_label(result_id, body.label, body.reviewer, body.note)
 
-    @router.get("/api/review/items/{result_id}/overlay", tags=["review"], summary="Image | heat-map overlay PNG",
-                response_class=Response)
+    @router.get(
+        "/api/review/items/{result_id}/overlay",
+        tags=["review"],
+        summary="Image | heat-map overlay PNG",
+        response_class=Response,
+    )
     async def overlay(result_id: int) -> Response:
         png = await run_in_threadpool(draw_overlay, result_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    @router.get("/api/review/stats", tags=["review"], summary="Pass / flagged counts, recall and false alarms")
-    def stats(threshold: float = Query(1.0, description="normalized score at which an image is flagged")) -> dict:
+    @router.get(
+        "/api/review/stats", tags=["review"], summary="Pass / flagged counts, recall and false alarms"
+    )
+    def stats(
+        threshold: float = Query(1.0, description="normalized score at which an image is flagged"),
+    ) -> dict:
         return review.stats(threshold)
 
-    @router.get("/api/review/export.csv", tags=["review"], summary="Reviewed images and their labels as CSV",
-                response_class=Response)
+    @router.get(
+        "/api/review/export.csv",
+        tags=["review"],
+        summary="Reviewed images and their labels as CSV",
+        response_class=Response,
+    )
     def export() -> Response:
-        return Response(review.labels_csv(), media_type="text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="labels-{review.model_id}.csv"'})
+        return Response(
+            review.labels_csv(),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="labels-{review.model_id}.csv"'},
+        )
 
     return router

@@ -28,6 +28,7 @@ Thread safety: one ResultStore may be shared by threads (a lock serializes its u
 connection); processes should each open their own ResultStore on the same file, which
 SQLite's WAL locking makes safe (one writer at a time; writers wait up to `timeout` seconds).
 """
+
 from __future__ import annotations
 
 import csv
@@ -82,8 +83,19 @@ _COLUMNS = [f.name for f in fields(ResultRecord)]
 # named, not *: columns a later migration (or another tool) adds do not break ResultRecord
 _SELECT = ", ".join(_COLUMNS)
 # what scoring writes; rescoring a row keeps its human label
-_SCORE_COLUMNS = ["model_id", "path", "content_sha256", "score", "normalized_score", "decision", "regions",
-                  "map_path", "status", "error", "scored_at"]
+_SCORE_COLUMNS = [
+    "model_id",
+    "path",
+    "content_sha256",
+    "score",
+    "normalized_score",
+    "decision",
+    "regions",
+    "map_path",
+    "status",
+    "error",
+    "scored_at",
+]
 
 
 def _record(row: sqlite3.Row) -> ResultRecord:
@@ -100,8 +112,14 @@ class ResultStore:
     tools may pass a longer one).
     """
 
-    def __init__(self, path: str | Path, *, timeout: float = 30.0, read_only: bool = False,
-                 migrations: tuple[str, ...] = MIGRATIONS) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        timeout: float = 30.0,
+        read_only: bool = False,
+        migrations: tuple[str, ...] = MIGRATIONS,
+    ) -> None:
         self.path = Path(path)
         if read_only and not self.path.is_file():
             raise StoreError(f"result store '{self.path}' not found")
@@ -110,8 +128,9 @@ class ResultStore:
         uri = f"{self.path.resolve().as_uri()}?mode=ro" if read_only else str(self.path)
         try:
             # autocommit mode: transactions are the explicit BEGIN/COMMIT in `transaction()`
-            self._conn = sqlite3.connect(uri, uri=read_only, timeout=timeout, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(
+                uri, uri=read_only, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
             self._conn.row_factory = sqlite3.Row
             if not read_only:
                 self._conn.execute("PRAGMA journal_mode=WAL")
@@ -124,8 +143,10 @@ class ResultStore:
         except (sqlite3.DatabaseError, StoreError) as err:
             raise StoreError(f"'{self.path}' is not a usable result store: {err}") from None
         if read_only and version != len(migrations):
-            raise StoreError(f"result store '{self.path}' has schema version {version}, expected {len(migrations)}: "
-                             "open it once for writing to migrate it")
+            raise StoreError(
+                f"result store '{self.path}' has schema version {version}, expected {len(migrations)}: "
+                "open it once for writing to migrate it"
+            )
         self._lock = threading.RLock()
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -133,7 +154,7 @@ class ResultStore:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,19 +177,38 @@ class ResultStore:
             return self._conn.execute(sql, tuple(params)).fetchall()
 
     # -- models ------------------------------------------------------------------------------
-    def register_model(self, model_id: str, *, detector: str, file_sha256: str, model_path: str | None = None,
-                       threshold: float | None = None, operating_point: dict | None = None) -> None:
+    def register_model(
+        self,
+        model_id: str,
+        *,
+        detector: str,
+        file_sha256: str,
+        model_path: str | None = None,
+        threshold: float | None = None,
+        operating_point: dict | None = None,
+    ) -> None:
         """Record a model (idempotent: an already registered model_id keeps its first row)."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO models (model_id, detector, model_path, file_sha256, threshold, "
-                         "operating_point, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (model_id, detector, model_path, file_sha256, threshold,
-                          json.dumps(operating_point) if operating_point else None, utc_now()))
+            conn.execute(
+                "INSERT OR IGNORE INTO models (model_id, detector, model_path, file_sha256, threshold, "
+                "operating_point, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model_id,
+                    detector,
+                    model_path,
+                    file_sha256,
+                    threshold,
+                    json.dumps(operating_point) if operating_point else None,
+                    utc_now(),
+                ),
+            )
 
     def models(self) -> list[dict[str, Any]]:
         """Registered models, oldest first, with their result counts."""
-        rows = self._query("SELECT m.*, (SELECT COUNT(*) FROM results r WHERE r.model_id = m.model_id) AS n_results "
-                           "FROM models m ORDER BY registered_at, model_id")
+        rows = self._query(
+            "SELECT m.*, (SELECT COUNT(*) FROM results r WHERE r.model_id = m.model_id) AS n_results "
+            "FROM models m ORDER BY registered_at, model_id"
+        )
         out = []
         for row in rows:
             d = dict(row)
@@ -179,14 +219,19 @@ class ResultStore:
     # -- results -----------------------------------------------------------------------------
     def add_results(self, records: Iterable[ResultRecord]) -> int:
         """Insert or replace (same model_id and path) results in one transaction; labels are kept."""
-        rows = [tuple(json.dumps(r.regions) if c == "regions" else getattr(r, c) for c in _SCORE_COLUMNS)
-                for r in records]
+        rows = [
+            tuple(json.dumps(r.regions) if c == "regions" else getattr(r, c) for c in _SCORE_COLUMNS)
+            for r in records
+        ]
         updates = ", ".join(f"{c} = excluded.{c}" for c in _SCORE_COLUMNS[2:])
         try:
             with self.transaction() as conn:
-                conn.executemany(f"INSERT INTO results ({', '.join(_SCORE_COLUMNS)}) "
-                                 f"VALUES ({', '.join('?' * len(_SCORE_COLUMNS))}) "
-                                 f"ON CONFLICT (model_id, path) DO UPDATE SET {updates}", rows)
+                conn.executemany(
+                    f"INSERT INTO results ({', '.join(_SCORE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_SCORE_COLUMNS))}) "
+                    f"ON CONFLICT (model_id, path) DO UPDATE SET {updates}",
+                    rows,
+                )
         except sqlite3.IntegrityError as err:
             # CHECK (status, decision values) or FOREIGN KEY (model not registered) failed
             raise StoreError(f"cannot store results in '{self.path}': {err}") from None
@@ -204,14 +249,26 @@ class ResultStore:
         rows = self._query(f"SELECT {_SELECT} FROM results WHERE model_id = ? AND path = ?", (model_id, path))
         return _record(rows[0]) if rows else None
 
-    def results(self, model_id: str | None = None, *, order: str = "score", status: str | None = None,
-                decision: str | None = None, labelled: bool | None = None, limit: int | None = None,
-                offset: int = 0) -> list[ResultRecord]:
+    def results(
+        self,
+        model_id: str | None = None,
+        *,
+        order: str = "score",
+        status: str | None = None,
+        decision: str | None = None,
+        labelled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[ResultRecord]:
         """Results filtered by model / status / decision / whether labelled.
 
         order: 'score' (most anomalous first, errors last), 'path', or 'scored_at' (newest first).
         """
-        orders = {"score": "score IS NULL, score DESC, path", "path": "path", "scored_at": "scored_at DESC, id DESC"}
+        orders = {
+            "score": "score IS NULL, score DESC, path",
+            "path": "path",
+            "scored_at": "scored_at DESC, id DESC",
+        }
         if order not in orders:
             raise StoreError(f"order must be one of {', '.join(orders)}, got {order!r}")
         where, params = self._filters(model_id, status, decision, labelled)
@@ -222,14 +279,21 @@ class ResultStore:
         """The k most anomalous scored images of a model (highest raw score first)."""
         return self.results(model_id, status="ok", limit=k)
 
-    def count(self, model_id: str | None = None, *, status: str | None = None, decision: str | None = None,
-              labelled: bool | None = None) -> int:
+    def count(
+        self,
+        model_id: str | None = None,
+        *,
+        status: str | None = None,
+        decision: str | None = None,
+        labelled: bool | None = None,
+    ) -> int:
         where, params = self._filters(model_id, status, decision, labelled)
         return self._query(f"SELECT COUNT(*) FROM results{where}", params)[0][0]
 
     @staticmethod
-    def _filters(model_id: str | None, status: str | None, decision: str | None,
-                 labelled: bool | None) -> tuple[str, list[Any]]:
+    def _filters(
+        model_id: str | None, status: str | None, decision: str | None, labelled: bool | None
+    ) -> tuple[str, list[Any]]:
         clauses, params = [], []
         for column, value in (("model_id", model_id), ("status", status), ("decision", decision)):
             if value is not None:
@@ -240,8 +304,15 @@ class ResultStore:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
     # -- human labels -----------------------------------------------------------------------
-    def set_label(self, path: str, label: str | None, *, reviewer: str | None = None, note: str | None = None,
-                  model_id: str | None = None) -> int:
+    def set_label(
+        self,
+        path: str,
+        label: str | None,
+        *,
+        reviewer: str | None = None,
+        note: str | None = None,
+        model_id: str | None = None,
+    ) -> int:
         """Label an image 'defect' or 'good' (None clears it), on every model's row for that path
         unless model_id is given; returns the number of rows changed (0: path not in the store)."""
         if label is not None and label not in LABELS:
@@ -256,8 +327,11 @@ class ResultStore:
 
     def get_label(self, path: str) -> dict[str, Any] | None:
         """The newest label given to this path: {label, labelled_at, reviewer, note}, or None."""
-        rows = self._query("SELECT label, labelled_at, reviewer, note FROM results WHERE path = ? AND label IS NOT "
-                           "NULL ORDER BY labelled_at DESC LIMIT 1", (path,))
+        rows = self._query(
+            "SELECT label, labelled_at, reviewer, note FROM results WHERE path = ? AND label IS NOT "
+            "NULL ORDER BY labelled_at DESC LIMIT 1",
+            (path,),
+        )
         return dict(rows[0]) if rows else None
 
     # -- export and checks -------------------------------------------------------------------
@@ -285,8 +359,9 @@ class ResultStore:
 
         cols, rows = self._export_rows(model_id)
         types = {"score": pa.float64(), "normalized_score": pa.float64()}
-        table = pa.table({c: pa.array([r[i] for r in rows], type=types.get(c, pa.string()))
-                          for i, c in enumerate(cols)})
+        table = pa.table(
+            {c: pa.array([r[i] for r in rows], type=types.get(c, pa.string())) for i, c in enumerate(cols)}
+        )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)

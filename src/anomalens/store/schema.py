@@ -4,6 +4,7 @@
 applies the missing ones in order, each in its own transaction. Never edit a released
 migration: append a new one (add columns with ALTER TABLE, backfill with UPDATE).
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -56,8 +57,10 @@ def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) 
     """Apply the migrations `conn`'s database lacks, in order; returns the version it had before."""
     before = conn.execute("PRAGMA user_version").fetchone()[0]
     if before > len(migrations):
-        raise StoreError(f"result store has schema version {before}; this anomalens knows up to "
-                         f"{len(migrations)}: upgrade anomalens")
+        raise StoreError(
+            f"result store has schema version {before}; this anomalens knows up to "
+            f"{len(migrations)}: upgrade anomalens"
+        )
     for version in range(before + 1, len(migrations) + 1):
         # BEGIN IMMEDIATE: the migration and its version bump commit together, and two processes
         # opening a new file at once cannot both apply it (the second sees the new version)

@@ -3,6 +3,7 @@
 Normalized scores map the calibration median to 0 and the threshold to 1.0, so
 "normalized score >= 1" means "flagged" for every method, whatever its raw scale.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -27,13 +28,15 @@ class Calibration:
         return np.asarray(scores, dtype=np.float64) >= self.threshold
 
     def normalize_map(self, anomaly_map: np.ndarray) -> np.ndarray:
-        return ((anomaly_map - self.pixel_center) / _scale(self.pixel_threshold, self.pixel_center)).astype(np.float32)
+        return ((anomaly_map - self.pixel_center) / _scale(self.pixel_threshold, self.pixel_center)).astype(
+            np.float32
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
+    def from_dict(cls, d: dict) -> Calibration:
         return cls(**d)
 
 
@@ -42,7 +45,9 @@ def _scale(threshold: float, center: float) -> float:
     return threshold - center if threshold > center else 1.0
 
 
-def calibrate(scores: np.ndarray, maps: list[np.ndarray] | None = None, quantile: float = 0.99) -> Calibration:
+def calibrate(
+    scores: np.ndarray, maps: list[np.ndarray] | None = None, quantile: float = 0.99
+) -> Calibration:
     """Threshold = `quantile` of the calibration goods' scores (linear interpolation).
 
     The pixel threshold is the same quantile of each good's map maximum, so a good image at the
@@ -59,6 +64,11 @@ def calibrate(scores: np.ndarray, maps: list[np.ndarray] | None = None, quantile
         pixel_center = float(np.median(np.concatenate([m.ravel()[:: max(1, m.size // 4096)] for m in maps])))
     else:
         pixel_threshold, pixel_center = float(np.quantile(scores, quantile)), float(np.median(scores))
-    return Calibration(threshold=float(np.quantile(scores, quantile)), center=float(np.median(scores)),
-                       pixel_threshold=pixel_threshold, pixel_center=pixel_center,
-                       quantile=quantile, n_images=int(scores.size))
+    return Calibration(
+        threshold=float(np.quantile(scores, quantile)),
+        center=float(np.median(scores)),
+        pixel_threshold=pixel_threshold,
+        pixel_center=pixel_center,
+        quantile=quantile,
+        n_images=int(scores.size),
+    )

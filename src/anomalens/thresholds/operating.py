@@ -5,6 +5,7 @@ images a line can instead choose what it trades: zero missed defects (target rec
 a false-alarm budget (target FPR), the best F1, or a quantile of the goods' scores. An
 image is flagged when its raw score >= the threshold, as everywhere in anomalens.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -48,9 +49,17 @@ class ThresholdCurve:
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per threshold (for CSV/JSON): threshold, recall, fpr, precision, f1, good_pass_rate."""
-        return [{"threshold": float(t), "recall": float(r), "fpr": float(f), "precision": float(p), "f1": float(f1),
-                 "good_pass_rate": float(1 - f)}
-                for t, r, f, p, f1 in zip(self.thresholds, self.recall, self.fpr, self.precision, self.f1)]
+        return [
+            {
+                "threshold": float(t),
+                "recall": float(r),
+                "fpr": float(f),
+                "precision": float(p),
+                "f1": float(f1),
+                "good_pass_rate": float(1 - f),
+            }
+            for t, r, f, p, f1 in zip(self.thresholds, self.recall, self.fpr, self.precision, self.f1)
+        ]
 
 
 def threshold_curve(labels: ArrayLike, scores: ArrayLike) -> ThresholdCurve:
@@ -62,7 +71,9 @@ def threshold_curve(labels: ArrayLike, scores: ArrayLike) -> ThresholdCurve:
     last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]
     tp = np.cumsum(y_sorted)[last]
     fp = np.cumsum(~y_sorted)[last]
-    return ThresholdCurve(s_sorted[last], tp.astype(np.int64), fp.astype(np.int64), int(y.sum()), int((~y).sum()))
+    return ThresholdCurve(
+        s_sorted[last], tp.astype(np.int64), fp.astype(np.int64), int(y.sum()), int((~y).sum())
+    )
 
 
 @dataclass(frozen=True)
@@ -86,12 +97,13 @@ class OperatingPoint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "OperatingPoint":
+    def from_dict(cls, d: dict) -> OperatingPoint:
         return cls(**d)
 
 
-def select_operating_point(labels: ArrayLike, scores: ArrayLike, rule: str = "recall",
-                           target: float | None = None) -> OperatingPoint:
+def select_operating_point(
+    labels: ArrayLike, scores: ArrayLike, rule: str = "recall", target: float | None = None
+) -> OperatingPoint:
     """Choose a threshold by `rule`:
 
     * ``recall``: the highest threshold whose recall >= target (1.0 = no missed defect), so the
@@ -124,8 +136,10 @@ def select_operating_point(labels: ArrayLike, scores: ArrayLike, rule: str = "re
         elif rule == "fpr":
             ok = np.nonzero(curve.fpr <= target + 1e-12)[0]
             if not ok.size:  # even the highest threshold flags too many goods
-                raise ValueError(f"no threshold keeps the false-positive rate <= {target}: the top-scoring "
-                                 "image is a good one; use a larger target")
+                raise ValueError(
+                    f"no threshold keeps the false-positive rate <= {target}: the top-scoring "
+                    "image is a good one; use a larger target"
+                )
             i = int(ok[-1])
         else:
             i = int(np.argmax(curve.f1))
@@ -133,7 +147,9 @@ def select_operating_point(labels: ArrayLike, scores: ArrayLike, rule: str = "re
     return _point_at(y, s, threshold, rule, None if rule == "f1" else target)
 
 
-def _point_at(y: np.ndarray, s: np.ndarray, threshold: float, rule: str, target: float | None) -> OperatingPoint:
+def _point_at(
+    y: np.ndarray, s: np.ndarray, threshold: float, rule: str, target: float | None
+) -> OperatingPoint:
     flagged = s >= threshold
     tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
     fn, tn = int(y.sum()) - tp, int((~y).sum()) - fp
@@ -141,8 +157,9 @@ def _point_at(y: np.ndarray, s: np.ndarray, threshold: float, rule: str, target:
     fpr = fp / (fp + tn) if fp + tn else 0.0
     precision = tp / (tp + fp) if tp + fp else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return OperatingPoint(rule, target, threshold, recall, fpr, precision, f1, 1.0 - fpr if fp + tn else 1.0,
-                          tp, fp, tn, fn)
+    return OperatingPoint(
+        rule, target, threshold, recall, fpr, precision, f1, 1.0 - fpr if fp + tn else 1.0, tp, fp, tn, fn
+    )
 
 
 def apply_operating_point(calibration: Calibration, threshold: float) -> Calibration:

@@ -11,6 +11,7 @@ so the RSS is the cell's own. Each finished cell is appended to OUT/cells.jsonl 
 the same arguments skips the cells finished there and retries the failed ones. The result's records,
 summary and config are what report/benchmark_report.py writes as OUT/benchmark.json, .md and .html.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,25 @@ from anomalens.workflows.runs import (
 )
 
 __all__ = [
-    "CELLS_FILE", "CellError", "CellSpec", "BenchmarkResult", "STOCHASTIC_MODELS", "SUMMARY_KEYS", "append_cell",
-    "find_categories", "is_stochastic", "load_cells", "onnx_size", "parse_child_output", "parse_model_sets",
-    "plan_cells", "run_benchmark", "run_cell", "run_cell_in_process", "run_cell_subprocess", "summarize",
+    "CELLS_FILE",
+    "CellError",
+    "CellSpec",
+    "BenchmarkResult",
+    "STOCHASTIC_MODELS",
+    "SUMMARY_KEYS",
+    "append_cell",
+    "find_categories",
+    "is_stochastic",
+    "load_cells",
+    "onnx_size",
+    "parse_child_output",
+    "parse_model_sets",
+    "plan_cells",
+    "run_benchmark",
+    "run_cell",
+    "run_cell_in_process",
+    "run_cell_subprocess",
+    "summarize",
 ]
 #: methods whose fitted state depends on `seed` (PatchCore's coreset projection, PaDiM's channel subset);
 #: a detector class may also say so itself with a `stochastic` class attribute
@@ -83,8 +100,10 @@ class CellSpec:
     @property
     def key(self) -> str:
         """Identity for resuming: same model, category, seed and options = same cell."""
-        return json.dumps([self.model, self.category, self.seed, {k: self.options[k] for k in sorted(self.options)}],
-                          default=str)
+        return json.dumps(
+            [self.model, self.category, self.seed, {k: self.options[k] for k in sorted(self.options)}],
+            default=str,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,8 +112,13 @@ class CellSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CellSpec:
-        return cls(model=d["model"], category=d["category"], path=d["path"], seed=int(d["seed"]),
-                   options=dict(d.get("options") or {}))
+        return cls(
+            model=d["model"],
+            category=d["category"],
+            path=d["path"],
+            seed=int(d["seed"]),
+            options=dict(d.get("options") or {}),
+        )
 
 
 @dataclass
@@ -110,7 +134,7 @@ class BenchmarkResult:
         return [c for c in self.cells if c.get("status") != "ok"]
 
 
-# -- planning ------------------------------------------------------------------------------------------------
+# -- planning --------------------------------------------------------------------------------------
 def parse_model_sets(pairs: Iterable[str], models: Sequence[str]) -> dict[str, dict[str, str]]:
     """`model.key=value` -> {model: {key: value}} for that model only; a bare `key=value` applies to
     every model (e.g. image_size=128)."""
@@ -119,7 +143,9 @@ def parse_model_sets(pairs: Iterable[str], models: Sequence[str]) -> dict[str, d
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
-            raise ValueError(f"--set expects model.option=value (e.g. patchcore.coreset_ratio=0.01), got {pair!r}")
+            raise ValueError(
+                f"--set expects model.option=value (e.g. patchcore.coreset_ratio=0.01), got {pair!r}"
+            )
         model, dot, option = key.partition(".")
         if not dot:
             for m in models:
@@ -128,7 +154,9 @@ def parse_model_sets(pairs: Iterable[str], models: Sequence[str]) -> dict[str, d
         if not option:
             raise ValueError(f"--set {pair!r}: no option name after '{model}.'")
         if model not in out:
-            raise ValueError(f"--set {pair!r}: model {model!r} is not benchmarked (--models {','.join(models)})")
+            raise ValueError(
+                f"--set {pair!r}: model {model!r} is not benchmarked (--models {','.join(models)})"
+            )
         out[model][option] = value
     return out
 
@@ -154,12 +182,18 @@ def find_categories(data: str | Path) -> list[tuple[str, Path]]:
         return [(data.resolve().name, data)]
     found = find_mvtec_categories(data)
     if not found:
-        raise DatasetError(f"no MVTec-layout category (a folder with train/good) in '{data}' or its subfolders")
+        raise DatasetError(
+            f"no MVTec-layout category (a folder with train/good) in '{data}' or its subfolders"
+        )
     return [(p.relative_to(data).as_posix(), p) for p in found]
 
 
-def plan_cells(models: Sequence[str], data: str | Path, seeds: int = 3,
-               sets: Mapping[str, Mapping[str, Any]] | None = None) -> list[CellSpec]:
+def plan_cells(
+    models: Sequence[str],
+    data: str | Path,
+    seeds: int = 3,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[CellSpec]:
     """Every cell to run, category by category, model by model, seed by seed.
 
     Stochastic models run with seed = 0..seeds-1, others once with seed 0; a user-given `seed`
@@ -190,7 +224,7 @@ def plan_cells(models: Sequence[str], data: str | Path, seeds: int = 3,
     return cells
 
 
-# -- one cell ----------------------------------------------------------------------------------------------------
+# -- one cell --------------------------------------------------------------------------------------
 def onnx_size(detector) -> float | None:
     """Size in MB of the detector exported to ONNX (parity-checked); None where it has no ONNX export
     or the export fails (said on stderr: the cell's accuracy and speed are still worth keeping)."""
@@ -234,8 +268,8 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
     """Fit, save, evaluate and time one cell in this process; returns its measurements."""
     import numpy as np
 
-    from anomalens.registry import create
     from anomalens.data import load_dataset
+    from anomalens.registry import create
     from anomalens.workflows.evaluate import evaluate
 
     dataset = load_dataset(spec.path)
@@ -253,23 +287,34 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
     test = dataset.test
     times = []
     if test:
-        for i in sorted(set(np.linspace(0, len(test) - 1, min(latency_images, len(test))).round().astype(int))):
+        for i in sorted(
+            set(np.linspace(0, len(test) - 1, min(latency_images, len(test))).round().astype(int))
+        ):
             t = time.perf_counter()
             det.predict([test[i].path])
             times.append(time.perf_counter() - t)
     at = m.get("at_threshold") or {}
     onnx = onnx_size(det)
     return {
-        "image_auroc": m.get("image_auroc"), "image_ap": m.get("image_ap"), "image_f1_max": m.get("image_f1_max"),
-        "pixel_auroc": m.get("pixel_auroc"), "pixel_ap": m.get("pixel_ap"), "aupro": m.get("aupro"),
-        "f1_at_threshold": at.get("f1"), "precision_at_threshold": at.get("precision"),
+        "image_auroc": m.get("image_auroc"),
+        "image_ap": m.get("image_ap"),
+        "image_f1_max": m.get("image_f1_max"),
+        "pixel_auroc": m.get("pixel_auroc"),
+        "pixel_ap": m.get("pixel_ap"),
+        "aupro": m.get("aupro"),
+        "f1_at_threshold": at.get("f1"),
+        "precision_at_threshold": at.get("precision"),
         "recall_at_threshold": at.get("recall"),
-        "fit_s": round(fit_s, 3), "fit_core_s": det.fit_info.get("fit_seconds"), "setup_s": round(setup_s, 3),
+        "fit_s": round(fit_s, 3),
+        "fit_core_s": det.fit_info.get("fit_seconds"),
+        "setup_s": round(setup_s, 3),
         "predict_img_s": m.get("images_per_second"),
         "latency_ms": round(1000 * statistics.median(times), 2) if times else None,
-        "peak_rss_mb": _peak_rss_mb(), "model_mb": round(model_mb, 3),
+        "peak_rss_mb": _peak_rss_mb(),
+        "model_mb": round(model_mb, 3),
         "onnx_mb": None if onnx is None else round(onnx, 3),
-        "n_train": len(dataset.train), "n_test": m.get("n_images"),
+        "n_train": len(dataset.train),
+        "n_test": m.get("n_images"),
         "per_defect_type": m.get("per_defect_type"),
         "device": str(det.device),
     }
@@ -286,7 +331,7 @@ def run_cell_subprocess(spec: CellSpec, timeout: float | None = None) -> dict[st
     return run_child(cmd, timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-# -- summary -------------------------------------------------------------------------------------------------------
+# -- summary ---------------------------------------------------------------------------------------
 def _mean_std(values: list[float]) -> dict[str, Any] | None:
     """Mean and sample standard deviation (n-1; 0 for a single value)."""
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -305,21 +350,33 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (category, model), group in groups.items():
         ok = [r for r in group if r.get("status") == "ok"]
-        row: dict[str, Any] = {"category": category, "model": model, "seeds": [r["seed"] for r in ok],
-                               "failed_seeds": [r["seed"] for r in group if r.get("status") != "ok"]}
+        row: dict[str, Any] = {
+            "category": category,
+            "model": model,
+            "seeds": [r["seed"] for r in ok],
+            "failed_seeds": [r["seed"] for r in group if r.get("status") != "ok"],
+        }
         for key, _, _ in SUMMARY_KEYS:
             row[key] = _mean_std([r.get(key) for r in ok])
         rows.append(row)
     return rows
 
 
-# -- the whole run -------------------------------------------------------------------------------------------
+# -- the whole run ---------------------------------------------------------------------------------
 CellRunner = Callable[[CellSpec], Mapping[str, Any]]
 
 
-def run_benchmark(models: Sequence[str], data: str | Path, out: str | Path, *, seeds: int = 3,
-                  sets: Mapping[str, Mapping[str, Any]] | None = None, runner: CellRunner | None = None,
-                  timeout: float | None = None, log: Callable[[str], None] | None = None) -> BenchmarkResult:
+def run_benchmark(
+    models: Sequence[str],
+    data: str | Path,
+    out: str | Path,
+    *,
+    seeds: int = 3,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
+    runner: CellRunner | None = None,
+    timeout: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BenchmarkResult:
     """Run (or resume) the benchmark into `out` (OUT/cells.jsonl); report.benchmark_report writes the
     result's JSON, Markdown and HTML.
 
@@ -329,8 +386,10 @@ def run_benchmark(models: Sequence[str], data: str | Path, out: str | Path, *, s
     models = list(models)
     cells = plan_cells(models, data, seeds, sets)
     if runner is None:
+
         def runner(spec: CellSpec) -> Mapping[str, Any]:
             return run_cell_subprocess(spec, timeout=timeout)
+
     log = log or (lambda message: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,30 +411,43 @@ def run_benchmark(models: Sequence[str], data: str | Path, out: str | Path, *, s
         except Exception as err:  # noqa: BLE001 - any failure of one cell is recorded, the others go on
             message = str(err) if isinstance(err, CellError) else f"{type(err).__name__}: {err}"
             record = {"status": "failed", "error": one_line(message)}
-        record.update(spec.to_dict(), key=spec.key, wall_s=round(time.perf_counter() - start, 2),
-                      finished_at=datetime.now().isoformat(timespec="seconds"))
+        record.update(
+            spec.to_dict(),
+            key=spec.key,
+            wall_s=round(time.perf_counter() - start, 2),
+            finished_at=datetime.now().isoformat(timespec="seconds"),
+        )
         append_cell(cells_path, record)
         latest[spec.key] = record
         n_run += 1
         if record["status"] == "ok":
             auroc = record.get("image_auroc")
-            log(f"{where}: ok in {record['wall_s']:.0f} s, image AUROC "
-                f"{'n/a' if auroc is None else f'{auroc:.3f}'}")
+            log(
+                f"{where}: ok in {record['wall_s']:.0f} s, image AUROC "
+                f"{'n/a' if auroc is None else f'{auroc:.3f}'}"
+            )
         else:
             log(f"{where}: failed: {record['error']}")
     records = [latest[c.key] for c in cells if c.key in latest]
     summary = summarize(records)
-    config = {"models": models, "data": str(data), "seeds": seeds,
-              "options": {m: dict((sets or {}).get(m, {})) for m in models},
-              "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0]}
+    config = {
+        "models": models,
+        "data": str(data),
+        "seeds": seeds,
+        "options": {m: dict((sets or {}).get(m, {})) for m in models},
+        "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "python": sys.version.split()[0],
+    }
     return BenchmarkResult(cells=records, summary=summary, config=config, n_run=n_run, n_reused=n_reused)
 
 
 def _child_main(argv: list[str]) -> int:
     """`python -m anomalens.workflows.benchmark --cell SPEC_JSON`: one cell, result on stdout."""
     if len(argv) != 2 or argv[0] != "--cell":
-        print("usage: python -m anomalens.workflows.benchmark --cell SPEC_JSON (use `anomalens benchmark`)",
-              file=sys.stderr)
+        print(
+            "usage: python -m anomalens.workflows.benchmark --cell SPEC_JSON (use `anomalens benchmark`)",
+            file=sys.stderr,
+        )
         return 2
     try:
         result = run_cell(CellSpec.from_dict(json.loads(argv[1])))

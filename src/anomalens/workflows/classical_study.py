@@ -29,6 +29,7 @@ How it runs:
   table (by AUROC), the top 5 by F1 at the PyOD threshold and by AUROC, the skipped cells with their
   reasons and the machine's load.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,15 +84,17 @@ class StudyResult:
         return ranked(self.cells, key)
 
 
-# -- options -----------------------------------------------------------------------------------------------------
-def parse_study_sets(pairs: Iterable[str], names: Sequence[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+# -- options ---------------------------------------------------------------------------------------
+def parse_study_sets(
+    pairs: Iterable[str], names: Sequence[str]
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """`key=value` for every detector, `classical:knn.key=value` (or `knn.key=value`) for one.
 
     The value may hold '=' and ';' (e.g. `classical:knn.pyod=n_neighbors=10;method=mean`). Shared
     options are kept apart (the study records them once); scoped ones go through the benchmark's
     parser after bare detector names get their `classical:` prefix."""
-    from anomalens.workflows.benchmark import parse_model_sets
     from anomalens.models.classical import PREFIX
+    from anomalens.workflows.benchmark import parse_model_sets
 
     common: dict[str, str] = {}
     scoped: list[str] = []
@@ -105,20 +108,33 @@ def parse_study_sets(pairs: Iterable[str], names: Sequence[str]) -> tuple[dict[s
     return common, parse_model_sets(scoped, names)
 
 
-# -- features -------------------------------------------------------------------------------------------------------
+# -- features --------------------------------------------------------------------------------------
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
 def _feature_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that change the features (the cache key of a representation)."""
-    keys = ("image_size", "intensity", "batch_size", "pixel_size", "color", "pca_max_samples", "kpca_max_samples", "max_patches",
-            "seed", "backbone", "weights", "calibration_fraction")
+    keys = (
+        "image_size",
+        "intensity",
+        "batch_size",
+        "pixel_size",
+        "color",
+        "pca_max_samples",
+        "kpca_max_samples",
+        "max_patches",
+        "seed",
+        "backbone",
+        "weights",
+        "calibration_fraction",
+    )
     return {k: options[k] for k in keys if k in options}
 
 
-def _compute_features(spec: str, host, fit_items, cal_items, test_items, folder: Path, logf, progress: bool
-                      ) -> dict[str, Any]:
+def _compute_features(
+    spec: str, host, fit_items, cal_items, test_items, folder: Path, logf, progress: bool
+) -> dict[str, Any]:
     """Fit the representation on the fit goods, transform calibration and test images, cache as .npy."""
     from anomalens.data.inputs import iter_batches
     from anomalens.data.progress import progress_bar
@@ -151,16 +167,26 @@ def _compute_features(spec: str, host, fit_items, cal_items, test_items, folder:
     for name, arr in (("train", train), ("calibration", cal), ("test", test)):
         np.save(folder / f"{name}.npy", np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
     n_scored = len(cal_keys) + len(test_keys)
-    info = {"status": "ok", "features": spec, "train_shape": list(train.shape), "test_shape": list(test.shape),
-            "fit_s": round(fit_s, 3), "transform_ms_per_image": round(1000 * transform_s / max(1, n_scored), 2),
-            "representation": rep.info, "test_keys": test_keys, "version": FEATURES_VERSION}
+    info = {
+        "status": "ok",
+        "features": spec,
+        "train_shape": list(train.shape),
+        "test_shape": list(test.shape),
+        "fit_s": round(fit_s, 3),
+        "transform_ms_per_image": round(1000 * transform_s / max(1, n_scored), 2),
+        "representation": rep.info,
+        "test_keys": test_keys,
+        "version": FEATURES_VERSION,
+    }
     (folder / "meta.json").write_text(json.dumps(info))
-    logf(f"features {spec}: train {tuple(train.shape)} in {fit_s:.1f} s, "
-         f"{info['transform_ms_per_image']:.1f} ms per scored image")
+    logf(
+        f"features {spec}: train {tuple(train.shape)} in {fit_s:.1f} s, "
+        f"{info['transform_ms_per_image']:.1f} ms per scored image"
+    )
     return info
 
 
-# -- one cell (runs in the worker) ----------------------------------------------------------------------------------
+# -- one cell (runs in the worker) -----------------------------------------------------------------
 _MATRICES: dict[str, dict[str, np.ndarray]] = {}
 
 
@@ -171,8 +197,9 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     folder = task["folder"]
     if folder not in _MATRICES:
         _MATRICES.clear()
-        _MATRICES[folder] = {k: np.load(Path(folder) / f"{k}.npy", mmap_mode="r")
-                             for k in ("train", "calibration", "test")}
+        _MATRICES[folder] = {
+            k: np.load(Path(folder) / f"{k}.npy", mmap_mode="r") for k in ("train", "calibration", "test")
+        }
     m = _MATRICES[folder]
     try:
         det = create(task["detector"], features=task["features"], **task["options"])
@@ -188,23 +215,42 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     except ValueError as err:  # degenerate input or options: the detector's own one-line reason
         return {"status": "skipped", "reason": str(err).splitlines()[0]}
     except Exception as err:  # noqa: BLE001 - recorded, the study goes on
-        return {"status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                "traceback": traceback.format_exc(limit=4)}
+        return {
+            "status": "failed",
+            "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            "traceback": traceback.format_exc(limit=4),
+        }
     if not (np.isfinite(test_scores).all() and np.isfinite(cal_scores).all()):
-        return {"status": "skipped", "reason": f"{task['detector']} gave NaN/inf scores on {task['features']}"}
-    return {"status": "ok", "fit_s": round(fit_s, 4), "pyod_fit_s": round(pyod_fit_s, 4), "score_s": round(score_s, 4),
-            "n_train_vectors": int(det.train.shape[0]), "pyod_threshold": reading.threshold,
-            "test_scores": test_scores.tolist(), "calibration_scores": cal_scores.tolist(),
-            "pyod_labels": reading.labels.tolist(), "proba_labels": reading.proba_labels.tolist()}
+        return {
+            "status": "skipped",
+            "reason": f"{task['detector']} gave NaN/inf scores on {task['features']}",
+        }
+    return {
+        "status": "ok",
+        "fit_s": round(fit_s, 4),
+        "pyod_fit_s": round(pyod_fit_s, 4),
+        "score_s": round(score_s, 4),
+        "n_train_vectors": int(det.train.shape[0]),
+        "pyod_threshold": reading.threshold,
+        "test_scores": test_scores.tolist(),
+        "calibration_scores": cal_scores.tolist(),
+        "pyod_labels": reading.labels.tolist(),
+        "proba_labels": reading.proba_labels.tolist(),
+    }
 
 
-# -- metrics --------------------------------------------------------------------------------------------------------
+# -- metrics ---------------------------------------------------------------------------------------
 def _f1_from_labels(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     y, pred = y.astype(bool), pred.astype(bool)
     tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
-    return {"f1": 2 * p * r / (p + r) if p + r else 0.0, "precision": p, "recall": r, "flagged": int(pred.sum())}
+    return {
+        "f1": 2 * p * r / (p + r) if p + r else 0.0,
+        "precision": p,
+        "recall": r,
+        "flagged": int(pred.sum()),
+    }
 
 
 def _cell_metrics(labels: np.ndarray, res: dict[str, Any], quantile: float) -> dict[str, Any]:
@@ -221,14 +267,23 @@ def _cell_metrics(labels: np.ndarray, res: dict[str, Any], quantile: float) -> d
     pyod = _f1_from_labels(labels, np.asarray(res["pyod_labels"]))
     proba = _f1_from_labels(labels, np.asarray(res["proba_labels"]))
     calibrated = _f1_from_labels(labels, scores >= cal.threshold)
-    return {"image_auroc": im["image_auroc"], "image_ap": im["image_ap"], "image_f1_max": im["image_f1_max"],
-            "f1_pyod": pyod["f1"], "precision_pyod": pyod["precision"], "recall_pyod": pyod["recall"],
-            "flagged_pyod": pyod["flagged"] / max(1, len(labels)),
-            "f1_proba": proba["f1"], "f1_calibrated": calibrated["f1"], "precision_calibrated": calibrated["precision"],
-            "recall_calibrated": calibrated["recall"], "calibrated_threshold": cal.threshold}
+    return {
+        "image_auroc": im["image_auroc"],
+        "image_ap": im["image_ap"],
+        "image_f1_max": im["image_f1_max"],
+        "f1_pyod": pyod["f1"],
+        "precision_pyod": pyod["precision"],
+        "recall_pyod": pyod["recall"],
+        "flagged_pyod": pyod["flagged"] / max(1, len(labels)),
+        "f1_proba": proba["f1"],
+        "f1_calibrated": calibrated["f1"],
+        "precision_calibrated": calibrated["precision"],
+        "recall_calibrated": calibrated["recall"],
+        "calibrated_threshold": cal.threshold,
+    }
 
 
-# -- the study ------------------------------------------------------------------------------------------------------
+# -- the study -------------------------------------------------------------------------------------
 def _backfill(rec: dict[str, Any]) -> dict[str, Any]:
     """Fill metrics added since a cell was recorded, from what the record holds."""
     if rec.get("status") == "ok" and "flagged_pyod" not in rec and "test_scores" in rec:
@@ -252,11 +307,20 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all",
-              features_list: str | Sequence[str] = DEFAULT_FEATURES, out_dir: str | Path = "classical_study", *,
-              options: Mapping[str, Any] | None = None, per_detector: Mapping[str, Mapping[str, Any]] | None = None,
-              cell_budget_s: float | None = 120.0, guard: bool = True, in_process: bool = False,
-              progress: bool = False, log_fn: Callable[[str], None] | None = None) -> StudyResult:
+def run_study(
+    data: str | Path,
+    detectors: str | Sequence[str] = "classical:all",
+    features_list: str | Sequence[str] = DEFAULT_FEATURES,
+    out_dir: str | Path = "classical_study",
+    *,
+    options: Mapping[str, Any] | None = None,
+    per_detector: Mapping[str, Mapping[str, Any]] | None = None,
+    cell_budget_s: float | None = 120.0,
+    guard: bool = True,
+    in_process: bool = False,
+    progress: bool = False,
+    log_fn: Callable[[str], None] | None = None,
+) -> StudyResult:
     """Run (or resume) the study into OUT/cells.jsonl (and OUT/features/); report.study_report writes
     the result's OUT/study.json and OUT/study.md.
 
@@ -265,19 +329,24 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     `guard` skips cells whose estimated time already passes it. `in_process` runs cells here
     instead of in a worker process (no hard budget then: for tests and debugging).
     """
-    from anomalens.registry import create
     from anomalens.data import calibration_split, load_dataset
-    from anomalens.registry import get_class
     from anomalens.data.inputs import as_items
     from anomalens.models.classical import TABLE, ClassicalDetector, estimate_seconds, expand_models
     from anomalens.models.components.representations import FeatureSpec
+    from anomalens.registry import create, get_class
 
     logf = log_fn or (lambda message: log.info("%s", message))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = expand_models(detectors)
-    specs = [str(FeatureSpec.parse(f)) for f in
-             ([s for s in features_list.split(",") if s.strip()] if isinstance(features_list, str) else features_list)]
+    specs = [
+        str(FeatureSpec.parse(f))
+        for f in (
+            [s for s in features_list.split(",") if s.strip()]
+            if isinstance(features_list, str)
+            else features_list
+        )
+    ]
     if not names or not specs:
         raise ValueError("the study needs at least one detector and one representation")
     options = dict(options or {})
@@ -296,9 +365,11 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
             det = create(name, **{**options, **per_detector.get(name, {}), "features": spec})
             host = hosts.setdefault(spec, det)
             if _feature_options(det.options) != _feature_options(host.options):
-                raise ValueError(f"{name}: options that change the features or the calibration split "
-                                 f"({', '.join(_feature_options(det.options))}) must be the same for every detector "
-                                 "of a study: set them without a detector prefix")
+                raise ValueError(
+                    f"{name}: options that change the features or the calibration split "
+                    f"({', '.join(_feature_options(det.options))}) must be the same for every detector "
+                    "of a study: set them without a detector prefix"
+                )
     dataset = load_dataset(data)
     if not dataset.test or not dataset.test_good or not dataset.test_defective:
         raise ValueError(f"'{data}' needs test images of both goods and defects for a study")
@@ -309,13 +380,26 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     by_key = {str(s.path): s for s in dataset.test}
     cells_path = out / CELLS_FILE
     done = resume_cells(cells_path)
-    config = {"data": str(Path(data).resolve()), "dataset": dataset.summary(), "detectors": names, "features": specs,
-              "options": options, "per_detector": per_detector, "cell_budget_s": cell_budget_s,
-              "n_fit": len(fit_s), "n_calibration": len(cal_s), "n_test": len(dataset.test),
-              "started": datetime.now().isoformat(timespec="seconds"), "load_average_start": _load_average(),
-              "cpus": os.cpu_count(), "python": platform.python_version()}
-    logf(f"study: {dataset.summary()}; {len(names)} detectors x {len(specs)} representations; "
-         f"{len(fit_s)} fit + {len(cal_s)} calibration goods; load average {config['load_average_start']}")
+    config = {
+        "data": str(Path(data).resolve()),
+        "dataset": dataset.summary(),
+        "detectors": names,
+        "features": specs,
+        "options": options,
+        "per_detector": per_detector,
+        "cell_budget_s": cell_budget_s,
+        "n_fit": len(fit_s),
+        "n_calibration": len(cal_s),
+        "n_test": len(dataset.test),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "load_average_start": _load_average(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    logf(
+        f"study: {dataset.summary()}; {len(names)} detectors x {len(specs)} representations; "
+        f"{len(fit_s)} fit + {len(cal_s)} calibration goods; load average {config['load_average_start']}"
+    )
     worker = None if in_process else Worker(WORKER_CMD, out / "worker.log")
     records: list[dict[str, Any]] = []
     feature_info: dict[str, dict[str, Any]] = {}
@@ -328,11 +412,17 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
             plan = []
             for name in names:
                 opts = {**options, **per_detector.get(name, {})}
-                key = json.dumps([config["data"], name, spec, {k: opts[k] for k in sorted(opts)}], default=str)
+                key = json.dumps(
+                    [config["data"], name, spec, {k: opts[k] for k in sorted(opts)}], default=str
+                )
                 plan.append((name, opts, key))
             if all(_reusable(done.get(k), cell_budget_s) for _, _, k in plan):
-                info = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
-                feature_info[spec] = {k: v for k, v in info.items() if k != "test_keys"} or {"status": "reused"}
+                info = (
+                    json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+                )
+                feature_info[spec] = {k: v for k, v in info.items() if k != "test_keys"} or {
+                    "status": "reused"
+                }
                 for _, _, key in plan:
                     records.append(_backfill(done[key]))
                     n_reused += 1
@@ -341,8 +431,16 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
             info = json.loads(meta_path.read_text()) if meta_path.is_file() else None
             if info is None or info.get("version") != FEATURES_VERSION:
                 try:
-                    info = _compute_features(spec, host, as_items(fit_s), as_items(cal_s), as_items(dataset.test),
-                                             folder, logf, progress)
+                    info = _compute_features(
+                        spec,
+                        host,
+                        as_items(fit_s),
+                        as_items(cal_s),
+                        as_items(dataset.test),
+                        folder,
+                        logf,
+                        progress,
+                    )
                 except ValueError as err:
                     info = {"status": "skipped", "features": spec, "reason": str(err).splitlines()[0]}
                     logf(f"features {spec}: skipped: {info['reason']}")
@@ -361,8 +459,20 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
                 if info.get("status") != "ok":
                     rec = {**base, "status": "skipped", "reason": f"features: {info['reason']}"}
                 else:
-                    rec = _run_one(name, spec, opts, folder, info, test_labels, host, cell_budget_s, guard,
-                                   worker, TABLE, estimate_seconds)
+                    rec = _run_one(
+                        name,
+                        spec,
+                        opts,
+                        folder,
+                        info,
+                        test_labels,
+                        host,
+                        cell_budget_s,
+                        guard,
+                        worker,
+                        TABLE,
+                        estimate_seconds,
+                    )
                     rec = {**base, **rec}
                 rec["finished"] = datetime.now().isoformat(timespec="seconds")
                 append_cell(cells_path, rec)
@@ -377,11 +487,12 @@ def run_study(data: str | Path, detectors: str | Sequence[str] = "classical:all"
     return StudyResult(records, feature_info, config, n_run=n_run, n_reused=n_reused)
 
 
-def _run_one(name, spec, opts, folder, info, labels, host, budget, guard, worker, table, estimate_seconds
-             ) -> dict[str, Any]:
+def _run_one(
+    name, spec, opts, folder, info, labels, host, budget, guard, worker, table, estimate_seconds
+) -> dict[str, Any]:
     from anomalens.models.classical import PREFIX
 
-    entry = table[name[len(PREFIX):]]
+    entry = table[name[len(PREFIX) :]]
     n, d = info["train_shape"][0], info["train_shape"][-1]
     cap = int(opts.get("max_samples", entry.max_samples))
     n_fit = min(n, cap) if cap > 0 else n
@@ -390,23 +501,39 @@ def _run_one(name, spec, opts, folder, info, labels, host, budget, guard, worker
     est_fit, est_score = estimate_seconds(entry, n_fit, d, m)
     estimate = est_fit + est_score
     if guard and budget is not None and estimate > budget:
-        return {"status": "skipped", "reason": f"slow-detector guard: estimated {estimate:.0f} s on {n_fit} x {d} "
-                                               f"features > budget {budget:.0f} s (raise the budget or set max_samples)",
-                "budget_s": budget, "estimated_s": round(estimate, 1)}
+        return {
+            "status": "skipped",
+            "reason": f"slow-detector guard: estimated {estimate:.0f} s on {n_fit} x {d} "
+            f"features > budget {budget:.0f} s (raise the budget or set max_samples)",
+            "budget_s": budget,
+            "estimated_s": round(estimate, 1),
+        }
     task = {"detector": name, "features": spec, "options": opts, "folder": str(folder)}
     start = time.perf_counter()
     res = run_cell(task) if worker is None else _run_in_worker(worker, task, budget)
     wall = time.perf_counter() - start
     if res["status"] != "ok":
-        return {k: v for k, v in res.items() if k != "traceback"} | {"wall_s": round(wall, 2),
-                                                                       "estimated_s": round(estimate, 1)}
+        return {k: v for k, v in res.items() if k != "traceback"} | {
+            "wall_s": round(wall, 2),
+            "estimated_s": round(estimate, 1),
+        }
     metrics = _cell_metrics(labels, res, float(host.options["calibration_quantile"]))
     n_test = len(labels)
-    return {"status": "ok", **metrics, "fit_s": res["fit_s"], "pyod_fit_s": res["pyod_fit_s"],
-            "score_s": res["score_s"], "score_ms_per_image": round(1000 * res["score_s"] / n_test, 3),
-            "features_fit_s": info["fit_s"], "features_ms_per_image": info["transform_ms_per_image"],
-            "n_train_vectors": res["n_train_vectors"], "pyod_threshold": res["pyod_threshold"],
-            "estimated_s": round(estimate, 1), "wall_s": round(wall, 2), "test_scores": res["test_scores"]}
+    return {
+        "status": "ok",
+        **metrics,
+        "fit_s": res["fit_s"],
+        "pyod_fit_s": res["pyod_fit_s"],
+        "score_s": res["score_s"],
+        "score_ms_per_image": round(1000 * res["score_s"] / n_test, 3),
+        "features_fit_s": info["fit_s"],
+        "features_ms_per_image": info["transform_ms_per_image"],
+        "n_train_vectors": res["n_train_vectors"],
+        "pyod_threshold": res["pyod_threshold"],
+        "estimated_s": round(estimate, 1),
+        "wall_s": round(wall, 2),
+        "test_scores": res["test_scores"],
+    }
 
 
 def _run_in_worker(worker: Worker, task: dict[str, Any], budget: float | None) -> dict[str, Any]:
@@ -414,8 +541,11 @@ def _run_in_worker(worker: Worker, task: dict[str, Any], budget: float | None) -
     try:
         return worker.run(task, budget)
     except CellTimeout:
-        return {"status": "skipped", "reason": f"exceeded the per-cell budget of {budget:.0f} s (killed)",
-                "budget_s": budget}
+        return {
+            "status": "skipped",
+            "reason": f"exceeded the per-cell budget of {budget:.0f} s (killed)",
+            "budget_s": budget,
+        }
     except CellError as err:
         return {"status": "failed", "reason": str(err)}
 
@@ -424,11 +554,13 @@ def _cell_line(rec: dict[str, Any]) -> str:
     head = f"{rec['detector']:>27} {rec['features']:<14}"
     if rec["status"] != "ok":
         return f"{head} {rec['status']}: {rec.get('reason', '')}"
-    return (f"{head} AUROC {rec['image_auroc']:.3f}  AP {rec['image_ap']:.3f}  F1(pyod) {rec['f1_pyod']:.3f}  "
-            f"F1(cal) {rec['f1_calibrated']:.3f}  fit {rec['fit_s']:.1f} s  score {rec['score_s']:.1f} s")
+    return (
+        f"{head} AUROC {rec['image_auroc']:.3f}  AP {rec['image_ap']:.3f}  F1(pyod) {rec['f1_pyod']:.3f}  "
+        f"F1(cal) {rec['f1_calibrated']:.3f}  fit {rec['fit_s']:.1f} s  score {rec['score_s']:.1f} s"
+    )
 
 
-# -- ranking (the report's tables and the top 5s) ----------------------------------------------------------------
+# -- ranking (the report's tables and the top 5s) --------------------------------------------------
 def ranked(cells: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """The ok cells that have `key`, best first (ties: higher AUROC, then by name)."""
     ok = [c for c in cells if c["status"] == "ok" and c.get(key) is not None]
@@ -437,6 +569,8 @@ def ranked(cells: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":  # pragma: no cover - the cell worker that Worker starts
     if sys.argv[1:] != ["--worker"]:
-        sys.exit("usage: python -m anomalens.workflows.classical_study --worker (use `anomalens classical-study`)")
+        sys.exit(
+            "usage: python -m anomalens.workflows.classical_study --worker (use `anomalens classical-study`)"
+        )
     logging.disable(logging.WARNING)
     serve_tasks(run_cell)

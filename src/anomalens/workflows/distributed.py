@@ -6,6 +6,7 @@ them: a shared file system), score, and return small rows (scores, regions, hash
 maps. Only the driver writes to the result store, a batch per transaction, so resume and
 kill-safety are those of local scoring: already stored paths are never sent to the cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,21 @@ from typing import Any
 import numpy as np
 
 from anomalens.data.progress import progress_bar
-from anomalens.workflows.scoring import ScoreSummary, pending_paths
 from anomalens.store import ResultRecord, ResultStore
+from anomalens.workflows.scoring import ScoreSummary, pending_paths
 
 # the columns a worker returns per image (regions as JSON text: Arrow-friendly)
-_ROW_FIELDS = ("path", "status", "content_sha256", "score", "normalized_score", "decision", "regions", "map_path",
-               "error")
+_ROW_FIELDS = (
+    "path",
+    "status",
+    "content_sha256",
+    "score",
+    "normalized_score",
+    "decision",
+    "regions",
+    "map_path",
+    "error",
+)
 
 
 class _RayScorer:
@@ -33,8 +43,8 @@ class _RayScorer:
     def __init__(self, model_box: list, model_id: str, min_region: int, maps_dir: str | None) -> None:
         import ray
 
-        from anomalens.workflows.scoring import Scorer
         from anomalens.models.base import Detector
+        from anomalens.workflows.scoring import Scorer
 
         # the ref travels in a list so Ray hands it over as a ref and this actor fetches it once
         model_bytes = ray.get(model_box[0])
@@ -47,14 +57,28 @@ class _RayScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records = self.scorer.score_paths([str(p) for p in batch["path"]])
-        return {f: [json.dumps(r.regions) if f == "regions" else getattr(r, f) for r in records]
-                for f in _ROW_FIELDS}
+        return {
+            f: [json.dumps(r.regions) if f == "regions" else getattr(r, f) for r in records]
+            for f in _ROW_FIELDS
+        }
 
 
-def score_with_ray(model_path: str | Path, model_id: str, store: ResultStore, paths: Iterable[Path], *,
-                   address: str | None = None, num_workers: int = 1, batch_size: int = 8, min_region: int = 16,
-                   maps_dir: str | Path | None = None, commit_every: int = 64, retry_errors: bool = False,
-                   progress: bool = False, ray_init: dict[str, Any] | None = None) -> ScoreSummary:
+def score_with_ray(
+    model_path: str | Path,
+    model_id: str,
+    store: ResultStore,
+    paths: Iterable[Path],
+    *,
+    address: str | None = None,
+    num_workers: int = 1,
+    batch_size: int = 8,
+    min_region: int = 16,
+    maps_dir: str | Path | None = None,
+    commit_every: int = 64,
+    retry_errors: bool = False,
+    progress: bool = False,
+    ray_init: dict[str, Any] | None = None,
+) -> ScoreSummary:
     """Score every path not yet stored for `model_id` on Ray and write the results here.
 
     address: a cluster ('ray://head:10001' or 'auto'); None starts a local Ray instance (pass
@@ -72,19 +96,34 @@ def score_with_ray(model_path: str | Path, model_id: str, store: ResultStore, pa
         return summary
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 **(ray_init or {}))
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            **(ray_init or {}),
+        )
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts stored rows
         model_ref = ray.put(Path(model_path).read_bytes())  # shipped once, shared by every actor
         ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
-            _RayScorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=1,
+            _RayScorer,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            num_cpus=1,
             batch_format="numpy",
-            fn_constructor_kwargs={"model_box": [model_ref], "model_id": model_id, "min_region": min_region,
-                                   "maps_dir": str(maps_dir) if maps_dir else None})
+            fn_constructor_kwargs={
+                "model_box": [model_ref],
+                "model_id": model_id,
+                "min_region": min_region,
+                "maps_dir": str(maps_dir) if maps_dir else None,
+            },
+        )
         with progress_bar(len(todo), f"score {model_id} (ray)", enabled=progress) as bar:
             for rows in ds.iter_batches(batch_size=commit_every, batch_format="numpy"):
-                records = [_record(model_id, {f: rows[f][i] for f in _ROW_FIELDS}) for i in range(len(rows["path"]))]
+                records = [
+                    _record(model_id, {f: rows[f][i] for f in _ROW_FIELDS}) for i in range(len(rows["path"]))
+                ]
                 store.add_results(records)
                 n_errors = sum(r.status == "error" for r in records)
                 summary.n_errors += n_errors

@@ -1,4 +1,5 @@
 """Score a dataset's test split and compute every metric, overall and per defect type."""
+
 from __future__ import annotations
 
 import time
@@ -34,12 +35,15 @@ def _masks(samples: list[Sample], prediction: Prediction) -> list[np.ndarray | N
     return out
 
 
-def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[np.ndarray | None],
-                    with_pixels: bool = True) -> dict[str, Any]:
+def compute_metrics(
+    samples: list[Sample], prediction: Prediction, masks: list[np.ndarray | None], with_pixels: bool = True
+) -> dict[str, Any]:
     """Image metrics, pixel metrics where there is ground truth, and the calibrated operating point."""
     labels = np.array([s.label for s in samples])
-    result: dict[str, Any] = {**image_metrics(labels, prediction.scores),
-                              **high_recall_metrics(labels, prediction.scores)}
+    result: dict[str, Any] = {
+        **image_metrics(labels, prediction.scores),
+        **high_recall_metrics(labels, prediction.scores),
+    }
     if with_pixels and any(m is not None and m.any() for m in masks):
         result.update(pixel_metrics(masks, prediction.maps))
     else:
@@ -48,13 +52,20 @@ def compute_metrics(samples: list[Sample], prediction: Prediction, masks: list[n
         at = f1_at_threshold(labels, prediction.scores, prediction.calibration.threshold)
         result["at_threshold"] = {"threshold": prediction.calibration.threshold, **at}
         if result["pixel_auroc"] is not None:  # pixel F1 at the calibrated pixel threshold tau
-            result["at_threshold"].update(pixel_f1_at_threshold(masks, prediction.maps,
-                                                                prediction.calibration.pixel_threshold))
+            result["at_threshold"].update(
+                pixel_f1_at_threshold(masks, prediction.maps, prediction.calibration.pixel_threshold)
+            )
     return result
 
 
-def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on_error: str = "raise",
-             per_type: bool = True) -> Evaluation:
+def evaluate(
+    detector: Detector,
+    dataset: Dataset,
+    *,
+    progress: bool = False,
+    on_error: str = "raise",
+    per_type: bool = True,
+) -> Evaluation:
     if not dataset.test:
         raise ValueError(f"dataset '{dataset.name}' has no test images to evaluate on")
     start = time.perf_counter()
@@ -64,20 +75,31 @@ def evaluate(detector: Detector, dataset: Dataset, *, progress: bool = False, on
     samples = [by_key[k] for k in prediction.keys]
     masks = _masks(samples, prediction)
     metrics = compute_metrics(samples, prediction, masks, with_pixels=detector.localizes)
-    metrics.update(dataset=dataset.name, model=detector.name, n_images=len(samples),
-                   n_skipped=len(prediction.skipped), predict_seconds=round(seconds, 3),
-                   images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None)
+    metrics.update(
+        dataset=dataset.name,
+        model=detector.name,
+        n_images=len(samples),
+        n_skipped=len(prediction.skipped),
+        predict_seconds=round(seconds, 3),
+        images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None,
+    )
     if per_type:
         metrics["per_defect_type"] = {}
         goods = [i for i, s in enumerate(samples) if s.label == 0]
         for dtype in sorted({s.defect_type for s in samples if s.label == 1}):
             idx = goods + [i for i, s in enumerate(samples) if s.defect_type == dtype and s.label == 1]
-            sub = Prediction([prediction.keys[i] for i in idx], prediction.scores[idx],
-                             [prediction.maps[i] for i in idx], prediction.calibration)
-            m = compute_metrics([samples[i] for i in idx], sub, [masks[i] for i in idx],
-                                with_pixels=detector.localizes)
-            metrics["per_defect_type"][dtype] = {k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc",
-                                                                    "aupro")} | {"n": len(idx) - len(goods)}
+            sub = Prediction(
+                [prediction.keys[i] for i in idx],
+                prediction.scores[idx],
+                [prediction.maps[i] for i in idx],
+                prediction.calibration,
+            )
+            m = compute_metrics(
+                [samples[i] for i in idx], sub, [masks[i] for i in idx], with_pixels=detector.localizes
+            )
+            metrics["per_defect_type"][dtype] = {
+                k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+            } | {"n": len(idx) - len(goods)}
     return Evaluation(metrics, samples, prediction, masks)
 
 

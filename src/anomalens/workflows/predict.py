@@ -3,6 +3,7 @@
 Rows are written and flushed as images are scored, so an interrupted run keeps every result so
 far; `PredictSummary` counts them while the run goes, for the caller's message when it stops.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,17 @@ from anomalens.data.inputs import SkipLog
 from anomalens.inference import MIN_REGION_AREA, decide, verdict_overlay
 from anomalens.models.base import Inferencer
 
-CSV_COLUMNS = ["path", "score", "normalized_score", "anomalous", "n_regions", "defect_area_px", "defect_area_share",
-               "largest_box_x0_y0_x1_y1", "overlay"]
+CSV_COLUMNS = [
+    "path",
+    "score",
+    "normalized_score",
+    "anomalous",
+    "n_regions",
+    "defect_area_px",
+    "defect_area_share",
+    "largest_box_x0_y0_x1_y1",
+    "overlay",
+]
 
 
 @dataclass
@@ -49,10 +59,18 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name + ".png"
 
 
-def predict_to_folder(model: Inferencer, images: Iterable | np.ndarray, output: str | Path, *,
-                      overlays: bool = True, on_error: str = "raise", min_area: int = MIN_REGION_AREA,
-                      min_share: float = 0.0, progress: bool = False,
-                      summary: PredictSummary | None = None) -> PredictSummary:
+def predict_to_folder(
+    model: Inferencer,
+    images: Iterable | np.ndarray,
+    output: str | Path,
+    *,
+    overlays: bool = True,
+    on_error: str = "raise",
+    min_area: int = MIN_REGION_AREA,
+    min_share: float = 0.0,
+    progress: bool = False,
+    summary: PredictSummary | None = None,
+) -> PredictSummary:
     """Score `images` with `model` and write the results under `output` as they come.
 
     on_error='skip' lists unreadable images in skipped.txt and goes on. Pass `summary` to read the
@@ -72,19 +90,40 @@ def predict_to_folder(model: Inferencer, images: Iterable | np.ndarray, output: 
         with open(summary.scores_csv, "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
             writer = csv.writer(f_csv)
             writer.writerow(CSV_COLUMNS)
-            for key, raw_score, amap in model.iter_predict(images, progress=progress, on_error=on_error,
-                                                           skip_log=skip_log):
-                verdict = decide(raw_score, amap, calibration, localizes=model.localizes, min_area=min_area,
-                                 min_share=min_share)
+            for key, raw_score, amap in model.iter_predict(
+                images, progress=progress, on_error=on_error, skip_log=skip_log
+            ):
+                verdict = decide(
+                    raw_score,
+                    amap,
+                    calibration,
+                    localizes=model.localizes,
+                    min_area=min_area,
+                    min_share=min_share,
+                )
                 regions = verdict.regions
                 name = ""
                 if overlays:
                     name = "overlays/" + overlay_name(Path(key), used)
                     verdict_overlay(read_image(key), verdict, Path(key).name).save(output / name)
-                box = " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1))) if regions else ""
-                writer.writerow([key, f"{raw_score:.6g}", f"{verdict.normalized_score:.4f}", int(verdict.anomalous),
-                                 len(regions), sum(r.area for r in regions),
-                                 f"{sum(r.area_share for r in regions):.6f}", box, name])
+                box = (
+                    " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1)))
+                    if regions
+                    else ""
+                )
+                writer.writerow(
+                    [
+                        key,
+                        f"{raw_score:.6g}",
+                        f"{verdict.normalized_score:.4f}",
+                        int(verdict.anomalous),
+                        len(regions),
+                        sum(r.area for r in regions),
+                        f"{sum(r.area_share for r in regions):.6f}",
+                        box,
+                        name,
+                    ]
+                )
                 f_reg.write(json.dumps({"path": key, "regions": [r.to_dict() for r in regions]}) + "\n")
                 f_csv.flush()
                 summary.n_scored += 1

@@ -12,8 +12,10 @@ other lines, they are ignored. Two ways to run them:
 - `Worker`: one long-lived process running cells one after another (`serve_tasks` on its side), for
   cells that share what the process loaded; killed and replaced when a cell overruns its time.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -24,9 +26,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CELLS_FILE", "RESULT_MARKER", "CellError", "CellTimeout", "Worker", "append_cell", "load_cells",
-           "one_line", "parse_child_output", "parse_result_line", "print_result", "repair_tail", "resume_cells",
-           "run_child", "serve_tasks"]
+__all__ = [
+    "CELLS_FILE",
+    "RESULT_MARKER",
+    "CellError",
+    "CellTimeout",
+    "Worker",
+    "append_cell",
+    "load_cells",
+    "one_line",
+    "parse_child_output",
+    "parse_result_line",
+    "print_result",
+    "repair_tail",
+    "resume_cells",
+    "run_child",
+    "serve_tasks",
+]
 
 CELLS_FILE = "cells.jsonl"
 RESULT_MARKER = "ANOMALENS_CELL "  # prefix of a child's result line on stdout
@@ -49,7 +65,7 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-# -- the cells file ------------------------------------------------------------------------------------------------
+# -- the cells file --------------------------------------------------------------------------------
 def load_cells(path: str | Path) -> dict[str, dict[str, Any]]:
     """key -> latest record of a cells file; a line cut by a crash is ignored."""
     path = Path(path)
@@ -91,7 +107,7 @@ def resume_cells(path: str | Path) -> dict[str, dict[str, Any]]:
     return load_cells(path)
 
 
-# -- the child's side ------------------------------------------------------------------------------------------------
+# -- the child's side ------------------------------------------------------------------------------
 def print_result(result: Mapping[str, Any]) -> None:
     """The cell's result line, for the parent to find among whatever else went to stdout."""
     print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
@@ -104,10 +120,10 @@ def serve_tasks(run: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
             print_result(run(json.loads(line)))
 
 
-# -- the parent's side -----------------------------------------------------------------------------------------------
+# -- the parent's side -----------------------------------------------------------------------------
 def parse_result_line(line: str) -> dict[str, Any] | None:
     """The result a stdout line carries, or None for any other line."""
-    return json.loads(line[len(RESULT_MARKER):]) if line.startswith(RESULT_MARKER) else None
+    return json.loads(line[len(RESULT_MARKER) :]) if line.startswith(RESULT_MARKER) else None
 
 
 def parse_child_output(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
@@ -125,7 +141,9 @@ def parse_child_output(returncode: int, stdout: str, stderr: str) -> dict[str, A
     raise CellError(one_line(why))
 
 
-def run_child(cmd: list[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run_child(
+    cmd: list[str], timeout: float | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run one cell's process to its end: its result, CellTimeout (killed) or CellError."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -147,8 +165,13 @@ class Worker:
 
     def _start(self) -> None:
         stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         if stderr is not subprocess.DEVNULL:
             stderr.close()
         self.buf = b""
@@ -196,10 +219,8 @@ class Worker:
                 self.proc.kill()
             self.proc.wait(10)
             for stream in (self.proc.stdin, self.proc.stdout):
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         self.proc = None
         self.buf = b""
 

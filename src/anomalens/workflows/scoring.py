@@ -10,6 +10,7 @@ be endless (stdin, watch mode) and needs the content hash, so this module drives
 `Inferencer` protocol (`preprocess`, `score_batch`) itself and judges each image with
 `inference.decide`, as every other path does.
 """
+
 from __future__ import annotations
 
 import csv
@@ -93,7 +94,9 @@ def _csv_paths(csv_path: Path) -> Iterator[Path]:
             yield p if p.is_absolute() else csv_path.parent / p
 
 
-def iter_input_paths(source: str | Path, pattern: str | None = None, stdin: TextIO | None = None) -> Iterator[Path]:
+def iter_input_paths(
+    source: str | Path, pattern: str | None = None, stdin: TextIO | None = None
+) -> Iterator[Path]:
     """The images named by INPUT: '-' = one path per line on stdin, a folder (recursive, optional
     glob), a .csv list, or one image file. Streams: stdin is read as scoring goes."""
     if str(source) == "-":
@@ -109,7 +112,9 @@ def iter_input_paths(source: str | Path, pattern: str | None = None, stdin: Text
     elif source.is_file():
         yield source
     else:
-        raise DatasetError(f"input '{source}' not found: give a folder, a .csv list, an image or '-' for stdin")
+        raise DatasetError(
+            f"input '{source}' not found: give a folder, a .csv list, an image or '-' for stdin"
+        )
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -139,10 +144,18 @@ class ScoreSummary:
 class Scorer:
     """Turns files into store records with one detector: decode (thread-safe), then score a batch."""
 
-    def __init__(self, detector: Inferencer, model_id: str, *, min_region: int = MIN_REGION_AREA,
-                 maps_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        detector: Inferencer,
+        model_id: str,
+        *,
+        min_region: int = MIN_REGION_AREA,
+        maps_dir: str | Path | None = None,
+    ) -> None:
         if detector.decision_calibration is None:
-            raise ValueError(f"model {model_id} is not calibrated: refit it (fit calibrates on held-out goods)")
+            raise ValueError(
+                f"model {model_id} is not calibrated: refit it (fit calibrates on held-out goods)"
+            )
         self.detector = detector
         self.model_id = model_id
         self.min_region = min_region
@@ -171,20 +184,31 @@ class Scorer:
             scores, maps = self.detector.score_batch(torch.stack([d.pixels for d in good]))
             for d, score, amap in zip(good, scores, maps):
                 by_key[d.key] = self._record(d, self.verdict(float(score), resize_map(amap, d.shape)))
-        return [by_key.get(d.key) or ResultRecord(self.model_id, d.key, status="error", error=d.error)
-                for d in batch]
+        return [
+            by_key.get(d.key) or ResultRecord(self.model_id, d.key, status="error", error=d.error)
+            for d in batch
+        ]
 
     def verdict(self, score: float, amap: np.ndarray) -> Verdict:
-        return decide(score, amap, self.calibration, localizes=self.detector.localizes, min_area=self.min_region)
+        return decide(
+            score, amap, self.calibration, localizes=self.detector.localizes, min_area=self.min_region
+        )
 
     def _record(self, d: Decoded, verdict: Verdict) -> ResultRecord:
         map_path = None
         if self.maps_dir:
             map_path = str(self.maps_dir / (hashlib.sha1(d.key.encode()).hexdigest()[:20] + ".png"))
             save_map(verdict.normalized_map, map_path)
-        return ResultRecord(self.model_id, d.key, content_sha256=d.content_sha256, score=verdict.score,
-                            normalized_score=verdict.normalized_score, decision=verdict.decision,
-                            regions=[r.to_dict() for r in verdict.regions], map_path=map_path)
+        return ResultRecord(
+            self.model_id,
+            d.key,
+            content_sha256=d.content_sha256,
+            score=verdict.score,
+            normalized_score=verdict.normalized_score,
+            decision=verdict.decision,
+            regions=[r.to_dict() for r in verdict.regions],
+            map_path=map_path,
+        )
 
     def score_paths(self, paths: Iterable[str | Path]) -> list[ResultRecord]:
         """Decode and score in this thread (a distributed worker's batch)."""
@@ -203,7 +227,9 @@ def load_map(path: str | Path) -> np.ndarray:
         return np.asarray(im).astype(np.float32) / 65535 * MAP_PNG_RANGE
 
 
-def iter_decoded(scorer: Scorer, paths: Iterable[Path], *, workers: int = 2, prefetch: int = 32) -> Iterator[Decoded]:
+def iter_decoded(
+    scorer: Scorer, paths: Iterable[Path], *, workers: int = 2, prefetch: int = 32
+) -> Iterator[Decoded]:
     """Decode in `workers` threads, in input order, with at most `prefetch` images read ahead, so
     memory stays flat however long the stream is."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="anomalens-decode") as pool:
@@ -227,10 +253,19 @@ def pending_paths(paths: Iterable[Path], done: set[str], summary: ScoreSummary) 
         yield p
 
 
-def score_into_store(scorer: Scorer, store: ResultStore, paths: Iterable[Path], *, batch_size: int = 8,
-                     workers: int = 2, prefetch: int | None = None, progress: bool = False,
-                     retry_errors: bool = False, done: set[str] | None = None,
-                     on_batch: Callable[[list[ResultRecord]], None] | None = None) -> ScoreSummary:
+def score_into_store(
+    scorer: Scorer,
+    store: ResultStore,
+    paths: Iterable[Path],
+    *,
+    batch_size: int = 8,
+    workers: int = 2,
+    prefetch: int | None = None,
+    progress: bool = False,
+    retry_errors: bool = False,
+    done: set[str] | None = None,
+    on_batch: Callable[[list[ResultRecord]], None] | None = None,
+) -> ScoreSummary:
     """Score every path not yet stored for `scorer.model_id`, committing each batch as it finishes.
 
     A list of paths gets a progress bar with an ETA; a stream (stdin) shows the rate only.
@@ -284,13 +319,18 @@ def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) 
         for rank, rec in enumerate(top, start=1):
             decoded = scorer.decode(rec.path)
             if decoded.error is not None:  # changed or gone since it was scored
-                writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error])
+                writer.writerow(
+                    [rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error]
+                )
                 continue
             scores, maps = scorer.detector.score_batch(decoded.pixels[None])
             verdict = scorer.verdict(float(scores[0]), resize_map(maps[0], decoded.shape))
             name = f"{rank:04d}_{Path(rec.path).stem}.png"
-            verdict_overlay(read_image(rec.path), verdict, f"#{rank} {Path(rec.path).name}").save(out_dir / name)
-            writer.writerow([rank, rec.path, rec.score, rec.normalized_score, rec.decision, len(verdict.regions),
-                             name])
+            verdict_overlay(read_image(rec.path), verdict, f"#{rank} {Path(rec.path).name}").save(
+                out_dir / name
+            )
+            writer.writerow(
+                [rank, rec.path, rec.score, rec.normalized_score, rec.decision, len(verdict.regions), name]
+            )
             written.append(out_dir / name)
     return written

@@ -1,4 +1,5 @@
 """Choose a model's operating point on labelled images (what `anomalens threshold` runs)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,15 @@ class OperatingChoice:
     high_recall: dict[str, Any]  # partial AUROC at high recall, FPR and accuracy at 100 % recall
 
 
-def choose_operating_point(model: Inferencer, dataset: Dataset, rule: str = "recall", target: float | None = None,
-                           *, on_error: str = "raise", progress: bool = False) -> OperatingChoice:
+def choose_operating_point(
+    model: Inferencer,
+    dataset: Dataset,
+    rule: str = "recall",
+    target: float | None = None,
+    *,
+    on_error: str = "raise",
+    progress: bool = False,
+) -> OperatingChoice:
     """Score `dataset`'s labelled (test) images and pick the threshold by `rule` (see
     `thresholds.select_operating_point`); `target` defaults to DEFAULT_TARGETS[rule]."""
     if not dataset.test:

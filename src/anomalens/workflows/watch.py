@@ -5,6 +5,7 @@ once its size and modification time have stayed the same for `settle_polls` poll
 a file still being written is left for a later poll. A camera that writes to a hidden or
 non-image temporary name and renames when done is never seen half-written at all.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomalens.workflows.scoring import ScoreSummary, Scorer, list_folder, path_key, score_into_store
 from anomalens.store import ResultStore
+from anomalens.workflows.scoring import Scorer, ScoreSummary, list_folder, path_key, score_into_store
 
 
 @dataclass
@@ -68,31 +69,51 @@ class FileTracker:
             self._failed[key] = sig
 
 
-def watch_folder(scorer: Scorer, store: ResultStore, folder: str | Path, *, pattern: str | None = None,
-                 poll_seconds: float = 1.0, settle_polls: int = 1, batch_size: int = 8, workers: int = 2,
-                 idle_timeout: float | None = None, stop: threading.Event | None = None,
-                 on_batch: Callable | None = None) -> ScoreSummary:
+def watch_folder(
+    scorer: Scorer,
+    store: ResultStore,
+    folder: str | Path,
+    *,
+    pattern: str | None = None,
+    poll_seconds: float = 1.0,
+    settle_polls: int = 1,
+    batch_size: int = 8,
+    workers: int = 2,
+    idle_timeout: float | None = None,
+    stop: threading.Event | None = None,
+    on_batch: Callable | None = None,
+) -> ScoreSummary:
     """Score new files under `folder` into `store` until `stop` is set, Ctrl-C, or no new file has
     come for `idle_timeout` seconds (None: forever). Files already stored for the model are skipped,
     so a restarted watcher picks up where it stopped (files stored as unreadable are retried once).
     Returns the totals."""
     folder = Path(folder)
     stop = stop or threading.Event()
-    tracker = FileTracker(settle_polls=settle_polls, done=store.scored_paths(scorer.model_id, include_errors=False))
+    tracker = FileTracker(
+        settle_polls=settle_polls, done=store.scored_paths(scorer.model_id, include_errors=False)
+    )
 
     def after_batch(records: list) -> None:
         for r in records:
             tracker.finished(r.path, r.status == "ok")
         if on_batch is not None:
             on_batch(records)
+
     total = ScoreSummary()
     start = last_new = time.monotonic()
     try:
         while not stop.is_set():
             ready = tracker.ready(list_folder(folder, pattern))
             if ready:
-                s = score_into_store(scorer, store, ready, batch_size=batch_size, workers=workers, done=set(),
-                                     on_batch=after_batch)
+                s = score_into_store(
+                    scorer,
+                    store,
+                    ready,
+                    batch_size=batch_size,
+                    workers=workers,
+                    done=set(),
+                    on_batch=after_batch,
+                )
                 total.n_scored += s.n_scored
                 total.n_errors += s.n_errors
                 last_new = time.monotonic()

@@ -1,5 +1,6 @@
 """DCGAN-style networks (Radford et al., ICLR 2016) shared by f-AnoGAN and GANomaly: a strided
 convolutional encoder / critic down to a 4x4 grid and the transposed-convolution generator back."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,9 @@ def n_levels(image_size: int) -> int:
     """Stride-2 levels between a 4x4 grid and the image; image_size must be 4 * 2**k."""
     k = math.log2(image_size / 4) if image_size >= 8 else 0
     if k < 1 or k != int(k):
-        raise ValueError(f"image_size must be 4 * a power of two (8, 16, ..., 64, 128, 256), got {image_size}")
+        raise ValueError(
+            f"image_size must be 4 * a power of two (8, 16, ..., 64, 128, 256), got {image_size}"
+        )
     return int(k)
 
 
@@ -50,14 +53,20 @@ class DCGenerator(nn.Module):
     def __init__(self, latent: int, channels: int, image_size: int, width: int) -> None:
         super().__init__()
         widths = level_channels(image_size, width)[::-1]
-        layers: list[nn.Module] = [nn.ConvTranspose2d(latent, widths[0], 4, 1, 0, bias=False),
-                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        ]
         for i, c in enumerate(widths):
             if i == len(widths) - 1:
                 layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), nn.Tanh()]
             else:
-                layers += [nn.ConvTranspose2d(c, widths[i + 1], 4, 2, 1, bias=False), nn.BatchNorm2d(widths[i + 1]),
-                           nn.ReLU()]
+                layers += [
+                    nn.ConvTranspose2d(c, widths[i + 1], 4, 2, 1, bias=False),
+                    nn.BatchNorm2d(widths[i + 1]),
+                    nn.ReLU(),
+                ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

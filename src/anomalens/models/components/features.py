@@ -1,5 +1,6 @@
 """Reductions of a backbone's stage features, shared by PatchCore, EfficientAD and the classical
 detectors' `deep` / `patch` representations."""
+
 from __future__ import annotations
 
 import torch

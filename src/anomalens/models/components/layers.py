@@ -1,4 +1,5 @@
 """Small torch building blocks shared by several methods (ONNX-exportable)."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
     kernel, radius = _gaussian_kernel(sigma)
     pad = min(radius, n_out - 1)  # reflect padding cannot exceed the signal; tiny maps clip the tails
     up = F.pad(up, (pad, pad), mode="reflect")
-    k = kernel[radius - pad: radius + pad + 1]
+    k = kernel[radius - pad : radius + pad + 1]
     cols = F.conv1d(up, (k / k.sum()).view(1, 1, -1))  # (n_in, 1, n_out)
     return cols[:, 0, :].T.float().contiguous()
 

@@ -1,5 +1,6 @@
 """Reconstruction residuals shared by the autoencoder, f-AnoGAN and GANomaly: per-pixel SSIM,
 the L2 / SSIM training loss, and `ResidualMap` (image and reconstruction -> scores and map)."""
+
 from __future__ import annotations
 
 import torch
@@ -63,7 +64,9 @@ class ResidualMap(nn.Module):
     """(image, reconstruction) -> (scores (B,), maps (B, S, S)): squared error or 1 - SSIM,
     max over channels, Gaussian-smoothed; score = max (or mean) of the map."""
 
-    def __init__(self, kind: str, image_size: int, sigma: float, window: int = 11, score: str = "max") -> None:
+    def __init__(
+        self, kind: str, image_size: int, sigma: float, window: int = 11, score: str = "max"
+    ) -> None:
         super().__init__()
         self.kind, self.window, self.score = kind, window, score
         self.smooth = SmoothUpsample(image_size, sigma) if sigma > 0 else None

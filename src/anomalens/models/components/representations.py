@@ -5,7 +5,7 @@
 | `raw` | pixels resized to `pixel_size` x `pixel_size` (grayscale unless `color=true`), flattened |
 | `pca:K` | those pixels projected on K principal components (randomized PCA) |
 | `kpca-rbf:K`, `kpca-poly:K`, `kpca-sigmoid:K`, `kpca-cosine:K` (`kpca:K` = rbf) | kernel PCA of the pixels |
-| `deep`, `deep:1+2+3+4` | global average pooling of backbone stages (default 1..4 of efficientnet_lite0), concatenated |
+| `deep`, `deep:1+2+3+4` | global average pooling of backbone stages (default 1..4 of Lite0), concatenated |
 | `patch`, `patch:2+3` | one vector per stride-8 patch: PatchCore's locally aware embedding of stages 2+3 |
 
 Everything is fitted on the training goods only and its fitted state is plain arrays (PCA mean and
@@ -19,6 +19,7 @@ Memory at plant scale: pixel vectors of the training images are held once (float
 when N x D x 4 bytes would pass `HOLD_FLOAT32_BYTES`), the projections are fitted on a seeded
 subsample (`pca_max_samples`, `kpca_max_samples`) and applied in chunks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ DEFAULT_PATCH_LAYERS = (2, 3)
 HOLD_FLOAT32_BYTES = 2 * 1024**3
 #: rows per chunk when projecting held pixel vectors
 CHUNK_ROWS = 1024
-FEATURES_HELP = ("raw, pca:K, kpca-rbf:K (also kpca-poly, kpca-sigmoid, kpca-cosine), deep[:1+2+3+4] "
-                 "or patch[:2+3]")
+FEATURES_HELP = (
+    "raw, pca:K, kpca-rbf:K (also kpca-poly, kpca-sigmoid, kpca-cosine), deep[:1+2+3+4] or patch[:2+3]"
+)
 
 _SPEC_RE = re.compile(r"^(raw|pca|kpca(?:-(\w+))?|deep|patch)(?::(.+))?$")
 
@@ -77,13 +79,17 @@ class FeatureSpec:
                 return cls("pca", int(arg))
             kernel = kernel or "rbf"
             if kernel not in KPCA_KERNELS:
-                raise ValueError(f"features {text!r}: kernel {kernel!r} unknown, use one of {', '.join(KPCA_KERNELS)}")
+                raise ValueError(
+                    f"features {text!r}: kernel {kernel!r} unknown, use one of {', '.join(KPCA_KERNELS)}"
+                )
             return cls("kpca", int(arg), kernel)
         layers = DEFAULT_DEEP_LAYERS if head == "deep" else DEFAULT_PATCH_LAYERS
         if arg:
             parts = arg.split("+")
             if not all(p.isdigit() for p in parts):
-                raise ValueError(f"features {text!r}: layers are stage indices joined by '+', e.g. {head}:2+3")
+                raise ValueError(
+                    f"features {text!r}: layers are stage indices joined by '+', e.g. {head}:2+3"
+                )
             layers = tuple(sorted({int(p) for p in parts}))
         return cls(head, layers=layers)
 
@@ -115,16 +121,20 @@ def check_features(x: np.ndarray, what: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no training vectors")
     chunk = 4096
-    finite = all(np.isfinite(x[i:i + chunk]).all() for i in range(0, x.shape[0], chunk))
+    finite = all(np.isfinite(x[i : i + chunk]).all() for i in range(0, x.shape[0], chunk))
     if not finite:
-        raise ValueError(f"{what}: the training features contain NaN or inf: check the training images "
-                         "(NaN pixels, corrupt files) or the backbone weights")
+        raise ValueError(
+            f"{what}: the training features contain NaN or inf: check the training images "
+            "(NaN pixels, corrupt files) or the backbone weights"
+        )
     if x.shape[0] > 1:
         first = x[:1]
-        same = all(not (x[i:i + chunk] != first).any() for i in range(0, x.shape[0], chunk))
+        same = all(not (x[i : i + chunk] != first).any() for i in range(0, x.shape[0], chunk))
         if same:
-            raise ValueError(f"{what}: all {x.shape[0]} training images give identical features, nothing to learn "
-                             "from: fit on varied good images (are they copies of one picture?)")
+            raise ValueError(
+                f"{what}: all {x.shape[0]} training images give identical features, nothing to learn "
+                "from: fit on varied good images (are they copies of one picture?)"
+            )
 
 
 def subsample_indices(n: int, cap: int, seed: int, salt: int = 0) -> np.ndarray:
@@ -134,7 +144,7 @@ def subsample_indices(n: int, cap: int, seed: int, salt: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, salt]).choice(n, size=cap, replace=False))
 
 
-# -- projections -----------------------------------------------------------------------------------------------
+# -- projections -----------------------------------------------------------------------------------
 class PCAProjection:
     """Linear PCA: x -> (x - mean) @ components.T, fitted with scikit-learn's randomized solver."""
 
@@ -149,13 +159,18 @@ class PCAProjection:
 
         solver = "randomized" if k < 0.8 * min(x.shape) else "full"
         pca = PCA(n_components=k, svd_solver=solver, random_state=seed).fit(x.astype(np.float32, copy=False))
-        return cls(pca.mean_, pca.components_, {"explained_variance": float(pca.explained_variance_ratio_.sum()),
-                                                 "solver": solver})
+        return cls(
+            pca.mean_,
+            pca.components_,
+            {"explained_variance": float(pca.explained_variance_ratio_.sum()), "solver": solver},
+        )
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], self.components.shape[0]), dtype=np.float32)
         for i in range(0, x.shape[0], CHUNK_ROWS):
-            out[i:i + CHUNK_ROWS] = (x[i:i + CHUNK_ROWS].astype(np.float32) - self.mean) @ self.components.T
+            out[i : i + CHUNK_ROWS] = (
+                x[i : i + CHUNK_ROWS].astype(np.float32) - self.mean
+            ) @ self.components.T
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -170,8 +185,16 @@ class KernelPCAProjection:
     """Kernel PCA (eigen-decomposition by scikit-learn's KernelPCA); the transform is kept as
     arrays: the fit data, the eigenvectors scaled by 1/sqrt(eigenvalue), and the centering terms."""
 
-    def __init__(self, kernel: str, params: dict[str, float], fit_data: np.ndarray, scaled_alphas: np.ndarray,
-                 fit_rows: np.ndarray, fit_all: float, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        kernel: str,
+        params: dict[str, float],
+        fit_data: np.ndarray,
+        scaled_alphas: np.ndarray,
+        fit_rows: np.ndarray,
+        fit_all: float,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.kernel = kernel
         self.params = dict(params)
         self.fit_data = np.ascontiguousarray(fit_data, dtype=np.float32)
@@ -200,8 +223,9 @@ class KernelPCAProjection:
     def _kernel(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         from sklearn.metrics.pairwise import pairwise_kernels
 
-        return pairwise_kernels(x.astype(np.float64), y.astype(np.float64), metric=self.kernel,
-                                filter_params=True, **self.params)
+        return pairwise_kernels(
+            x.astype(np.float64), y.astype(np.float64), metric=self.kernel, filter_params=True, **self.params
+        )
 
     @classmethod
     def fit(cls, x: np.ndarray, k: int, kernel: str, seed: int) -> KernelPCAProjection:
@@ -224,28 +248,37 @@ class KernelPCAProjection:
     def transform(self, x: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], self.scaled_alphas.shape[1]), dtype=np.float32)
         for i in range(0, x.shape[0], CHUNK_ROWS):
-            kmat = self._kernel(x[i:i + CHUNK_ROWS], self.fit_data)
+            kmat = self._kernel(x[i : i + CHUNK_ROWS], self.fit_data)
             kmat -= self.fit_rows
             kmat -= kmat.mean(axis=1, keepdims=True)
             kmat += self.fit_all
-            out[i:i + CHUNK_ROWS] = kmat @ self.scaled_alphas
+            out[i : i + CHUNK_ROWS] = kmat @ self.scaled_alphas
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"kpca_fit_data": self.fit_data, "kpca_scaled_alphas": self.scaled_alphas,
-                "kpca_fit_rows": self.fit_rows}
+        return {
+            "kpca_fit_data": self.fit_data,
+            "kpca_scaled_alphas": self.scaled_alphas,
+            "kpca_fit_rows": self.fit_rows,
+        }
 
     def state_meta(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "params": self.params, "fit_all": self.fit_all, **self.meta}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> KernelPCAProjection:
-        return cls(meta["kernel"], meta["params"], arrays["kpca_fit_data"], arrays["kpca_scaled_alphas"],
-                   arrays["kpca_fit_rows"], meta["fit_all"],
-                   {k: v for k, v in meta.items() if k not in ("kernel", "params", "fit_all")})
+        return cls(
+            meta["kernel"],
+            meta["params"],
+            arrays["kpca_fit_data"],
+            arrays["kpca_scaled_alphas"],
+            arrays["kpca_fit_rows"],
+            meta["fit_all"],
+            {k: v for k, v in meta.items() if k not in ("kernel", "params", "fit_all")},
+        )
 
 
-# -- the representation ----------------------------------------------------------------------------------------
+# -- the representation ----------------------------------------------------------------------------
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
@@ -257,9 +290,16 @@ class Representation:
     `patch`: a seeded subsample of the training patches, (P, d)).
     """
 
-    def __init__(self, spec: FeatureSpec, *, seed: int = 0, pca_max_samples: int = 5000,
-                 kpca_max_samples: int = 2000, max_patches: int = 20000,
-                 backbone: FeatureFn | None = None) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        seed: int = 0,
+        pca_max_samples: int = 5000,
+        kpca_max_samples: int = 2000,
+        max_patches: int = 20000,
+        backbone: FeatureFn | None = None,
+    ) -> None:
         self.spec = spec
         self.seed = seed
         self.pca_max_samples = pca_max_samples
@@ -273,7 +313,7 @@ class Representation:
         self._n = 0
         self._n_images = 0
 
-    # -- streaming fit ---------------------------------------------------------------------------------------
+    # -- streaming fit -----------------------------------------------------------------------------
     def start(self, n_images: int) -> None:
         self._rows, self._held, self._n, self._n_images = [], None, 0, max(1, n_images)
 
@@ -291,10 +331,12 @@ class Representation:
                 dtype = np.float32 if self._n_images * d * 4 <= HOLD_FLOAT32_BYTES else np.float16
                 self._held = np.empty((self._n_images, d), dtype=dtype)
             if self._n + b > self._held.shape[0]:  # more images than announced: grow
-                grown = np.empty((max(self._n + b, 2 * self._held.shape[0]), self._held.shape[1]), self._held.dtype)
+                grown = np.empty(
+                    (max(self._n + b, 2 * self._held.shape[0]), self._held.shape[1]), self._held.dtype
+                )
                 grown[: self._n] = self._held[: self._n]
                 self._held = grown
-            self._held[self._n:self._n + b] = flat
+            self._held[self._n : self._n + b] = flat
         elif self.spec.kind == "deep":
             self._rows.append(pooled_features(self._backbone(pixels)).cpu().numpy().astype(np.float32))
         else:
@@ -329,11 +371,19 @@ class Representation:
         idx = subsample_indices(n, cap, self.seed, salt=1)
         if k > min(len(idx), d):
             if k > d:
-                raise ValueError(f"features {spec}: {k} components exceed the {d} pixel values per image: "
-                                 f"use {spec.kind}:{d} or fewer, or raise pixel_size")
-            what = "training images" if len(idx) == n else f"images in the PCA subsample ({spec.kind}_max_samples)"
-            raise ValueError(f"features {spec} need at least {k} {what}, got {len(idx)}: use "
-                             f"{str(spec).split(':')[0]}:{len(idx)} or fewer components, or add good images")
+                raise ValueError(
+                    f"features {spec}: {k} components exceed the {d} pixel values per image: "
+                    f"use {spec.kind}:{d} or fewer, or raise pixel_size"
+                )
+            what = (
+                "training images"
+                if len(idx) == n
+                else f"images in the PCA subsample ({spec.kind}_max_samples)"
+            )
+            raise ValueError(
+                f"features {spec} need at least {k} {what}, got {len(idx)}: use "
+                f"{str(spec).split(':')[0]}:{len(idx)} or fewer components, or add good images"
+            )
         start = time.perf_counter()
         sample = held[idx].astype(np.float32)
         if spec.kind == "pca":
@@ -341,19 +391,30 @@ class Representation:
         else:
             self.projection = KernelPCAProjection.fit(sample, k, spec.kernel, self.seed)
             if self.projection.meta["n_positive_eigenvalues"] < k:
-                raise ValueError(f"features {spec}: the kernel matrix of the training images has only "
-                                 f"{self.projection.meta['n_positive_eigenvalues']} positive eigenvalues: use "
-                                 f"fewer components or more varied good images")
+                raise ValueError(
+                    f"features {spec}: the kernel matrix of the training images has only "
+                    f"{self.projection.meta['n_positive_eigenvalues']} positive eigenvalues: use "
+                    f"fewer components or more varied good images"
+                )
         del sample
         fitted = time.perf_counter() - start
         x = self.projection.transform(held)
-        self.info.update(projection_fit_rows=int(len(idx)), projection_fit_s=round(fitted, 3),
-                         projection_s=round(time.perf_counter() - start, 3))
-        log.info("%s fitted on %d of %d images in %.1f s, projected in %.1f s", spec, len(idx), n, fitted,
-                 time.perf_counter() - start - fitted)
+        self.info.update(
+            projection_fit_rows=int(len(idx)),
+            projection_fit_s=round(fitted, 3),
+            projection_s=round(time.perf_counter() - start, 3),
+        )
+        log.info(
+            "%s fitted on %d of %d images in %.1f s, projected in %.1f s",
+            spec,
+            len(idx),
+            n,
+            fitted,
+            time.perf_counter() - start - fitted,
+        )
         return x
 
-    # -- inference -------------------------------------------------------------------------------------------
+    # -- inference ---------------------------------------------------------------------------------
     def transform(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, d) float32 vectors; for `patch`: (B, h, w, d) patch grids."""
         if self.spec.uses_pixels:
@@ -363,7 +424,7 @@ class Representation:
         out = pooled_features(feats) if self.spec.kind == "deep" else patch_grid(feats)
         return out.cpu().numpy().astype(np.float32)
 
-    # -- state -----------------------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta: dict[str, Any] = {"features": str(self.spec), "info": self.info}
         if isinstance(self.projection, PCAProjection):
