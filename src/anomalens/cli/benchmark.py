@@ -65,10 +65,7 @@ def benchmark(
         )
         outputs = write_outputs(output, result.config, result.cells, result.summary)
     except KeyboardInterrupt:
-        fail(
-            f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume",
-            130,
-        )
+        _interrupted(output)
     except user_errors() as e:
         fail(str(e))
     for row in result.summary:
@@ -163,10 +160,7 @@ def classical_study(
         )
         outputs, markdown = write_outputs(output, result.config, result.cells, result.features)
     except KeyboardInterrupt:
-        fail(
-            f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume",
-            130,
-        )
+        _interrupted(output)
     except user_errors() as e:
         fail(str(e))
     top = markdown.split("## All cells")[0]
@@ -183,3 +177,7 @@ def classical_study(
             "again to retry them"
         )
         raise typer.Exit(1)
+
+
+def _interrupted(output: Path) -> None:
+    fail(f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume", 130)
