@@ -180,4 +180,7 @@ def classical_study(
 
 
 def _interrupted(output: Path) -> None:
-    fail(f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume", 130)
+    fail(
+        f"interrupted; finished cells are kept in {output / 'cells.jsonl'}: run the same command to resume",
+        130,
+    )
