@@ -14,6 +14,7 @@ check: the share flagged with margin 0 (only the per-statistic floors; the most 
 and a two-sample Kolmogorov-Smirnov p-value of the test goods' mean grey against the training goods'
 (a batch-level shift test, which sees a shift of the distribution that stays inside the range).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,20 +67,30 @@ def run_case(category: Path, margin: float) -> dict:
         match = re.match(r"(exp\d+)_", path.name)  # magnetic tile acquisitions (exposures)
         if match:
             groups.setdefault(match.group(1), []).append(bool(image_flags))
-    train_groups = Counter(m.group(1) for p in list_images(category / "train" / "good")
-                           if (m := re.match(r"(exp\d+)_", p.name)))
+    train_groups = Counter(
+        m.group(1) for p in list_images(category / "train" / "good") if (m := re.match(r"(exp\d+)_", p.name))
+    )
     examples = [f.message for image_flags in flags for f in image_flags][:3]
     return {
-        "category": str(category), "n_train": len(train), "n_test_good": len(test),
-        "flagged": sum(bool(f) for f in flags), "share_flagged": sum(bool(f) for f in flags) / len(test),
+        "category": str(category),
+        "n_train": len(train),
+        "n_test_good": len(test),
+        "flagged": sum(bool(f) for f in flags),
+        "share_flagged": sum(bool(f) for f in flags) / len(test),
         "flags_by_statistic": dict(by_statistic.most_common()),
-        "by_acquisition": {g: {"n_test": len(v), "flagged": sum(v), "n_train": train_groups.get(g, 0)}
-                           for g, v in sorted(groups.items())},
-        "ranges": profile.ranges, "largest_goods_distance": float(profile.nn_distances.max(initial=0.0)),
+        "by_acquisition": {
+            g: {"n_test": len(v), "flagged": sum(v), "n_train": train_groups.get(g, 0)}
+            for g, v in sorted(groups.items())
+        },
+        "ranges": profile.ranges,
+        "largest_goods_distance": float(profile.nn_distances.max(initial=0.0)),
         "share_flagged_margin_0": flagged_no_margin / len(test),
         "ks_p_mean": float(ks_2samp([s["mean"] for s in train], [s["mean"] for s in test]).pvalue),
-        "ms_statistics_train": 1000 * train_s, "ms_statistics_test": 1000 * test_s,
-        "ms_check": 1000 * check_s, "s_fit": fit_s, "example_messages": examples,
+        "ms_statistics_train": 1000 * train_s,
+        "ms_statistics_test": 1000 * test_s,
+        "ms_check": 1000 * check_s,
+        "s_fit": fit_s,
+        "example_messages": examples,
     }
 
 
@@ -98,19 +109,25 @@ def main() -> None:
             row["target_met"] = share >= target[1] if target[0] == ">=" else share <= target[1]
         rows.append(row)
     print(f"\nmargin {args.margin} (share of the goods' range, plus per-statistic floors)\n")
-    print("| set | train goods | test goods | flagged | target | most flagging statistic (images) | "
-          "ms/image statistics | ms/image check | flagged at margin 0 | KS p, mean grey |")
+    print(
+        "| set | train goods | test goods | flagged | target | most flagging statistic (images) | "
+        "ms/image statistics | ms/image check | flagged at margin 0 | KS p, mean grey |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         top = ", ".join(f"{k} ({v})" for k, v in list(r["flags_by_statistic"].items())[:3]) or "-"
-        print(f"| {Path(r['category']).relative_to(args.datasets)} | {r['n_train']} | {r['n_test_good']} | "
-              f"{r['flagged']} ({r['share_flagged']:.1%}) | {r['target']} | {top} | "
-              f"{r['ms_statistics_test']:.2f} | {r['ms_check']:.2f} | {r['share_flagged_margin_0']:.1%} | "
-              f"{r['ks_p_mean']:.1e} |")
+        print(
+            f"| {Path(r['category']).relative_to(args.datasets)} | {r['n_train']} | {r['n_test_good']} | "
+            f"{r['flagged']} ({r['share_flagged']:.1%}) | {r['target']} | {top} | "
+            f"{r['ms_statistics_test']:.2f} | {r['ms_check']:.2f} | {r['share_flagged_margin_0']:.1%} | "
+            f"{r['ks_p_mean']:.1e} |"
+        )
     for r in rows:
         if r["by_acquisition"]:
-            parts = [f"{g}: {v['flagged']}/{v['n_test']} (train {v['n_train']})"
-                     for g, v in r["by_acquisition"].items()]
+            parts = [
+                f"{g}: {v['flagged']}/{v['n_test']} (train {v['n_train']})"
+                for g, v in r["by_acquisition"].items()
+            ]
             print(f"\n{Path(r['category']).name} test goods flagged per acquisition: {'; '.join(parts)}")
         print(f"{Path(r['category']).name} examples: {r['example_messages']}")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 The goods are one fixed scene (smooth blobs) with the variation an inspection camera sees: a small
 brightness jitter, sensor noise and a shift of a few pixels. Every test image is made from it with numpy.
 """
+
 import json
 import math
 import re
@@ -31,7 +32,7 @@ SCENE = _scene()
 def good(rng: np.random.Generator, height: int = SIZE, width: int = SIZE) -> np.ndarray:
     dy, dx = rng.integers(0, 5, size=2)
     noise = rng.normal(0, 0.02, (height, width))
-    image = SCENE[dy:dy + height, dx:dx + width] + rng.uniform(-0.03, 0.03) + noise
+    image = SCENE[dy : dy + height, dx : dx + width] + rng.uniform(-0.03, 0.03) + noise
     return np.clip(image, 0, 1).astype(np.float32)
 
 
@@ -174,8 +175,9 @@ def test_serialisation_round_trips_exactly(profile, tmp_path):
 
     arrays, meta = profile.to_arrays_and_meta()
     save_file(arrays, tmp_path / "drift.safetensors")
-    restored = DriftProfile.from_arrays_and_meta(load_file(tmp_path / "drift.safetensors"),
-                                                 json.loads(json.dumps(meta)))
+    restored = DriftProfile.from_arrays_and_meta(
+        load_file(tmp_path / "drift.safetensors"), json.loads(json.dumps(meta))
+    )
     arrays2, meta2 = restored.to_arrays_and_meta()
     assert meta2 == meta and arrays2.keys() == arrays.keys()
     for key in arrays:
@@ -206,8 +208,11 @@ def test_bad_input_is_refused():
 
 
 _sides = st.integers(1, 24)
-_images = hnp.arrays(np.float32, st.tuples(_sides, _sides) | st.tuples(_sides, _sides, st.just(3)),
-                     elements=st.floats(0, 1, width=32))
+_images = hnp.arrays(
+    np.float32,
+    st.tuples(_sides, _sides) | st.tuples(_sides, _sides, st.just(3)),
+    elements=st.floats(0, 1, width=32),
+)
 
 
 @settings(max_examples=60, deadline=None)

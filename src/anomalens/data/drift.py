@@ -29,6 +29,7 @@ only: brightness and contrast already have their own statistics, and one cause t
 
 Everything here is numpy/scipy only, and serialises to arrays plus JSON (no pickle) for the model file.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,12 +78,20 @@ def _rules() -> dict[str, _Rule]:
     }
     for c in _CHANNEL_NAMES:
         word = _CHANNEL_WORDS[c]
-        rules[f"mean_{c}"] = _Rule(False, 2.0, f"darker in {word}", f"brighter in {word}", f"{word} mean",
-                                   _GREY)
-        rules[f"std_{c}"] = _Rule(False, 2.0, f"lower in {word} contrast", f"higher in {word} contrast",
-                                  f"{word} spread (std)", _GREY)
-    rules["sharpness"] = _Rule(True, math.log(1.25), "blurrier", "sharper", "sharpness",
-                               " (variance of the Laplacian, 0-255 scale)")
+        rules[f"mean_{c}"] = _Rule(
+            False, 2.0, f"darker in {word}", f"brighter in {word}", f"{word} mean", _GREY
+        )
+        rules[f"std_{c}"] = _Rule(
+            False,
+            2.0,
+            f"lower in {word} contrast",
+            f"higher in {word} contrast",
+            f"{word} spread (std)",
+            _GREY,
+        )
+    rules["sharpness"] = _Rule(
+        True, math.log(1.25), "blurrier", "sharper", "sharpness", " (variance of the Laplacian, 0-255 scale)"
+    )
     return rules
 
 
@@ -150,10 +159,13 @@ def image_statistics(image: np.ndarray) -> dict[str, float | np.ndarray]:
     h, w = image.shape[:2]
     gray = image if image.ndim == 2 else image @ LUMA
     stats: dict[str, float | np.ndarray] = {
-        "height": float(h), "width": float(w), "aspect": w / h,
+        "height": float(h),
+        "width": float(w),
+        "aspect": w / h,
         "channels": float(1 if image.ndim == 2 else 3),
         # float32 reductions: numpy sums pairwise, accurate to ~1e-6 here and much faster than float64
-        "mean": float(gray.mean()) * 255.0, "std": float(gray.std()) * 255.0,
+        "mean": float(gray.mean()) * 255.0,
+        "std": float(gray.std()) * 255.0,
     }
     if image.ndim == 3:
         planes = np.ascontiguousarray(np.moveaxis(image, -1, 0)).reshape(3, -1)  # strided reductions are slow
@@ -188,10 +200,10 @@ def _leave_one_out_distances(vectors: np.ndarray) -> np.ndarray:
     out = np.empty(len(vectors))
     squares = (vectors**2).sum(axis=1)
     for start in range(0, len(vectors), 256):
-        chunk = vectors[start:start + 256]
-        d2 = squares[start:start + 256, None] + squares[None, :] - 2.0 * chunk @ vectors.T
+        chunk = vectors[start : start + 256]
+        d2 = squares[start : start + 256, None] + squares[None, :] - 2.0 * chunk @ vectors.T
         d2[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = np.inf  # not itself
-        out[start:start + 256] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        out[start : start + 256] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
     return out
 
 
@@ -225,8 +237,14 @@ class DriftFlag:
 class DriftProfile:
     """Ranges of the training goods' statistics, and the check against them (rule: module docstring)."""
 
-    def __init__(self, ranges: dict[str, tuple[float, float]], thumbnails: np.ndarray,
-                 nn_distances: np.ndarray, n_goods: int, margin: float = DEFAULT_MARGIN) -> None:
+    def __init__(
+        self,
+        ranges: dict[str, tuple[float, float]],
+        thumbnails: np.ndarray,
+        nn_distances: np.ndarray,
+        n_goods: int,
+        margin: float = DEFAULT_MARGIN,
+    ) -> None:
         self.ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in ranges.items()}
         self.thumbnails = np.asarray(thumbnails, dtype=np.float32)
         self.nn_distances = np.asarray(nn_distances, dtype=np.float64)
@@ -236,8 +254,13 @@ class DriftProfile:
         self._embeddings = _embedding(self.thumbnails)
 
     @classmethod
-    def fit(cls, goods: list[dict], margin: float = DEFAULT_MARGIN, max_thumbnails: int = MAX_THUMBNAILS,
-            seed: int = 0) -> DriftProfile:
+    def fit(
+        cls,
+        goods: list[dict],
+        margin: float = DEFAULT_MARGIN,
+        max_thumbnails: int = MAX_THUMBNAILS,
+        seed: int = 0,
+    ) -> DriftProfile:
         """Profile of the training goods' statistics (each from :func:`image_statistics`).
 
         A statistic enters the profile when every good has it (so per-channel statistics only for all-RGB
@@ -292,8 +315,10 @@ class DriftProfile:
         if beyond <= self.margin * largest + _EMBEDDING_FLOOR:
             return None
         ratio = f" ({distance / largest:.1f}x)" if largest > 0 else ""
-        message = (f"unlike every training good: distance to the nearest good {distance:.2f} vs at most "
-                   f"{largest:.2f} between goods{ratio}")
+        message = (
+            f"unlike every training good: distance to the nearest good {distance:.2f} vs at most "
+            f"{largest:.2f} between goods{ratio}"
+        )
         excess = beyond / max(largest, _EMBEDDING_FLOOR)
         return DriftFlag("embedding", distance, 0.0, largest, excess, message)
 
@@ -312,8 +337,12 @@ class DriftProfile:
     def to_arrays_and_meta(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays (thumbnails, leave-one-out distances) for safetensors, JSON-safe metadata for the rest."""
         arrays = {"thumbnails": self.thumbnails, "nn_distances": self.nn_distances}
-        meta = {"version": _PROFILE_VERSION, "margin": self.margin, "n_goods": self.n_goods,
-                "ranges": {k: [lo, hi] for k, (lo, hi) in self.ranges.items()}}
+        meta = {
+            "version": _PROFILE_VERSION,
+            "margin": self.margin,
+            "n_goods": self.n_goods,
+            "ranges": {k: [lo, hi] for k, (lo, hi) in self.ranges.items()},
+        }
         return arrays, meta
 
     @classmethod
