@@ -64,6 +64,12 @@ def fit(
         "--checkpoint-dir",
         help="trained models: where the per-epoch checkpoint goes (default: <output>.checkpoints)",
     ),
+    roi: Path | None = typer.Option(
+        None,
+        "--roi",
+        help="region of interest: a mask image, white = inspect; pixels outside never score or give regions "
+        "(stored in the model file)",
+    ),
 ) -> None:
     """Learn normality from the training good images and calibrate the threshold.
 
@@ -71,6 +77,11 @@ def fit(
     (change with --set calibration_fraction=0.2); test images are never used.
 
     Example: anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile --model patchcore -o tile.model
+
+    Real parts at their own shape: --set resize=letterbox keeps the aspect ratio (image_size is the
+    long side, or HxW), --set resize=native --set scale=0.5 keeps the pixel scale, and with
+    --set tile=256 large images are cut into overlapping tiles. Example:
+    anomalens fit strips/ --set resize=native --set scale=0.5 --set tile=256 --roi strip_mask.png -o strip.model
 
     Trained models (autoencoder, fanogan, ganomaly, ...) checkpoint every epoch; after a crash
     or Ctrl-C, rerun the same command with --resume. Example:
@@ -88,6 +99,7 @@ def fit(
         if max_minutes is not None:
             sets["max_minutes"] = str(max_minutes)
         detector = create(model, device=device, **sets)
+        detector.set_roi(roi)
         err.print(f"{dataset.summary()}")
         if isinstance(detector, TrainableDetector):
             detector.fit(
@@ -293,6 +305,7 @@ def demo(
         resume=False,
         max_minutes=None,
         checkpoint_dir=None,
+        roi=None,
     )
     evaluate(
         output / "demo.model",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.datasets import Sample
+from anomalens.data.geometry import Geometry, Placement, parse_size
 from anomalens.data.io import ImageReadError, list_images, read_image
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class InputItem:
 class Batch:
     keys: list[str]
     shapes: list[tuple[int, int]]  # original (H, W) of each image, for maps at input resolution
-    pixels: torch.Tensor  # (B, C, S, S) float32, normalized for the model
+    pixels: torch.Tensor  # (N, C, H, W) float32, normalized: each image's canvases in turn
+    placements: list[Placement] = field(default_factory=list)  # where each image's canvases sit
 
 
 @dataclass
@@ -133,39 +135,83 @@ def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize to a square model input, make the channels the model wants, normalize."""
+    """Bring an image onto the model's canvases (see data/geometry.py), make the channels the model
+    wants, normalize. `image_size` is the canvas: 256 or (H, W); `geometry` says how images of other
+    sizes and aspect ratios get there (default: squashed onto it)."""
 
-    image_size: int
+    image_size: int | tuple[int, int]
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     intensity: str = "none"
+    geometry: Geometry | None = None
+    #: the colour padding stands for, before normalization; None: `mean` (0 once normalized)
+    pad: tuple[float, ...] | None = None
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    @property
+    def canvas_geometry(self) -> Geometry:
+        return self.geometry or Geometry(parse_size(self.image_size))
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of each tensor the model receives."""
+        return self.canvas_geometry.model_input
+
+    def canvases(self, image: np.ndarray, key: str = "image") -> tuple[torch.Tensor, Placement]:
+        """All model inputs of one image (n, C, H, W), and where they sit in it. Padding is the mean
+        colour (0 once normalized), so it looks like nothing in particular."""
+        geometry = self.canvas_geometry
+        placement = geometry.place(image.shape[0], image.shape[1], key)
         t = torch.from_numpy(np.ascontiguousarray(adjust_intensity(image, self.intensity)))
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         if t.shape[0] != self.channels:
             # grayscale stays grayscale until here: only a 3-channel model gets it repeated
             t = t.mean(0, keepdim=True) if self.channels == 1 else t[:1].expand(self.channels, -1, -1)
-        t = F.interpolate(
-            t[None],
-            size=(self.image_size, self.image_size),
-            mode="bilinear",
-            align_corners=False,
-            antialias=True,
-        )[0]
+        if tuple(t.shape[-2:]) != placement.resized_shape:
+            t = F.interpolate(
+                t[None], size=placement.resized_shape, mode="bilinear", align_corners=False, antialias=True
+            )[0]
         mean = torch.tensor(self.mean[: self.channels]).view(-1, 1, 1)
         std = torch.tensor(self.std[: self.channels]).view(-1, 1, 1)
-        return (t - mean) / std
+        t = (t - mean) / std
+        ch, cw = placement.canvas
+        out = torch.zeros(len(placement.windows), self.channels, ch, cw)
+        if self.pad is not None:
+            out += ((torch.tensor(self.pad[: self.channels]).view(-1, 1, 1) - mean) / std)[None]
+        for i, win in enumerate(placement.windows):
+            out[i, :, : win.height, : win.width] = t[
+                :, win.y0 : win.y0 + win.height, win.x0 : win.x0 + win.width
+            ]
+        return out, placement
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """The one model input (C, H, W) of an image (geometries without tiles)."""
+        pixels, placement = self.canvases(image)
+        if len(placement.windows) != 1:
+            raise ValueError("a tiled image has several model inputs: use Preprocess.canvases")
+        return pixels[0]
 
     def to_dict(self) -> dict:
         return {
-            "image_size": self.image_size,
+            "image_size": list(parse_size(self.image_size)),
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
             "intensity": self.intensity,
+            "geometry": self.canvas_geometry.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict, *, normalize: bool = True) -> Preprocess:
+        """Inverse of `to_dict`; normalize=False keeps pixels in [0, 1] (for graphs that normalize),
+        padding with the mean colour the graph's normalization turns into 0."""
+        c = d["channels"]
+        geometry = Geometry.from_dict(d["geometry"]) if "geometry" in d else None
+        if normalize:
+            return cls(tuple(d["image_size"]), c, tuple(d["mean"]), tuple(d["std"]), d["intensity"], geometry)
+        return cls(
+            tuple(d["image_size"]), c, (0.0,) * c, (1.0,) * c, d["intensity"], geometry, tuple(d["mean"])
+        )
 
 
 def iter_batches(
@@ -182,12 +228,13 @@ def iter_batches(
         raise ValueError("on_error must be 'raise' or 'skip'")
 
     def prepare(chunk: Sequence[InputItem]) -> tuple[Batch, ImageReadError | None]:
-        keys, shapes, tensors = [], [], []
+        keys, shapes, tensors, placements = [], [], [], []
         error = None
         for item in chunk:
             try:
                 image = load_item(item)
-            except ImageReadError as err:
+                pixels, placement = preprocess.canvases(image, item.key)
+            except ImageReadError as err:  # unreadable, or too large for the model's canvas
                 if on_error == "raise":
                     error = err  # the images before it in this batch are still scored
                     break
@@ -195,13 +242,12 @@ def iter_batches(
                 continue
             keys.append(item.key)
             shapes.append(image.shape[:2])
-            tensors.append(preprocess(image))
+            tensors.append(pixels)
+            placements.append(placement)
         pixels = (
-            torch.stack(tensors)
-            if tensors
-            else torch.empty(0, preprocess.channels, preprocess.image_size, preprocess.image_size)
+            torch.cat(tensors) if tensors else torch.empty(0, preprocess.channels, *preprocess.input_size)
         )
-        return Batch(keys, shapes, pixels), error
+        return Batch(keys, shapes, pixels, placements), error
 
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -172,6 +172,20 @@ def read_image(path: str | Path) -> np.ndarray:
     return _to_float(path, _normalise_shape(path, arr))
 
 
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _TIFF_EXTENSIONS:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth)
+        with Image.open(path) as im:
+            return int(im.height), int(im.width)
+    except Exception as exc:  # the decoders raise many types; reading the header is their first step
+        raise ImageReadError(path, _reason(exc, _format_name(path))) from exc
+
+
 def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a defect mask as bool (H, W): any non-zero pixel (in any channel) is defect.
 

@@ -11,7 +11,9 @@ threshold, input description, anomalens version and the parity measured at expor
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from anomalens._version import __version__
@@ -28,7 +31,7 @@ from anomalens.export.session import ort_session
 from anomalens.thresholds import Calibration
 from anomalens.thresholds.calibrate import _scale
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: geometry, map score and region of interest in the metadata
 METADATA_KEY = "anomalens"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "normalized_map")
@@ -90,7 +93,7 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
     pre = detector.preprocess()
     graph = ExportGraph(core, pre, detector.decision_calibration).eval()
     example = torch.rand(
-        2, pre.channels, pre.image_size, pre.image_size, generator=torch.Generator().manual_seed(0)
+        2, pre.channels, *pre.input_size, generator=torch.Generator().manual_seed(0)
     )  # batch 2: no shape fixed to 1
     with torch.no_grad():
         graph(example)  # an eager call first builds cached constants (smoothing matrices) outside the trace
@@ -159,15 +162,25 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
             "dtype": "float32",
             "range": [0.0, 1.0],
             "channels": preprocess.channels,
-            "size": [preprocess.image_size, preprocess.image_size],
-            "resize": "bilinear, antialiased, from the image's own size",
+            "size": list(preprocess.input_size),
+            "resize": f"{preprocess.canvas_geometry.resize}: bilinear, antialiased, from the image's own size",
             "intensity": preprocess.intensity,
             "intensity_applied": "before resizing, outside the graph",
+            "geometry_applied": "outside the graph, by anomalens' shared predict loop (padding, tiles, "
+            "stitching and the region of interest: data/geometry.py, models/base.py)",
         },
         "preprocess": preprocess.to_dict(),
+        "map_score": detector.map_score,
+        "roi_png": None if detector.roi is None else base64.b64encode(_png(detector.roi)).decode(),
         "outputs": list(OUTPUT_NAMES),
         "parity": parity,
     }
+
+
+def _png(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_parity(detector, onnx_path: str | Path, images: np.ndarray) -> dict[str, Any]:

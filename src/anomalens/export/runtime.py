@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from anomalens.data.inputs import Preprocess
 from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
@@ -34,6 +37,8 @@ class OnnxDetector:
         self.localizes: bool = metadata["localizes"]
         self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
+        roi = metadata.get("roi_png")
+        self._roi = None if roi is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(roi)))) > 0
 
     @classmethod
     def load(
@@ -65,16 +70,22 @@ class OnnxDetector:
 
     def preprocess(self) -> Preprocess:
         """The torch detector's preprocessing minus mean/std, which the graph applies."""
-        p = self.metadata["preprocess"]
-        c = p["channels"]
-        return Preprocess(p["image_size"], c, (0.0,) * c, (1.0,) * c, p["intensity"])
+        return Preprocess.from_dict(self.metadata["preprocess"], normalize=False)
+
+    @property
+    def map_score(self) -> dict[str, Any]:
+        return self.metadata["map_score"]
+
+    @property
+    def roi(self) -> np.ndarray | None:
+        return self._roi
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """All graph outputs for float32 (B, C, S, S) images in [0, 1]: score, normalized_score,
         anomaly_map, normalized_map (maps at the model resolution)."""
         x = np.ascontiguousarray(images, dtype=np.float32)
         p = self.metadata["preprocess"]
-        expected = (p["channels"], p["image_size"], p["image_size"])
+        expected = (p["channels"], *self.preprocess().input_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(
                 f"{self.path}: expected images of shape (B, {', '.join(map(str, expected))}), got {x.shape}"

@@ -144,7 +144,7 @@ class Autoencoder(TrainableDetector):
         check_choice(self.name, "loss", o["loss"], LOSSES)
         check_choice(self.name, "residual", o["residual"], RESIDUALS)
         check_choice(self.name, "score", o["score"], ("max", "mean"))
-        ConvEncoder(o["channels"], o["image_size"], o["depth"], 1, 1)  # validates image_size vs depth early
+        ConvEncoder(o["channels"], self.input_side, o["depth"], 1, 1)  # validates image_size vs depth early
 
     @property
     def residual_kind(self) -> str:
@@ -154,7 +154,7 @@ class Autoencoder(TrainableDetector):
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
-        return {"ae": ConvAutoencoder(o["channels"], o["image_size"], o["depth"], o["width"], o["latent"])}
+        return {"ae": ConvAutoencoder(o["channels"], self.input_side, o["depth"], o["width"], o["latent"])}
 
     def _phases(self) -> list[Phase]:
         ae, o = self.modules["ae"], self.options
@@ -169,5 +169,5 @@ class Autoencoder(TrainableDetector):
         o = self.options
         return AutoencoderModel(
             self.modules["ae"],
-            ResidualMap(self.residual_kind, o["image_size"], o["sigma"], o["ssim_window"], o["score"]),
+            ResidualMap(self.residual_kind, self.input_side, o["sigma"], o["ssim_window"], o["score"]),
         )

@@ -11,7 +11,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -20,14 +20,27 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
+from scipy import ndimage
 
 from anomalens._version import __version__
 from anomalens.data import Sample, calibration_split
-from anomalens.data.inputs import Batch, Preprocess, SkipLog, as_items, check_intensity, iter_batches
+from anomalens.data.geometry import Geometry, check_geometry, native_canvas, parse_size, size_option, stitch
+from anomalens.data.inputs import (
+    Batch,
+    InputItem,
+    Preprocess,
+    SkipLog,
+    as_items,
+    check_intensity,
+    iter_batches,
+    load_item,
+)
+from anomalens.data.io import ImageReadError, image_shape, read_mask
 from anomalens.data.progress import progress_bar
 from anomalens.thresholds import Calibration, calibrate, decision_calibration
 
 FORMAT_VERSION = 1
+ROI_KEY = "anomalens.roi"  # the region of interest's array in a model file, beside the method's own
 
 
 class ModelFileError(ValueError):
@@ -86,6 +99,69 @@ class Inferencer(Protocol):
     def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Raw image scores (B,) and anomaly maps (B, S, S) at model resolution for preprocessed pixels."""
 
+    @property
+    def map_score(self) -> dict[str, Any]:
+        """How an image score is read off a map (see `score_from_map`), where the canvas score cannot be used."""
+
+    @property
+    def roi(self) -> np.ndarray | None:
+        """The region of interest (True = inspect), at its own resolution; None inspects everything."""
+
+
+def score_from_map(anomaly_map: np.ndarray, spec: dict[str, Any], roi: np.ndarray | None = None) -> float:
+    """An image score from its raw map (over `roi` only, when given): the map's maximum, or with
+    ``{"reduce": "topk", "k": k, "pool": p}`` the mean of the k highest p x p block averages (the
+    map brought back to patch resolution, as PatchCore's top-k patch score)."""
+    values = anomaly_map
+    if roi is not None:
+        values = np.where(roi, anomaly_map, np.float32(anomaly_map[roi].min()))
+    if spec.get("reduce") == "topk":
+        pool = max(1, int(spec.get("pool", 1)))
+        blocks = ndimage.uniform_filter(values, size=pool, mode="nearest")[
+            pool // 2 :: pool, pool // 2 :: pool
+        ]
+        if roi is not None:
+            blocks = blocks[roi[pool // 2 :: pool, pool // 2 :: pool]]
+        top = np.sort(blocks.ravel())[-max(1, int(spec["k"])) :]
+        return float(top.mean())
+    return float(values[roi].max() if roi is not None else values.max())
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask at another (H, W), nearest neighbour (no new pixels on either side)."""
+    if tuple(mask.shape) == tuple(shape):
+        return mask
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def assemble(
+    scores: np.ndarray,
+    maps: np.ndarray,
+    placement,
+    shape: tuple[int, int],
+    map_score: dict[str, Any],
+    roi: np.ndarray | None,
+    tile_overlap: float,
+) -> tuple[float, np.ndarray]:
+    """One image's raw score and map at its own (H, W) from the scores and maps of its canvases.
+
+    A squashed image without a region of interest keeps the model's own score; otherwise the map
+    of the image's own pixels (padding cropped, tiles stitched, outside the ROI at the map's
+    lowest inside value) decides the score by `map_score`, so padding and pixels outside the ROI
+    never count.
+    """
+    if placement.squashed and roi is None:
+        return float(scores[0]), resize_map(maps[0], shape)
+    amap = stitch(np.asarray(maps, dtype=np.float32), placement, tile_overlap)
+    inside = None if roi is None else resize_mask(roi, amap.shape)
+    score = score_from_map(amap, map_score, inside)
+    full = resize_map(amap, shape)
+    if roi is not None:
+        inside = resize_mask(roi, shape)
+        full = np.where(inside, full, np.float32(full[inside].min()))
+    return score, full
+
 
 def iter_predict(
     model: Inferencer,
@@ -98,18 +174,21 @@ def iter_predict(
     """Yield (key, raw score, map at the image's own resolution) as each batch is scored, so batch
     jobs can write results as they go and keep them if a later image fails."""
     items = as_items(images)
+    preprocess, spec, roi = model.preprocess(), model.map_score, model.roi
+    overlap = preprocess.canvas_geometry.tile_overlap
     with progress_bar(len(items), f"{model.name}: predict", enabled=progress) as bar:
         for batch in iter_batches(
-            items,
-            model.preprocess(),
-            model.options["batch_size"],
-            on_error=on_error,
-            skip_log=skip_log,
-            progress=bar,
+            items, preprocess, model.options["batch_size"], on_error=on_error, skip_log=skip_log, progress=bar
         ):
             scores, maps = model.score_batch(batch.pixels)
-            for key, score, amap, shape in zip(batch.keys, scores, maps, batch.shapes):
-                yield key, float(score), resize_map(amap, shape)
+            start = 0
+            for key, shape, placement in zip(batch.keys, batch.shapes, batch.placements):
+                n = len(placement.windows)
+                score, amap = assemble(
+                    scores[start : start + n], maps[start : start + n], placement, shape, spec, roi, overlap
+                )
+                start += n
+                yield key, score, amap
 
 
 def predict(
@@ -137,6 +216,8 @@ def predict(
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Options come as strings from `--set key=value`: convert them to the default's type."""
+    if name == "image_size":
+        return size_option(value)  # a number, or HxW
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
     try:
@@ -160,7 +241,11 @@ class Detector(ABC):
     name: ClassVar[str]
     #: options common to every detector; subclasses add theirs in `defaults`
     base_defaults: ClassVar[dict[str, Any]] = {
-        "image_size": 256,
+        "image_size": 256,  # the model's canvas: 256, or HxW like 192x512
+        "resize": "squash",  # how images meet the canvas: squash, letterbox or native (see data/geometry.py)
+        "scale": 1.0,  # native: the pixel scale (0.5 halves images)
+        "tile": 0,  # native: cut images into overlapping tiles of this side (0: one canvas)
+        "tile_overlap": 0.25,
         "intensity": "none",  # per-image contrast normalization: none, standardize or stretch
         "batch_size": 8,
         "device": "auto",
@@ -172,6 +257,8 @@ class Detector(ABC):
     #: False for methods that only score whole images: their maps are constant (the image score
     #: everywhere), pixel metrics are not computed and no regions are drawn for them
     localizes: ClassVar[bool] = True
+    #: True for methods whose networks need a square input: their canvas is always square
+    square_input: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         allowed = {**self.base_defaults, **self.defaults}
@@ -181,7 +268,17 @@ class Detector(ABC):
                 f"{self.name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
             )
         self.options = {k: _coerce(k, options.get(k, v), v) for k, v in allowed.items()}
-        check_intensity(self.options["intensity"])
+        o = self.options
+        o["image_size"] = size_option(o["image_size"])
+        check_intensity(o["intensity"])
+        check_geometry(o["resize"], o["scale"], o["tile"], o["tile_overlap"])
+        if self.square_input and isinstance(o["image_size"], str):
+            raise ValueError(
+                f"{self.name} needs a square input: give image_size as one number (e.g. 256), or "
+                "use resize=letterbox to keep the aspect ratio"
+            )
+        #: the region of interest (True = inspect) at its own resolution, saved in the model file
+        self._roi: np.ndarray | None = None
         self.calibration: Calibration | None = None
         #: threshold chosen on labelled data (`anomalens threshold`), saved in the model file; when
         #: set it decides instead of the calibrated threshold (see `decision_calibration`)
@@ -234,12 +331,16 @@ class Detector(ABC):
         calibration: Iterable | np.ndarray | None = None,
         *,
         progress: bool = False,
+        roi: str | Path | np.ndarray | None = None,
     ) -> Detector:
         """Learn normality from good images and calibrate the threshold.
 
         Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
-        for it (never test images).
+        for it (never test images). `roi`: see `set_roi`. With resize=native and no tiles, the
+        canvas is sized here to hold every training image at `scale`.
         """
+        if roi is not None:
+            self.set_roi(roi)
         items = as_items(images)
         if calibration is None:
             if len(items) < 2:
@@ -256,13 +357,18 @@ class Detector(ABC):
             raise ValueError("fit got no images")
         torch.manual_seed(self.options["seed"])
         self.fit_info = {}
+        shapes = [_item_shape(it) for it in fit_items]
+        if self.options["resize"] == "native" and not self.options["tile"]:
+            h, w = native_canvas(shapes, self.options["scale"])
+            self.options["image_size"] = size_option(max(h, w) if self.square_input else (h, w))
+        geometry = self.geometry
+        n_inputs = sum(len(geometry.place(h, w).windows) for h, w in shapes)
         self._show_progress = progress  # methods with long fitting steps show their own bars
         self._calibration_items = cal_items  # trainable methods compute a validation loss on them
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
             self._fit_batches(
-                iter_batches(fit_items, self._preprocess(), self.options["batch_size"], progress=bar),
-                len(fit_items),
+                iter_batches(fit_items, self.preprocess(), self.options["batch_size"], progress=bar), n_inputs
             )
         self._fitted = True
         fit_seconds = time.perf_counter() - start
@@ -272,14 +378,66 @@ class Detector(ABC):
         self.fit_info.update(
             n_fit=len(fit_items),
             n_calibration=len(cal_items),
+            n_model_inputs=n_inputs,
             fit_seconds=round(fit_seconds, 3),
             anomalens_version=__version__,
         )
         return self
 
+    @property
+    def geometry(self) -> Geometry:
+        """How images of any size meet this detector's canvas (options image_size, resize, scale, tile)."""
+        o = self.options
+        return Geometry(parse_size(o["image_size"]), o["resize"], o["scale"], o["tile"], o["tile_overlap"])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of each tensor the networks see: the canvas, or a tile."""
+        return self.geometry.model_input
+
+    @property
+    def input_side(self) -> int:
+        """The side of the square input of methods with `square_input` (their networks' image size)."""
+        h, w = self.input_size
+        if h != w:
+            raise ValueError(f"{self.name} needs a square input, got {h}x{w}: use resize=letterbox or tiles")
+        return h
+
     def preprocess(self) -> Preprocess:
-        """How images are resized and normalized for this detector (the `Inferencer` protocol)."""
-        return self._preprocess()
+        """How images are brought onto the canvas and normalized (the `Inferencer` protocol). The
+        canvas is the method's own input size (e.g. a classical detector's pixel_size)."""
+        pre = self._preprocess()
+        own, geometry = parse_size(pre.image_size), self.geometry
+        if not geometry.tiled:
+            geometry = replace(geometry, canvas=own)
+        elif own != geometry.model_input:
+            raise ValueError(
+                f"{self.name}: its input is {own[1]}x{own[0]} px, not the {geometry.tile} px tile: "
+                "tiles need a model that sees whole tiles"
+            )
+        return replace(pre, image_size=geometry.model_input, geometry=geometry)
+
+    @property
+    def map_score(self) -> dict[str, Any]:
+        """How the image score is read off the map where the canvas score would count padding or
+        pixels outside the ROI: its maximum (methods may say otherwise)."""
+        return {"reduce": "max"}
+
+    @property
+    def roi(self) -> np.ndarray | None:
+        return self._roi
+
+    def set_roi(self, roi: str | Path | np.ndarray | None) -> None:
+        """The region of interest: a mask image (white = inspect) or a boolean array; None clears it.
+        Pixels outside never score and never produce regions. Set it before `fit`, whose threshold
+        is calibrated with it."""
+        if roi is None:
+            self._roi = None
+            return
+        mask = read_mask(roi) if isinstance(roi, (str, Path)) else np.asarray(roi) > 0
+        if mask.ndim != 2 or not mask.any():
+            raise ValueError("the region of interest must be a 2-D mask with some white (inspected) pixels")
+        self._roi = mask
 
     def score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (B,) and maps (B, S, S) at model resolution (the `Inferencer` protocol)."""
@@ -326,6 +484,8 @@ class Detector(ABC):
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: nothing to save")
         arrays, meta = self._state()
+        if self._roi is not None:
+            arrays = {**arrays, ROI_KEY: self._roi.astype(np.uint8)}
         header = {
             "format_version": FORMAT_VERSION,
             "detector": self.name,
@@ -352,6 +512,8 @@ class Detector(ABC):
 
         header, arrays = read_model_file(path)
         detector = get_class(header["detector"])(**header["options"])
+        roi = arrays.pop(ROI_KEY, None)
+        detector._roi = None if roi is None else roi > 0
         detector._restore(arrays, header["state"])
         detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
         detector.operating_point = header.get("operating_point")
@@ -362,6 +524,16 @@ class Detector(ABC):
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.options.items() if v != {**self.base_defaults, **self.defaults}[k]}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def _item_shape(item: InputItem) -> tuple[int, int]:
+    """(H, W) of an input without decoding a file's pixels."""
+    if item.array is not None:
+        return tuple(np.asarray(item.array).shape[:2])
+    try:
+        return image_shape(item.path)
+    except ImageReadError:  # decoding it gives the one clear error the user should see
+        return load_item(item).shape[:2]
 
 
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

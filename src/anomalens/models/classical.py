@@ -557,10 +557,10 @@ class ClassicalDetector(BackboneDetector):
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         if self._runner is None:
             extractor = self.extractor
-            key = (id(extractor), self.options["image_size"], str(self.device), self.options["engine"])
+            key = (id(extractor), self.input_size, str(self.device), self.options["engine"])
             if key not in _RUNNERS:
                 _RUNNERS[key] = make_feature_runner(
-                    extractor, self.options["image_size"], self.device, engine=self.options["engine"]
+                    extractor, self.input_size, self.device, engine=self.options["engine"]
                 )
             self._runner = _RUNNERS[key]
         return super().features(pixels)
@@ -736,7 +736,7 @@ class ClassicalDetector(BackboneDetector):
         b, h, w, d = feats.shape
         patch = self.decision(feats.reshape(b * h * w, d)).reshape(b, h, w)
         if self._upsample is None:
-            self._upsample = SmoothUpsample(self.options["image_size"], self.options["sigma"])
+            self._upsample = SmoothUpsample(self.input_size, self.options["sigma"])
         maps = self._upsample(torch.from_numpy(patch.astype(np.float32))).numpy()
         return maps.reshape(b, -1).max(axis=1).astype(np.float64), maps
 

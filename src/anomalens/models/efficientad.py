@@ -236,14 +236,12 @@ class EfficientAd(BackboneTrainableDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        EfficientAdAutoencoder(
-            self.options["image_size"], 1
-        )  # validates image_size now, not after reading images
+        EfficientAdAutoencoder(self.input_side, 1)  # validates image_size now, not after reading images
         self._teacher_init: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     # -- modules -----------------------------------------------------------------------------
     def _build_modules(self) -> dict[str, nn.Module]:
-        c, s = self.options["out_channels"], self.options["image_size"]
+        c, s = self.options["out_channels"], self.input_side
         teacher, norm = pdn_small(c), MapNormalization(c)
         if self._teacher_init is not None:  # fitting: the distilled teacher and its statistics
             state, mean, std = self._teacher_init
@@ -259,9 +257,7 @@ class EfficientAd(BackboneTrainableDetector):
 
     def _scorer(self) -> EfficientAdModel:
         m = self.modules
-        return EfficientAdModel(
-            m["teacher"], m["student"], m["autoencoder"], m["norm"], self.options["image_size"]
-        )
+        return EfficientAdModel(m["teacher"], m["student"], m["autoencoder"], m["norm"], self.input_side)
 
     # -- training ----------------------------------------------------------------------------
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
@@ -355,7 +351,7 @@ class EfficientAd(BackboneTrainableDetector):
         data = hashlib.sha256(train.contiguous().numpy()).hexdigest()[:16]
         key = (
             f"{o['backbone']}-{self._backbone_checksum[:12]}-layers{'_'.join(map(str, o['layers']))}"
-            f"-size{o['image_size']}-crop{o['distill_crop']}-steps{o['distill_steps']}x{o['distill_batch_size']}"
+            f"-size{self.input_side}-crop{o['distill_crop']}-steps{o['distill_steps']}x{o['distill_batch_size']}"
             f"-seed{o['seed']}-c{o['out_channels']}-data{data}"
         )
         return _cache_dir() / f"teacher-{key}.safetensors"
@@ -380,7 +376,7 @@ class EfficientAd(BackboneTrainableDetector):
         """Train the padded PDN to regress the backbone's standardized patch features on random crops
         of the goods (half of each batch) and synthetic textures (the other half)."""
         o = self.options
-        crop = min(o["distill_crop"] or o["image_size"], o["image_size"])
+        crop = min(o["distill_crop"] or self.input_side, self.input_side)
         if crop % 4:
             raise ValueError(f"efficientad: distill_crop must be a multiple of 4, got {crop}")
         backbone = self.extractor
@@ -403,7 +399,7 @@ class EfficientAd(BackboneTrainableDetector):
         def sample(idx: torch.Tensor) -> torch.Tensor:
             x = train[idx.cpu()].to(self.device)
             n = x.shape[0]
-            i, j = torch.randint(o["image_size"] - crop + 1, (2,)).tolist()
+            i, j = torch.randint(self.input_side - crop + 1, (2,)).tolist()
             goods = x[: (n + 1) // 2, :, i : i + crop, j : j + crop]
             goods = torch.where(
                 torch.rand(goods.shape[0], 1, 1, 1, device=x.device) < 0.5, goods.flip(-1), goods

@@ -106,7 +106,7 @@ class FAnoGan(TrainableDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        n_levels(self.options["image_size"])  # validate early
+        n_levels(self.input_side)  # validate early
         check_choice(self.name, "score", self.options["score"], ("izi_f", "residual"))
         if not 0 < self.options["gan_share"] < 1:
             raise ValueError(f"fanogan: option gan_share must be in (0, 1), got {self.options['gan_share']}")
@@ -114,9 +114,9 @@ class FAnoGan(TrainableDetector):
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
         return {
-            "generator": DCGenerator(o["latent"], o["channels"], o["image_size"], o["width"]),
-            "critic": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=False),
-            "encoder": DCEncoder(o["channels"], o["image_size"], o["width"], o["latent"], batchnorm=False),
+            "generator": DCGenerator(o["latent"], o["channels"], self.input_side, o["width"]),
+            "critic": DCEncoder(o["channels"], self.input_side, o["width"], 1, batchnorm=False),
+            "encoder": DCEncoder(o["channels"], self.input_side, o["width"], o["latent"], batchnorm=False),
             "feature_scale": FeatureScale(),
         }
 
@@ -192,7 +192,7 @@ class FAnoGan(TrainableDetector):
             m["critic"],
             m["encoder"],
             m["feature_scale"],
-            ResidualMap("l2", o["image_size"], o["sigma"]),
+            ResidualMap("l2", self.input_side, o["sigma"]),
             o["kappa"],
             o["score"],
         )

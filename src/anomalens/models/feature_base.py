@@ -57,15 +57,13 @@ class BackboneDetector(Detector):
 
     def _preprocess(self) -> Preprocess:
         ex = self.extractor
-        return Preprocess(
-            self.options["image_size"], 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"]
-        )
+        return Preprocess(self.input_size, 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"])
 
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
         if self._runner is None:
             self._runner = make_feature_runner(
-                self.extractor, self.options["image_size"], self.device, engine=self.options["engine"]
+                self.extractor, self.input_size, self.device, engine=self.options["engine"]
             )
         outs = self._runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]

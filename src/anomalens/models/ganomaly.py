@@ -72,14 +72,14 @@ class Ganomaly(TrainableDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        n_levels(self.options["image_size"])  # validate early
+        n_levels(self.input_side)  # validate early
         check_choice(self.name, "score", self.options["score"], ("latent", "residual"))
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
         return {
-            "generator": GanomalyGenerator(o["channels"], o["image_size"], o["width"], o["latent"]),
-            "discriminator": DCEncoder(o["channels"], o["image_size"], o["width"], 1, batchnorm=True),
+            "generator": GanomalyGenerator(o["channels"], self.input_side, o["width"], o["latent"]),
+            "discriminator": DCEncoder(o["channels"], self.input_side, o["width"], 1, batchnorm=True),
         }
 
     def _phases(self) -> list[Phase]:
@@ -131,5 +131,5 @@ class Ganomaly(TrainableDetector):
     def _scorer(self) -> GanomalyModel:
         o = self.options
         return GanomalyModel(
-            self.modules["generator"], ResidualMap("l2", o["image_size"], o["sigma"]), o["score"]
+            self.modules["generator"], ResidualMap("l2", self.input_side, o["sigma"]), o["score"]
         )

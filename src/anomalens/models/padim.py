@@ -36,7 +36,7 @@ class PadimModel(nn.Module):
         channel_idx: torch.Tensor,
         mean: torch.Tensor,
         inv_cov: torch.Tensor,
-        image_size: int,
+        image_size: int | tuple[int, int],
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -63,6 +63,7 @@ class Padim(BackboneDetector):
     covariance's diagonal), sigma (map smoothing)."""
 
     name = "padim"
+    square_input = False  # fully convolutional; the statistics are per position of the (H, W) grid
     defaults = {"layers": (1, 2, 3), "n_features": 100, "regularization": 0.01, "sigma": 4.0}
 
     def __init__(self, **options: Any) -> None:
@@ -123,7 +124,7 @@ class Padim(BackboneDetector):
 
     def _set_model(self, channel_idx: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> None:
         self.model = (
-            PadimModel(channel_idx, mean, inv_cov, self.options["image_size"], self.options["sigma"])
+            PadimModel(channel_idx, mean, inv_cov, self.input_size, self.options["sigma"])
             .to(self.device)
             .eval()
         )

@@ -31,7 +31,7 @@ class PatchCoreModel(nn.Module):
         self,
         memory_bank: torch.Tensor,
         bank_support: torch.Tensor,
-        image_size: int,
+        image_size: int | tuple[int, int],
         sigma: float = 4.0,
         top_k: int = 0,
     ) -> None:
@@ -130,6 +130,7 @@ class PatchCore(BackboneDetector):
     """
 
     name = "patchcore"
+    square_input = False  # fully convolutional: any (H, W) canvas
     defaults = {
         "layers": (2, 3),
         "coreset_ratio": 0.01,
@@ -146,6 +147,13 @@ class PatchCore(BackboneDetector):
         super().__init__(**options)
         self.model: PatchCoreModel | None = None
         self._index = None
+
+    @property
+    def map_score(self) -> dict:
+        """The top_k score read off the map at patch resolution (the embedding's stride), or its maximum."""
+        if self.options["top_k"] <= 0:
+            return {"reduce": "max"}
+        return {"reduce": "topk", "k": self.options["top_k"], "pool": int(self.extractor.strides[0])}
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return locally_aware_embedding(self.features(pixels.to(self.device)))
@@ -206,7 +214,7 @@ class PatchCore(BackboneDetector):
             PatchCoreModel(
                 bank,
                 torch.from_numpy(support),
-                self.options["image_size"],
+                self.input_size,
                 self.options["sigma"],
                 self.options["top_k"],
             )

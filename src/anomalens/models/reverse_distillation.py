@@ -190,7 +190,7 @@ class ReverseDistillation(BackboneTrainableDetector):
             self.extractor,
             self.modules["bottleneck"],
             self.modules["decoder"],
-            self.options["image_size"],
+            self.input_side,
             self.options["sigma"],
         )
 

@@ -92,7 +92,7 @@ class Stfpm(BackboneTrainableDetector):
         return {"student": random_student(self.extractor)}
 
     def _scorer(self) -> StfpmModel:
-        return StfpmModel(self.extractor, self.modules["student"], self.options["image_size"])
+        return StfpmModel(self.extractor, self.modules["student"], self.input_side)
 
     def _phases(self) -> list[Phase]:
         o = self.options

@@ -134,7 +134,7 @@ class TrainableDetector(Detector):
     def _preprocess(self) -> Preprocess:
         channels = self.options.get("channels", 3)
         return Preprocess(
-            self.options["image_size"],
+            self.input_side,
             channels,
             (0.5,) * channels,
             (0.5,) * channels,

@@ -270,11 +270,11 @@ class Utrad(BackboneTrainableDetector):
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
         stride = self.extractor.strides[0]
-        grid = o["image_size"] // stride
-        if grid * stride != o["image_size"] or math.prod(o["windows"]) != grid:
+        grid = self.input_side // stride
+        if grid * stride != self.input_side or math.prod(o["windows"]) != grid:
             raise ValueError(
-                f"utrad: image_size {o['image_size']} with layers {tuple(o['layers'])} gives a "
-                f"{o['image_size'] / stride:g}-cell feature grid, but windows {tuple(o['windows'])} "
+                f"utrad: image_size {self.input_side} with layers {tuple(o['layers'])} gives a "
+                f"{self.input_side / stride:g}-cell feature grid, but windows {tuple(o['windows'])} "
                 f"multiply to {math.prod(o['windows'])}: choose windows whose product is the grid"
             )
         net = UTransformer(
@@ -291,7 +291,7 @@ class Utrad(BackboneTrainableDetector):
     def _scorer(self) -> UtradModel:
         net = self.modules["net"]
         if self._model is None or self._model.net is not net:
-            self._model = UtradModel(self.extractor, net, self.options["image_size"], self.options["sigma"])
+            self._model = UtradModel(self.extractor, net, self.input_side, self.options["sigma"])
             self._model.to(self.device).eval()
         return self._model
 

@@ -204,9 +204,9 @@ class Vtadl(TrainableDetector):
         super().__init__(**options)
         o = self.options
         p = o["patch_size"]
-        if p < 2 or p & (p - 1) or o["image_size"] % p:
+        if p < 2 or p & (p - 1) or self.input_side % p:
             raise ValueError(
-                f"vtadl: patch_size={p} must be a power of two dividing image_size={o['image_size']}"
+                f"vtadl: patch_size={p} must be a power of two dividing image_size={self.input_side}"
             )
         if o["dim"] % o["heads"]:
             raise ValueError(f"vtadl: dim={o['dim']} must be a multiple of heads={o['heads']}")
@@ -218,7 +218,7 @@ class Vtadl(TrainableDetector):
         o = self.options
         return {
             "net": VTADLNet(
-                o["image_size"],
+                self.input_side,
                 o["patch_size"],
                 o["channels"],
                 o["dim"],
@@ -237,7 +237,7 @@ class Vtadl(TrainableDetector):
             o = self.options
             self._model = (
                 VtadlModel(
-                    net, o["image_size"], o["sigma"], o["mse_weight"], o["ssim_weight"], o["nll_weight"]
+                    net, self.input_side, o["sigma"], o["mse_weight"], o["ssim_weight"], o["nll_weight"]
                 )
                 .to(self.device)
                 .eval()

@@ -33,23 +33,25 @@ def _upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
 
 
 class SmoothUpsample(nn.Module):
-    """(B, h, w) patch scores -> (B, size, size) pixel map: bilinear upsampling then Gaussian
-    smoothing, as PatchCore and PaDiM prescribe."""
+    """(B, h, w) patch scores -> (B, H, W) pixel map: bilinear upsampling then Gaussian smoothing,
+    as PatchCore and PaDiM prescribe. `size` is H = W, or (H, W) for a non-square input."""
 
-    def __init__(self, size: int, sigma: float) -> None:
+    def __init__(self, size: int | tuple[int, int], sigma: float) -> None:
         super().__init__()
-        self.size = size
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.sigma = sigma
-        self._matrices: dict[int, torch.Tensor] = {}
+        self._matrices: dict[tuple[int, int], torch.Tensor] = {}
 
-    def matrix(self, n_in: int, device: torch.device) -> torch.Tensor:
-        if n_in not in self._matrices:
-            self._matrices[n_in] = _upsample_blur_matrix(n_in, self.size, self.sigma)
-        return self._matrices[n_in].to(device)
+    def matrix(self, n_in: int, device: torch.device, n_out: int | None = None) -> torch.Tensor:
+        """The (n_out, n_in) matrix of one axis; n_out defaults to the height (= the side when square)."""
+        key = (n_in, self.size[0] if n_out is None else n_out)
+        if key not in self._matrices:
+            self._matrices[key] = _upsample_blur_matrix(key[0], key[1], self.sigma)
+        return self._matrices[key].to(device)
 
     def forward(self, patch_maps: torch.Tensor) -> torch.Tensor:
         # int(): under the ONNX tracer shapes are tensors, which would miss the cache and trace
         # the float64 matrix construction; the matrices must enter the graph as constants
-        a = self.matrix(int(patch_maps.shape[-2]), patch_maps.device)
-        b = self.matrix(int(patch_maps.shape[-1]), patch_maps.device)
+        a = self.matrix(int(patch_maps.shape[-2]), patch_maps.device, self.size[0])
+        b = self.matrix(int(patch_maps.shape[-1]), patch_maps.device, self.size[1])
         return a @ patch_maps @ b.T
