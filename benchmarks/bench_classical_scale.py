@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         # iter_predict streams: predict() would also hold one full-size map per image (4.9 GB here)
-        scores = np.array([score for _, score, _ in det.iter_predict(paths, progress=args.progress)])
+        scores = np.array([scored.score for scored in det.iter_predict(paths, progress=args.progress)])
         score_s = time.perf_counter() - start
         model = det.save(work / "scale.model")
         reading = det.pyod_reading(scores) if hasattr(det, "pyod_reading") else None

@@ -65,8 +65,34 @@ def test_appended_migration_upgrades_an_old_file_and_keeps_rows(tmp_path):
         assert s.schema_version == len(MIGRATIONS) + 1
         assert s._query("SELECT line FROM results")[0][0] == "L1"
         assert s.get("m1", "a.png").score == 12.0
-    with pytest.raises(StoreError, match="schema version 2.*upgrade anomalens"):
+    with pytest.raises(StoreError, match=f"schema version {len(MIGRATIONS) + 1}.*upgrade anomalens"):
         ResultStore(path)  # a file from a newer anomalens is refused, not damaged
+
+
+def test_a_store_from_before_the_drift_column_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    with ResultStore(path, migrations=MIGRATIONS[:1]) as s:
+        s.register_model("m1", detector="patchcore", file_sha256="x")
+        with s.transaction() as conn:  # the old schema has no drift column: the row written by hand
+            conn.execute(
+                "INSERT INTO results (model_id, path, score, normalized_score, decision, regions, status, scored_at)"
+                " VALUES ('m1', 'a.png', 3.0, 1.5, 'defect', '[]', 'ok', '2026-01-01T00:00:00Z')"
+            )
+    with ResultStore(path) as s:
+        old = s.get("m1", "a.png")
+        assert old.score == 3.0 and old.drift == []
+        flag = {
+            "statistic": "mean",
+            "value": 154.0,
+            "low": 66.0,
+            "high": 137.0,
+            "excess": 0.2,
+            "message": "brighter",
+        }
+        s.add_results(
+            [ResultRecord("m1", "b.png", score=1.0, normalized_score=0.5, decision="good", drift=[flag])]
+        )
+        assert s.get("m1", "b.png").drift == [flag]
 
 
 def test_a_file_that_is_not_a_store_gives_a_one_line_error(tmp_path):

@@ -41,7 +41,20 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     if at:
         table.add_row("F1 at calibrated threshold", f"{at['f1']:.4f}")
         table.add_row("missed defects / false alarms", f"{at['fn']} / {at['fp']}")
+    drift = metrics.get("drift")
+    if drift:
+        table.add_row(
+            "images outside the training range", f"{drift['n_images_flagged']} of {metrics['n_images']}"
+        )
     return table
+
+
+def _drift_lines(metrics: dict) -> list[str]:
+    """What evaluate says about drift beside its table: examples and a batch shift of the test goods."""
+    drift = metrics.get("drift") or {}
+    lines = [f"  outside the training range: {example}" for example in drift.get("examples", [])]
+    lines += [f"  drift: the test goods are {shift}" for shift in drift.get("goods_batch_shift", [])]
+    return lines
 
 
 def fit(
@@ -220,6 +233,12 @@ def predict(
         fail(f"interrupted after {summary.n_scored} images; results so far are in {summary.scores_csv}", 130)
     except user_errors() as e:
         fail(f"{e} (after {summary.n_scored} images; results so far are in {summary.scores_csv})")
+    if summary.n_drift:
+        err.print(
+            f"warning: {summary.n_drift} of {summary.n_scored} images are outside the training goods' range "
+            "(brightness, size, sharpness or look): their verdicts are less certain; see the drift column",
+            highlight=False,
+        )
     out.print(
         f"scored {summary.n_scored} images, {summary.n_flagged} flagged; wrote {summary.scores_csv}"
         + (
@@ -259,6 +278,8 @@ def evaluate(
     except user_errors() as e:
         fail(str(e))
     out.print(_metrics_table(result.metrics, f"{model_file.name} on {result.metrics['dataset']}"))
+    for line in _drift_lines(result.metrics):
+        err.print(line, highlight=False)
     if result.prediction.skipped:
         err.print(f"skipped {len(result.prediction.skipped)} unreadable images")
     if json_out:

@@ -43,6 +43,9 @@ THUMBNAIL_SIZE = 16
 SHARPNESS_MAX_SIDE = 512
 MAX_THUMBNAILS = 2000
 DEFAULT_MARGIN = 0.25
+#: the batch test: family-wise false-alarm rate over all statistics, and the fewest images it judges
+BATCH_ALPHA = 1e-3
+BATCH_MIN_IMAGES = 20
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, the usual grey of an RGB image
 _CHANNEL_NAMES = ("r", "g", "b")
 _CHANNEL_WORDS = {"r": "red", "g": "green", "b": "blue"}
@@ -207,6 +210,13 @@ def _leave_one_out_distances(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scaled(key: str, x: float) -> float:
+    """A statistic on the scale its rule compares it on (log for scale-like ones)."""
+    if not RULES[key].log:
+        return x
+    return math.log1p(x) if key == "sharpness" else math.log(x)
+
+
 def _fmt(x: float) -> str:
     """Compact human number: whole from 10 up (grey levels, pixels), three significant digits below."""
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.3g}"
@@ -234,6 +244,18 @@ class DriftFlag:
     message: str
 
 
+@dataclass(frozen=True)
+class BatchDrift:
+    """A statistic whose distribution over a batch of images has moved away from the goods'."""
+
+    statistic: str
+    median: float  # over the batch, in human units
+    goods_median: float
+    p_value: float  # two-sample Kolmogorov-Smirnov
+    n_images: int
+    message: str
+
+
 class DriftProfile:
     """Ranges of the training goods' statistics, and the check against them (rule: module docstring)."""
 
@@ -244,8 +266,11 @@ class DriftProfile:
         nn_distances: np.ndarray,
         n_goods: int,
         margin: float = DEFAULT_MARGIN,
+        values: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in ranges.items()}
+        #: every good's value of each scalar statistic, for the batch test (`compare_batch`)
+        self.values = {k: np.asarray(v, dtype=np.float64) for k, v in (values or {}).items()}
         self.thumbnails = np.asarray(thumbnails, dtype=np.float32)
         self.nn_distances = np.asarray(nn_distances, dtype=np.float64)
         self.n_goods = int(n_goods)
@@ -280,16 +305,13 @@ class DriftProfile:
         thumbs = np.stack([_to_channels(goods[i]["embedding"], channels) for i in keep]).astype(np.float32)
         vectors = _embedding(thumbs)
         loo = _leave_one_out_distances(vectors) if len(thumbs) > 1 else np.zeros(0)
-        return cls(ranges, thumbs, loo, len(goods), margin)
+        values = {k: np.array([float(s[k]) for s in goods]) for k in keys}
+        return cls(ranges, thumbs, loo, len(goods), margin, values)
 
     def _scalar_flag(self, key: str, value: float, stats: dict) -> DriftFlag | None:
         rule, (low, high) = RULES[key], self.ranges[key]
-
-        def scale(x: float) -> float:
-            return (math.log1p(x) if key == "sharpness" else math.log(x)) if rule.log else x
-
-        span = scale(high) - scale(low)
-        beyond = max(scale(low) - scale(value), scale(value) - scale(high))
+        span = _scaled(key, high) - _scaled(key, low)
+        beyond = max(_scaled(key, low) - _scaled(key, value), _scaled(key, value) - _scaled(key, high))
         if beyond <= self.margin * span + rule.floor:
             return None
         word = rule.higher if value > high else rule.lower
@@ -334,9 +356,44 @@ class DriftProfile:
             flags.append(self._embedding_flag(stats["embedding"]))
         return [f for f in flags if f is not None]
 
+    def compare_batch(self, batch: list[dict], alpha: float = BATCH_ALPHA) -> list[BatchDrift]:
+        """Statistics whose distribution over a batch of images differs from the goods'.
+
+        An image inside the goods' range can still come from a new condition (a new exposure whose
+        images span the old ones' range): one image cannot show it, a batch can. Each scalar
+        statistic is compared with a two-sample Kolmogorov-Smirnov test; a shift is reported when
+        p < alpha / (number of statistics tested) (Bonferroni) and the medians differ by more than
+        the statistic's floor. Needs at least BATCH_MIN_IMAGES images.
+        """
+        from scipy.stats import ks_2samp
+
+        if len(batch) < BATCH_MIN_IMAGES:
+            return []
+        keys = [k for k in self.values if k != "channels" and all(k in s for s in batch)]
+        shifts = []
+        for key in keys:
+            rule, goods = RULES[key], self.values[key]
+            seen = np.array([float(s[key]) for s in batch])
+            result = ks_2samp(seen, goods)
+            median_seen, median_goods = float(np.median(seen)), float(np.median(goods))
+            moved = abs(_scaled(key, median_seen) - _scaled(key, median_goods))
+            if result.pvalue * len(keys) >= alpha or moved <= rule.floor:
+                continue
+            word = (rule.higher if median_seen > median_goods else rule.lower) or "different"
+            message = (
+                f"{word} than the training goods: median {rule.label} {_fmt(median_seen)} vs "
+                f"{_fmt(median_goods)}{rule.unit} (Kolmogorov-Smirnov p = {result.pvalue:.1g}, {len(seen)} images)"
+            )
+            shifts.append(
+                BatchDrift(key, median_seen, median_goods, float(result.pvalue), len(seen), message)
+            )
+        return shifts
+
     def to_arrays_and_meta(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Arrays (thumbnails, leave-one-out distances) for safetensors, JSON-safe metadata for the rest."""
+        """Arrays (thumbnails, leave-one-out distances, the goods' values) for safetensors, JSON-safe
+        metadata for the rest."""
         arrays = {"thumbnails": self.thumbnails, "nn_distances": self.nn_distances}
+        arrays.update({f"values.{k}": v for k, v in self.values.items()})
         meta = {
             "version": _PROFILE_VERSION,
             "margin": self.margin,
@@ -351,4 +408,7 @@ class DriftProfile:
         if meta.get("version") != _PROFILE_VERSION:
             raise ValueError(f"unsupported drift profile version {meta.get('version')!r}")
         ranges = {k: (lo, hi) for k, (lo, hi) in meta["ranges"].items()}
-        return cls(ranges, arrays["thumbnails"], arrays["nn_distances"], meta["n_goods"], meta["margin"])
+        values = {k[len("values.") :]: v for k, v in arrays.items() if k.startswith("values.")}
+        return cls(
+            ranges, arrays["thumbnails"], arrays["nn_distances"], meta["n_goods"], meta["margin"], values
+        )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.datasets import Sample
+from anomalens.data.drift import image_statistics
 from anomalens.data.geometry import Geometry, Placement, parse_size
 from anomalens.data.io import ImageReadError, list_images, read_image
 
@@ -44,6 +45,7 @@ class Batch:
     shapes: list[tuple[int, int]]  # original (H, W) of each image, for maps at input resolution
     pixels: torch.Tensor  # (N, C, H, W) float32, normalized: each image's canvases in turn
     placements: list[Placement] = field(default_factory=list)  # where each image's canvases sit
+    stats: list[dict] = field(default_factory=list)  # each image's drift statistics, when asked for
 
 
 @dataclass
@@ -222,13 +224,15 @@ def iter_batches(
     on_error: str = "raise",
     skip_log: SkipLog | None = None,
     progress: tqdm | None = None,
+    statistics: bool = False,
 ) -> Iterator[Batch]:
-    """Read and preprocess in a background thread so decoding overlaps the model's compute."""
+    """Read and preprocess in a background thread so decoding overlaps the model's compute.
+    statistics=True also measures each image for the drift check (`data.drift.image_statistics`)."""
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
 
     def prepare(chunk: Sequence[InputItem]) -> tuple[Batch, ImageReadError | None]:
-        keys, shapes, tensors, placements = [], [], [], []
+        keys, shapes, tensors, placements, stats = [], [], [], [], []
         error = None
         for item in chunk:
             try:
@@ -244,10 +248,12 @@ def iter_batches(
             shapes.append(image.shape[:2])
             tensors.append(pixels)
             placements.append(placement)
+            if statistics:
+                stats.append(image_statistics(image))
         pixels = (
             torch.cat(tensors) if tensors else torch.empty(0, preprocess.channels, *preprocess.input_size)
         )
-        return Batch(keys, shapes, pixels, placements), error
+        return Batch(keys, shapes, pixels, placements, stats), error
 
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:

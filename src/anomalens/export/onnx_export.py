@@ -171,10 +171,22 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
         },
         "preprocess": preprocess.to_dict(),
         "map_score": detector.map_score,
+        "drift": None if detector.drift_profile is None else _profile_json(detector.drift_profile),
         "roi_png": None if detector.roi is None else base64.b64encode(_png(detector.roi)).decode(),
         "outputs": list(OUTPUT_NAMES),
         "parity": parity,
     }
+
+
+def _profile_json(profile) -> dict[str, Any]:
+    """A drift profile as JSON: its metadata, and its arrays as base64 .npy (read back without pickle)."""
+    arrays, meta = profile.to_arrays_and_meta()
+    encoded = {}
+    for name, array in arrays.items():
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        encoded[name] = base64.b64encode(buffer.getvalue()).decode()
+    return {"meta": meta, "arrays": encoded}
 
 
 def _png(mask: np.ndarray) -> bytes:

@@ -13,11 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from anomalens.data.drift import DriftProfile
 from anomalens.data.inputs import Preprocess
 from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
 from anomalens.export.session import ort_session
-from anomalens.models.base import ModelFileError, Prediction, SkipLog, iter_predict, predict
+from anomalens.models.base import ModelFileError, Prediction, Scored, iter_predict, predict
 from anomalens.thresholds import Calibration, decision_calibration
+
+
+def _profile_from_json(drift: dict[str, Any]) -> DriftProfile:
+    arrays = {
+        name: np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+        for name, data in drift["arrays"].items()
+    }
+    return DriftProfile.from_arrays_and_meta(arrays, drift["meta"])
 
 
 class OnnxDetector:
@@ -37,6 +46,8 @@ class OnnxDetector:
         self.localizes: bool = metadata["localizes"]
         self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
+        drift = metadata.get("drift")
+        self._drift_profile = None if drift is None else _profile_from_json(drift)
         roi = metadata.get("roi_png")
         self._roi = None if roi is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(roi)))) > 0
 
@@ -80,6 +91,10 @@ class OnnxDetector:
     def roi(self) -> np.ndarray | None:
         return self._roi
 
+    @property
+    def drift_profile(self) -> DriftProfile | None:
+        return self._drift_profile
+
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """All graph outputs for float32 (B, C, S, S) images in [0, 1]: score, normalized_score,
         anomaly_map, normalized_map (maps at the model resolution)."""
@@ -102,15 +117,13 @@ class OnnxDetector:
 
     # the loops every `Inferencer` shares: reading, batching, skip-and-log, map resizing and the
     # Prediction are the same for both runtimes
-    def iter_predict(
-        self, images, *, progress: bool = False, on_error: str = "raise", skip_log: SkipLog | None = None
-    ) -> Iterator[tuple[str, float, np.ndarray]]:
-        return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
+    def iter_predict(self, images, **options: Any) -> Iterator[Scored]:
+        """As `Detector.iter_predict` (same options)."""
+        return iter_predict(self, images, **options)
 
-    def predict(
-        self, images, *, progress: bool = False, on_error: str = "raise", calibrated: bool = True
-    ) -> Prediction:
-        return predict(self, images, progress=progress, on_error=on_error, calibrated=calibrated)
+    def predict(self, images, **options: Any) -> Prediction:
+        """As `Detector.predict` (same options)."""
+        return predict(self, images, **options)
 
     def __repr__(self) -> str:
         return f"OnnxDetector({self.name!r}, path='{self.path}')"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from anomalens.data.drift import DriftFlag
 from anomalens.thresholds import Calibration
 
 #: smallest defect region reported by default, in pixels: specks from smoothing are not defects
@@ -79,14 +80,22 @@ class Verdict:
     anomalous: bool
     normalized_map: np.ndarray = field(repr=False)  # at the image's own resolution; 1.0 = pixel threshold
     regions: list[Region] = field(default_factory=list)
+    #: the image's statistics outside the training goods' range: a warning beside the verdict
+    drift: list[DriftFlag] = field(default_factory=list)
 
     @property
     def decision(self) -> str:
         return "defect" if self.anomalous else "good"
 
+    @property
+    def drift_text(self) -> str:
+        """The drift warnings in one line ('' when there are none)."""
+        return "; ".join(flag.message for flag in self.drift)
+
     def to_dict(self) -> dict:
-        """JSON-safe: scores, verdict and regions (the map stays out)."""
+        """JSON-safe: scores, verdict, regions and drift warnings (the map stays out)."""
         return {
+            "drift": [asdict(flag) for flag in self.drift],
             "score": self.score,
             "normalized_score": self.normalized_score,
             "anomalous": self.anomalous,
@@ -103,12 +112,14 @@ def decide(
     localizes: bool = True,
     min_area: int = MIN_REGION_AREA,
     min_share: float = 0.0,
+    drift: list[DriftFlag] | None = None,
 ) -> Verdict:
     """The verdict on one image from its raw score and raw anomaly map (at the image's resolution).
 
     `calibration` is the one that decides (a model's `decision_calibration`: its threshold moved to
     the operating point when one is set). Detectors that do not localize (`localizes` False) have
-    constant maps: they get no regions.
+    constant maps: they get no regions. `drift`: the image's drift flags (`Scored.drift`), carried
+    beside the verdict; they never change it.
     """
     normalized_map = calibration.normalize_map(anomaly_map)
     regions = find_regions(normalized_map, min_area, min_share) if localizes else []
@@ -118,4 +129,5 @@ def decide(
         anomalous=bool(calibration.is_anomalous(score)),
         normalized_map=normalized_map,
         regions=regions,
+        drift=list(drift or []),
     )

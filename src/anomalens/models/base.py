@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,7 +24,16 @@ from scipy import ndimage
 
 from anomalens._version import __version__
 from anomalens.data import Sample, calibration_split
-from anomalens.data.geometry import Geometry, check_geometry, native_canvas, parse_size, size_option, stitch
+from anomalens.data.drift import DriftFlag, DriftProfile
+from anomalens.data.geometry import (
+    Geometry,
+    Placement,
+    check_geometry,
+    native_canvas,
+    parse_size,
+    size_option,
+    stitch,
+)
 from anomalens.data.inputs import (
     Batch,
     InputItem,
@@ -41,6 +50,7 @@ from anomalens.thresholds import Calibration, calibrate, decision_calibration
 
 FORMAT_VERSION = 1
 ROI_KEY = "anomalens.roi"  # the region of interest's array in a model file, beside the method's own
+DRIFT_PREFIX = "anomalens.drift."  # the drift profile's arrays
 
 
 class ModelFileError(ValueError):
@@ -52,7 +62,9 @@ class Prediction:
     """Scores and maps for a list of images, in input order.
 
     `scores` are raw detector scores; `normalized_scores` put the calibration median at 0 and
-    the calibrated threshold at 1.0 (`is_anomalous` = normalized >= 1).
+    the calibrated threshold at 1.0 (`is_anomalous`: the raw score reaches the threshold). `drift`
+    holds each image's drift flags (empty lists when the model has no drift profile), `stats` its
+    drift statistics.
     """
 
     keys: list[str]
@@ -60,6 +72,8 @@ class Prediction:
     maps: list[np.ndarray]
     calibration: Calibration | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    drift: list[list[DriftFlag]] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
 
     @property
     def normalized_scores(self) -> np.ndarray | None:
@@ -76,6 +90,16 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class Scored(NamedTuple):
+    """One scored image: its key, raw score, raw map at its own (H, W), and what it was measured at."""
+
+    key: str
+    score: float
+    map: np.ndarray
+    drift: list[DriftFlag]  # statistics out of the training goods' range (empty without a drift profile)
+    stats: dict | None  # the image's drift statistics, when measured
 
 
 @runtime_checkable
@@ -106,6 +130,10 @@ class Inferencer(Protocol):
     @property
     def roi(self) -> np.ndarray | None:
         """The region of interest (True = inspect), at its own resolution; None inspects everything."""
+
+    @property
+    def drift_profile(self) -> DriftProfile | None:
+        """The training goods' statistics that each image is checked against (None: no check)."""
 
 
 def score_from_map(anomaly_map: np.ndarray, spec: dict[str, Any], roi: np.ndarray | None = None) -> float:
@@ -163,6 +191,22 @@ def assemble(
     return score, full
 
 
+def score_canvases(
+    model: Inferencer, pixels: torch.Tensor, placements: list[Placement], shapes: list[tuple[int, int]]
+) -> list[tuple[float, np.ndarray]]:
+    """Score the canvases of several images at once (`pixels`: each image's canvases in turn) and
+    return each image's raw score and map at its own size (see `assemble`)."""
+    scores, maps = model.score_batch(pixels)
+    overlap = model.preprocess().canvas_geometry.tile_overlap
+    out, start = [], 0
+    for shape, placement in zip(shapes, placements):
+        n = len(placement.windows)
+        part = slice(start, start + n)
+        out.append(assemble(scores[part], maps[part], placement, shape, model.map_score, model.roi, overlap))
+        start += n
+    return out
+
+
 def iter_predict(
     model: Inferencer,
     images: Iterable | np.ndarray,
@@ -170,25 +214,28 @@ def iter_predict(
     progress: bool = False,
     on_error: str = "raise",
     skip_log: SkipLog | None = None,
-) -> Iterator[tuple[str, float, np.ndarray]]:
-    """Yield (key, raw score, map at the image's own resolution) as each batch is scored, so batch
-    jobs can write results as they go and keep them if a later image fails."""
+    statistics: bool = False,
+) -> Iterator[Scored]:
+    """Yield each image's `Scored` (raw score, map at its own resolution, drift flags) as each batch
+    is scored, so batch jobs can write results as they go and keep them if a later image fails.
+    Images are measured for the drift check when the model has a profile, or when `statistics`."""
     items = as_items(images)
-    preprocess, spec, roi = model.preprocess(), model.map_score, model.roi
-    overlap = preprocess.canvas_geometry.tile_overlap
+    preprocess, profile = model.preprocess(), model.drift_profile
+    measure = statistics or profile is not None
     with progress_bar(len(items), f"{model.name}: predict", enabled=progress) as bar:
         for batch in iter_batches(
-            items, preprocess, model.options["batch_size"], on_error=on_error, skip_log=skip_log, progress=bar
+            items,
+            preprocess,
+            model.options["batch_size"],
+            on_error=on_error,
+            skip_log=skip_log,
+            progress=bar,
+            statistics=measure,
         ):
-            scores, maps = model.score_batch(batch.pixels)
-            start = 0
-            for key, shape, placement in zip(batch.keys, batch.shapes, batch.placements):
-                n = len(placement.windows)
-                score, amap = assemble(
-                    scores[start : start + n], maps[start : start + n], placement, shape, spec, roi, overlap
-                )
-                start += n
-                yield key, score, amap
+            results = score_canvases(model, batch.pixels, batch.placements, batch.shapes)
+            for i, (key, (score, amap)) in enumerate(zip(batch.keys, results)):
+                stats = batch.stats[i] if measure else None
+                yield Scored(key, score, amap, profile.check(stats) if profile is not None else [], stats)
 
 
 def predict(
@@ -198,19 +245,26 @@ def predict(
     progress: bool = False,
     on_error: str = "raise",
     calibrated: bool = True,
+    statistics: bool = False,
 ) -> Prediction:
     """Score images with any `Inferencer`; maps come back at each image's own resolution.
 
     on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
     """
     skip_log = SkipLog()
-    rows = list(iter_predict(model, images, progress=progress, on_error=on_error, skip_log=skip_log))
+    rows = list(
+        iter_predict(
+            model, images, progress=progress, on_error=on_error, skip_log=skip_log, statistics=statistics
+        )
+    )
     return Prediction(
-        keys=[r[0] for r in rows],
-        scores=np.array([r[1] for r in rows], dtype=np.float64),
-        maps=[r[2] for r in rows],
+        keys=[r.key for r in rows],
+        scores=np.array([r.score for r in rows], dtype=np.float64),
+        maps=[r.map for r in rows],
         calibration=model.decision_calibration if calibrated else None,
         skipped=skip_log.skipped,
+        drift=[r.drift for r in rows],
+        stats=[r.stats for r in rows if r.stats is not None],
     )
 
 
@@ -246,6 +300,7 @@ class Detector(ABC):
         "scale": 1.0,  # native: the pixel scale (0.5 halves images)
         "tile": 0,  # native: cut images into overlapping tiles of this side (0: one canvas)
         "tile_overlap": 0.25,
+        "drift_check": True,  # record the training goods' statistics and flag images outside their range
         "intensity": "none",  # per-image contrast normalization: none, standardize or stretch
         "batch_size": 8,
         "device": "auto",
@@ -279,6 +334,8 @@ class Detector(ABC):
             )
         #: the region of interest (True = inspect) at its own resolution, saved in the model file
         self._roi: np.ndarray | None = None
+        #: the training goods' statistics, recorded at fit (drift_check), saved in the model file
+        self._drift_profile: DriftProfile | None = None
         self.calibration: Calibration | None = None
         #: threshold chosen on labelled data (`anomalens threshold`), saved in the model file; when
         #: set it decides instead of the calibrated threshold (see `decision_calibration`)
@@ -365,15 +422,26 @@ class Detector(ABC):
         n_inputs = sum(len(geometry.place(h, w).windows) for h, w in shapes)
         self._show_progress = progress  # methods with long fitting steps show their own bars
         self._calibration_items = cal_items  # trainable methods compute a validation loss on them
+        measure = bool(self.options["drift_check"])
+        self._drift_profile = None  # an earlier fit's goods say nothing about these
+        fit_stats: list[dict] = []
+
+        def fit_batches(bar) -> Iterator[Batch]:
+            for batch in iter_batches(
+                fit_items, self.preprocess(), self.options["batch_size"], progress=bar, statistics=measure
+            ):
+                fit_stats.extend(batch.stats)
+                yield batch
+
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
-            self._fit_batches(
-                iter_batches(fit_items, self.preprocess(), self.options["batch_size"], progress=bar), n_inputs
-            )
+            self._fit_batches(fit_batches(bar), n_inputs)
         self._fitted = True
         fit_seconds = time.perf_counter() - start
-        cal = self.predict(cal_items, progress=progress, calibrated=False)
+        cal = self.predict(cal_items, progress=progress, calibrated=False, statistics=measure)
         self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
+        if measure and fit_stats + cal.stats:
+            self._drift_profile = DriftProfile.fit(fit_stats + cal.stats, seed=self.options["seed"])
         self.operating_point = None  # chosen for the old fit: no longer valid
         self.fit_info.update(
             n_fit=len(fit_items),
@@ -427,6 +495,10 @@ class Detector(ABC):
     def roi(self) -> np.ndarray | None:
         return self._roi
 
+    @property
+    def drift_profile(self) -> DriftProfile | None:
+        return self._drift_profile
+
     def set_roi(self, roi: str | Path | np.ndarray | None) -> None:
         """The region of interest: a mask image (white = inspect) or a boolean array; None clears it.
         Pixels outside never score and never produce regions. Set it before `fit`, whose threshold
@@ -455,10 +527,14 @@ class Detector(ABC):
         progress: bool = False,
         on_error: str = "raise",
         skip_log: SkipLog | None = None,
-    ) -> Iterator[tuple[str, float, np.ndarray]]:
-        """Yield (key, raw score, map at the image's own resolution) as each batch is scored."""
+        statistics: bool = False,
+    ) -> Iterator[Scored]:
+        """Yield each image's `Scored` (raw score, map at its own resolution, drift flags) as each
+        batch is scored."""
         self._check_fitted()
-        return iter_predict(self, images, progress=progress, on_error=on_error, skip_log=skip_log)
+        return iter_predict(
+            self, images, progress=progress, on_error=on_error, skip_log=skip_log, statistics=statistics
+        )
 
     def predict(
         self,
@@ -467,13 +543,16 @@ class Detector(ABC):
         progress: bool = False,
         on_error: str = "raise",
         calibrated: bool = True,
+        statistics: bool = False,
     ) -> Prediction:
         """Score images; maps come back at each image's own resolution.
 
         on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
         """
         self._check_fitted()
-        return predict(self, images, progress=progress, on_error=on_error, calibrated=calibrated)
+        return predict(
+            self, images, progress=progress, on_error=on_error, calibrated=calibrated, statistics=statistics
+        )
 
     @property
     def decision_calibration(self) -> Calibration | None:
@@ -486,6 +565,10 @@ class Detector(ABC):
         arrays, meta = self._state()
         if self._roi is not None:
             arrays = {**arrays, ROI_KEY: self._roi.astype(np.uint8)}
+        drift = None
+        if self._drift_profile is not None:
+            drift_arrays, drift = self._drift_profile.to_arrays_and_meta()
+            arrays = {**arrays, **{DRIFT_PREFIX + k: v for k, v in drift_arrays.items()}}
         header = {
             "format_version": FORMAT_VERSION,
             "detector": self.name,
@@ -493,6 +576,7 @@ class Detector(ABC):
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "operating_point": self.operating_point,
             "fit_info": self.fit_info,
+            "drift": drift,
             "state": meta,
         }
         path = Path(path)
@@ -514,6 +598,9 @@ class Detector(ABC):
         detector = get_class(header["detector"])(**header["options"])
         roi = arrays.pop(ROI_KEY, None)
         detector._roi = None if roi is None else roi > 0
+        drift = {k[len(DRIFT_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(DRIFT_PREFIX)}
+        if header.get("drift"):
+            detector._drift_profile = DriftProfile.from_arrays_and_meta(drift, header["drift"])
         detector._restore(arrays, header["state"])
         detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
         detector.operating_point = header.get("operating_point")

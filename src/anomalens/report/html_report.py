@@ -282,7 +282,23 @@ def _metrics_section(
         f"<div class=row><div>{overall}</div><div>{right}</div></div>"
     )
     html_ += _per_type_table(evaluation, normalized)
-    return html_ + "</section>"
+    return html_ + _drift_table(m.get("drift")) + "</section>"
+
+
+def _drift_table(drift: dict[str, Any] | None) -> str:
+    """Images unlike the training goods: how many, by which statistic, and a shift of the test goods."""
+    if not drift:
+        return ""
+    rows = "".join(f"<tr><td class=l>{_e(k)}</td><td>{v}</td></tr>" for k, v in drift["by_statistic"].items())
+    items = "".join(f"<li>{_e(x)}</li>" for x in drift["examples"] + drift["goods_batch_shift"])
+    return (
+        "<h3>Drift: images unlike the training goods</h3><p class=note>"
+        f"{drift['n_images_flagged']} test images lie outside the training goods' range by more than the "
+        f"margin ({drift['n_goods_flagged']} of {drift['n_goods']} good ones); their verdicts are less certain."
+        " The test goods as a batch are also compared with the training goods (Kolmogorov-Smirnov).</p>"
+        + (f"<table><tr><th class=l>statistic</th><th>images</th></tr>{rows}</table>" if rows else "")
+        + (f"<ul>{items}</ul>" if items else "")
+    )
 
 
 def _per_type_table(evaluation: Evaluation, normalized: np.ndarray | None) -> str:

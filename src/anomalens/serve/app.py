@@ -248,6 +248,7 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
             "decision": verdict.decision,
             "anomalous": verdict.anomalous,
             "regions": [r.to_dict() for r in verdict.regions],
+            "drift": verdict.to_dict()["drift"],  # statistics outside the training goods' range
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
             "model_id": mid,

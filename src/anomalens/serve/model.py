@@ -43,7 +43,12 @@ class ServedModel:
         with self.lock:
             result = self.model.predict([image], calibrated=False)
         return decide(
-            result.scores[0], result.maps[0], self.calibration, localizes=self.localizes, min_area=min_area
+            result.scores[0],
+            result.maps[0],
+            self.calibration,
+            localizes=self.localizes,
+            min_area=min_area,
+            drift=result.drift[0],
         )
 
 

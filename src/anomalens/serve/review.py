@@ -38,9 +38,7 @@ FILTERS = {
     "defect": " AND label = 'defect'",
     "good": " AND label = 'good'",
 }
-_ITEM_COLUMNS = (
-    "id, path, score, normalized_score, decision, regions, map_path, label, labelled_at, reviewer, note"
-)
+_ITEM_COLUMNS = "id, path, score, normalized_score, decision, regions, drift, map_path, label, labelled_at, reviewer, note"
 _EXPORT_COLUMNS = (
     "path",
     "score",
@@ -75,6 +73,7 @@ class ReviewStore:
     def _item(row: sqlite3.Row) -> dict[str, Any]:
         item = dict(row)
         item["regions"] = json.loads(item["regions"]) if item["regions"] else []
+        item["drift"] = json.loads(item["drift"]) if item["drift"] else []
         item["name"] = Path(item["path"]).name
         return item
 
@@ -98,6 +97,7 @@ class ReviewStore:
             normalized_score=verdict.normalized_score,
             decision=verdict.decision,
             regions=[r.to_dict() for r in verdict.regions],
+            drift=verdict.to_dict()["drift"],
         )
         self.store.add_results([record])
         return self.store.get(self.model_id, path).id

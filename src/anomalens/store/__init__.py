@@ -67,6 +67,7 @@ class ResultRecord:
     decision: str | None = None  # 'defect' or 'good'
     regions: list[dict] = field(default_factory=list)
     map_path: str | None = None
+    drift: list[dict] = field(default_factory=list)  # drift warnings (see data/drift.py)
     error: str | None = None
     scored_at: str = field(default_factory=utc_now)
     label: str | None = None
@@ -80,6 +81,7 @@ class ResultRecord:
 
 
 _COLUMNS = [f.name for f in fields(ResultRecord)]
+_JSON_COLUMNS = ("regions", "drift")  # lists, stored as JSON text
 # named, not *: columns a later migration (or another tool) adds do not break ResultRecord
 _SELECT = ", ".join(_COLUMNS)
 # what scoring writes; rescoring a row keeps its human label
@@ -92,6 +94,7 @@ _SCORE_COLUMNS = [
     "decision",
     "regions",
     "map_path",
+    "drift",
     "status",
     "error",
     "scored_at",
@@ -100,7 +103,8 @@ _SCORE_COLUMNS = [
 
 def _record(row: sqlite3.Row) -> ResultRecord:
     values = dict(row)
-    values["regions"] = json.loads(values["regions"]) if values["regions"] else []
+    for key in _JSON_COLUMNS:
+        values[key] = json.loads(values[key]) if values[key] else []
     return ResultRecord(**values)
 
 
@@ -220,7 +224,7 @@ class ResultStore:
     def add_results(self, records: Iterable[ResultRecord]) -> int:
         """Insert or replace (same model_id and path) results in one transaction; labels are kept."""
         rows = [
-            tuple(json.dumps(r.regions) if c == "regions" else getattr(r, c) for c in _SCORE_COLUMNS)
+            tuple(json.dumps(getattr(r, c)) if c in _JSON_COLUMNS else getattr(r, c) for c in _SCORE_COLUMNS)
             for r in records
         ]
         updates = ", ".join(f"{c} = excluded.{c}" for c in _SCORE_COLUMNS[2:])

@@ -48,6 +48,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX results_by_score ON results (model_id, score DESC);
     CREATE INDEX results_by_label ON results (label);
     """,
+    # 2: drift warnings: the image's statistics outside the training goods' range
+    """
+    ALTER TABLE results ADD COLUMN drift TEXT;   -- JSON list of {statistic, value, low, high, excess, message}
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

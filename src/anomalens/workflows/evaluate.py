@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from anomalens.data import Dataset, Sample, read_mask
+from anomalens.data.drift import DriftProfile
 from anomalens.metrics import f1_at_threshold, high_recall_metrics, image_metrics, pixel_metrics
 from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.base import Detector, Prediction
@@ -83,6 +84,8 @@ def evaluate(
         predict_seconds=round(seconds, 3),
         images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None,
     )
+    if detector.drift_profile is not None:
+        metrics["drift"] = drift_summary(detector.drift_profile, samples, prediction)
     if per_type:
         metrics["per_defect_type"] = {}
         goods = [i for i, s in enumerate(samples) if s.label == 0]
@@ -101,6 +104,27 @@ def evaluate(
                 k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro")
             } | {"n": len(idx) - len(goods)}
     return Evaluation(metrics, samples, prediction, masks)
+
+
+def drift_summary(profile: DriftProfile, samples: list[Sample], prediction: Prediction) -> dict[str, Any]:
+    """Images outside the training goods' range (each image alone), by statistic, and the test
+    goods' statistics compared as a batch with the training goods' (a new condition whose images
+    each stay inside the old range shows only as a batch)."""
+    flagged = [i for i, flags in enumerate(prediction.drift) if flags]
+    by_statistic: dict[str, int] = {}
+    for i in flagged:
+        for flag in prediction.drift[i]:
+            by_statistic[flag.statistic] = by_statistic.get(flag.statistic, 0) + 1
+    goods = [stats for stats, s in zip(prediction.stats, samples) if s.label == 0]
+    n_goods = sum(s.label == 0 for s in samples)
+    return {
+        "n_images_flagged": len(flagged),
+        "n_goods_flagged": sum(samples[i].label == 0 for i in flagged),
+        "n_goods": n_goods,
+        "by_statistic": dict(sorted(by_statistic.items(), key=lambda kv: -kv[1])),
+        "examples": [f"{samples[i].path.name}: {prediction.drift[i][0].message}" for i in flagged[:5]],
+        "goods_batch_shift": [shift.message for shift in profile.compare_batch(goods)],
+    }
 
 
 def gallery_indices(evaluation: Evaluation, n: int) -> dict[str, list[int]]:

@@ -29,6 +29,7 @@ CSV_COLUMNS = [
     "defect_area_share",
     "largest_box_x0_y0_x1_y1",
     "overlay",
+    "drift",
 ]
 
 
@@ -37,6 +38,7 @@ class PredictSummary:
     output: Path
     n_scored: int = 0
     n_flagged: int = 0
+    n_drift: int = 0  # images outside the training goods' range (see the drift column)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -90,16 +92,16 @@ def predict_to_folder(
         with open(summary.scores_csv, "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
             writer = csv.writer(f_csv)
             writer.writerow(CSV_COLUMNS)
-            for key, raw_score, amap in model.iter_predict(
-                images, progress=progress, on_error=on_error, skip_log=skip_log
-            ):
+            for scored in model.iter_predict(images, progress=progress, on_error=on_error, skip_log=skip_log):
+                key = scored.key
                 verdict = decide(
-                    raw_score,
-                    amap,
+                    scored.score,
+                    scored.map,
                     calibration,
                     localizes=model.localizes,
                     min_area=min_area,
                     min_share=min_share,
+                    drift=scored.drift,
                 )
                 regions = verdict.regions
                 name = ""
@@ -114,7 +116,7 @@ def predict_to_folder(
                 writer.writerow(
                     [
                         key,
-                        f"{raw_score:.6g}",
+                        f"{scored.score:.6g}",
                         f"{verdict.normalized_score:.4f}",
                         int(verdict.anomalous),
                         len(regions),
@@ -122,12 +124,15 @@ def predict_to_folder(
                         f"{sum(r.area_share for r in regions):.6f}",
                         box,
                         name,
+                        verdict.drift_text,
                     ]
                 )
-                f_reg.write(json.dumps({"path": key, "regions": [r.to_dict() for r in regions]}) + "\n")
+                record = {"path": key, "regions": [r.to_dict() for r in regions]}
+                f_reg.write(json.dumps({**record, "drift": verdict.to_dict()["drift"]}) + "\n")
                 f_csv.flush()
                 summary.n_scored += 1
                 summary.n_flagged += verdict.anomalous
+                summary.n_drift += bool(verdict.drift)
     finally:
         summary.skipped = skip_log.skipped
         if skip_log.skipped:

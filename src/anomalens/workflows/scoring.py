@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -30,10 +30,12 @@ import torch
 from PIL import Image
 
 from anomalens.data import IMAGE_EXTENSIONS, DatasetError, ImageReadError, list_images, read_image
+from anomalens.data.drift import DriftFlag, image_statistics
+from anomalens.data.geometry import Placement
 from anomalens.data.io import natural_sorted
 from anomalens.data.progress import progress_bar
 from anomalens.inference import MIN_REGION_AREA, Verdict, decide, verdict_overlay
-from anomalens.models.base import Inferencer, resize_map
+from anomalens.models.base import Inferencer, score_canvases
 from anomalens.store import ResultRecord, ResultStore
 
 #: saved maps are 16-bit PNGs of the normalized map clipped to [0, MAP_PNG_RANGE]: value / 65535 *
@@ -125,7 +127,9 @@ class Decoded:
     key: str
     content_sha256: str | None = None
     shape: tuple[int, int] | None = None
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # the image's canvases (n, C, H, W)
+    placement: Placement | None = None
+    drift: list[DriftFlag] = field(default_factory=list)
     error: str | None = None
 
 
@@ -162,6 +166,7 @@ class Scorer:
         self.maps_dir = Path(os.path.abspath(maps_dir)) / model_id if maps_dir else None
         self.preprocess = detector.preprocess()
         self.calibration = detector.decision_calibration  # the operating point's threshold when one is stored
+        self.drift_profile = detector.drift_profile
         if self.maps_dir:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
 
@@ -170,7 +175,9 @@ class Scorer:
         try:
             digest = file_sha256(path)
             image = read_image(path)
-            return Decoded(key, digest, image.shape[:2], self.preprocess(image))
+            pixels, placement = self.preprocess.canvases(image, str(path))
+            drift = [] if self.drift_profile is None else self.drift_profile.check(image_statistics(image))
+            return Decoded(key, digest, image.shape[:2], pixels, placement, drift)
         except ImageReadError as err:
             return Decoded(key, error=str(err))
         except OSError as err:  # unreadable before decoding: permissions, a file gone since listing
@@ -181,17 +188,27 @@ class Scorer:
         good = [d for d in batch if d.error is None]
         by_key: dict[str, ResultRecord] = {}
         if good:
-            scores, maps = self.detector.score_batch(torch.stack([d.pixels for d in good]))
-            for d, score, amap in zip(good, scores, maps):
-                by_key[d.key] = self._record(d, self.verdict(float(score), resize_map(amap, d.shape)))
+            results = score_canvases(
+                self.detector,
+                torch.cat([d.pixels for d in good]),
+                [d.placement for d in good],
+                [d.shape for d in good],
+            )
+            for d, (score, amap) in zip(good, results):
+                by_key[d.key] = self._record(d, self.verdict(score, amap, d.drift))
         return [
             by_key.get(d.key) or ResultRecord(self.model_id, d.key, status="error", error=d.error)
             for d in batch
         ]
 
-    def verdict(self, score: float, amap: np.ndarray) -> Verdict:
+    def verdict(self, score: float, amap: np.ndarray, drift: list[DriftFlag] | None = None) -> Verdict:
         return decide(
-            score, amap, self.calibration, localizes=self.detector.localizes, min_area=self.min_region
+            score,
+            amap,
+            self.calibration,
+            localizes=self.detector.localizes,
+            min_area=self.min_region,
+            drift=drift,
         )
 
     def _record(self, d: Decoded, verdict: Verdict) -> ResultRecord:
@@ -208,6 +225,7 @@ class Scorer:
             decision=verdict.decision,
             regions=[r.to_dict() for r in verdict.regions],
             map_path=map_path,
+            drift=verdict.to_dict()["drift"],
         )
 
     def score_paths(self, paths: Iterable[str | Path]) -> list[ResultRecord]:
@@ -323,8 +341,10 @@ def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) 
                     [rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error]
                 )
                 continue
-            scores, maps = scorer.detector.score_batch(decoded.pixels[None])
-            verdict = scorer.verdict(float(scores[0]), resize_map(maps[0], decoded.shape))
+            [(score, amap)] = score_canvases(
+                scorer.detector, decoded.pixels, [decoded.placement], [decoded.shape]
+            )
+            verdict = scorer.verdict(score, amap, decoded.drift)
             name = f"{rank:04d}_{Path(rec.path).stem}.png"
             verdict_overlay(read_image(rec.path), verdict, f"#{rank} {Path(rec.path).name}").save(
                 out_dir / name

@@ -62,6 +62,12 @@ function cardHtml(item, index) {
     ? item.regions.slice(0, 4).map((r) => `(${r.x0}, ${r.y0})–(${r.x1}, ${r.y1}) · ${r.area} px · peak ${r.peak.toFixed(2)}`).join("<br>")
       + (item.regions.length > 4 ? `<br>+ ${item.regions.length - 4} more` : "")
     : "no defect region";
+  // drift: the image lies outside the training goods' range, so its verdict is less certain
+  const drift = (item.drift || []).length
+    ? `<div class="drift" data-testid="drift" title="${esc(item.drift.map((d) => d.message).join("\n"))}">`
+      + `⚠ unlike the training goods: ${esc(item.drift[0].message)}`
+      + (item.drift.length > 1 ? ` (+${item.drift.length - 1} more)` : "") + "</div>"
+    : "";
   return `
     <figure class="overlay"><img loading="lazy" alt="${esc(item.name)}: image and anomaly overlay" src="/api/review/items/${item.id}/overlay"></figure>
     <div class="meta">
@@ -70,6 +76,7 @@ function cardHtml(item, index) {
       <div class="row"><span class="verdict ${verdict(item)}">${verdict(item)}</span>
         <span class="label ${item.label || "none"}" data-testid="label">${item.label || "not reviewed"}</span></div>
       <div class="regions">${regions}</div>
+      ${drift}
     </div>`;
 }
 
