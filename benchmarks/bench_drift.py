@@ -86,6 +86,8 @@ def run_case(category: Path, margin: float) -> dict:
         "largest_goods_distance": float(profile.nn_distances.max(initial=0.0)),
         "share_flagged_margin_0": flagged_no_margin / len(test),
         "ks_p_mean": float(ks_2samp([s["mean"] for s in train], [s["mean"] for s in test]).pvalue),
+        # what evaluate reports: the test goods as one batch against the training goods
+        "batch_shift": [shift.message for shift in profile.compare_batch(test)],
         "ms_statistics_train": 1000 * train_s,
         "ms_statistics_test": 1000 * test_s,
         "ms_check": 1000 * check_s,
@@ -130,6 +132,7 @@ def main() -> None:
             ]
             print(f"\n{Path(r['category']).name} test goods flagged per acquisition: {'; '.join(parts)}")
         print(f"{Path(r['category']).name} examples: {r['example_messages']}")
+        print(f"{Path(r['category']).name} batch test of the test goods: {r['batch_shift'] or 'no shift'}")
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / "drift.json"
     summary = {"margin": args.margin, "load_average": os.getloadavg(), "cases": rows}
