@@ -17,6 +17,7 @@ from anomalens.data import (
     read_mask,
     synthetic_image,
 )
+from anomalens.data.synthetic import AREA_TOLERANCE, add_small_defect, make_strip_dataset, strip_image
 
 KINDS = ["texture", "object"]
 DEFECTS = ["scratch", "blob", "crack"]
@@ -146,3 +147,83 @@ def test_make_synthetic_dataset_refuses_non_empty_folder(tmp_path: Path) -> None
 def test_unknown_defect_type() -> None:
     with pytest.raises(ValueError, match="unknown defect type"):
         add_defect(np.full((64, 64), 0.5, np.float32), "dent", np.random.default_rng(0))
+
+
+# -- elongated high-resolution strips with small defects ------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(500, 2000), (64, 900), (900, 64), (97, 131)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_strip_image_shapes_and_seeding(shape: tuple[int, int], channels: int) -> None:
+    a = strip_image(*shape, channels, np.random.default_rng(3))
+    b = strip_image(*shape, channels, np.random.default_rng(3))
+    c = strip_image(*shape, channels, np.random.default_rng(4))
+    assert a.dtype == np.float32 and a.shape == (shape if channels == 1 else (*shape, 3))
+    assert a.min() >= 0.05 and a.max() <= 0.95
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("defect_type", DEFECTS)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("shape,area", [((500, 2000), 0.0005), ((128, 1024), 0.002), ((600, 150), 0.001)])
+def test_small_defect_mask_is_exact_and_of_the_requested_area(
+    defect_type: str, channels: int, shape: tuple[int, int], area: float
+) -> None:
+    rng = np.random.default_rng(21)
+    image = strip_image(*shape, channels, rng)
+    for _ in range(4):
+        out, mask = add_small_defect(image, defect_type, rng, area)
+        changed = out != image
+        assert mask.dtype == bool and mask.shape == shape
+        np.testing.assert_array_equal(mask, changed.any(axis=-1) if channels == 3 else changed)
+        # still exact once both are saved as 8-bit PNGs
+        changed_8bit = np.round(out * 255) != np.round(image * 255)
+        np.testing.assert_array_equal(mask, changed_8bit.any(axis=-1) if channels == 3 else changed_8bit)
+        assert abs(mask.mean() / area - 1) <= AREA_TOLERANCE
+        assert 0.05 < np.abs(out - image)[mask].mean() < 0.35  # moderate contrast
+        assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+
+
+def test_small_defects_reach_the_short_edges() -> None:
+    rng = np.random.default_rng(0)
+    image = strip_image(100, 800, 1, rng)
+    columns = [np.nonzero(add_small_defect(image, "blob", rng, 0.002)[1].any(0))[0] for _ in range(60)]
+    assert min(c.min() for c in columns) < 40 and max(c.max() for c in columns) > 760
+
+
+def test_make_strip_dataset_layout_and_determinism(tmp_path: Path) -> None:
+    kwargs = dict(height=96, width=384, n_train=3, n_test_good=2, n_test_defect=3, defect_area=0.002)
+    root = make_strip_dataset(tmp_path / "a", seed=5, **kwargs)
+    dataset = load_mvtec(root)
+    assert dataset.summary() == "a: 3 train, 5 test (2 good, 3 defective: blob 1, crack 1, scratch 1)"
+    for sample in dataset.test_defective:
+        image = read_image(sample.path)
+        mask = read_mask(sample.mask_path, image.shape[:2])
+        assert image.shape == (96, 384)
+        assert abs(mask.mean() / 0.002 - 1) <= AREA_TOLERANCE
+    assert _files(root) == _files(make_strip_dataset(tmp_path / "b", seed=5, **kwargs))
+    other = _files(make_strip_dataset(tmp_path / "c", seed=6, **kwargs))
+    assert all(other[name] != data for name, data in _files(root).items())
+
+
+def test_strip_generation_is_fast(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    make_strip_dataset(tmp_path / "speed", n_train=8, n_test_good=1, n_test_defect=3)  # 500 x 2000
+    assert time.perf_counter() - start < 12 * 0.5  # about 0.25 s an image, with room for a busy machine
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(channels=2), "channels must be 1 or 3"),
+        (dict(height=16), "at least 32"),
+        (dict(defect_area=0.1), "defect area"),
+        (dict(height=32, width=32, defect_area=0.001), "defect area"),
+        (dict(defect_types=("dent",)), "defect_types"),
+    ],
+)
+def test_make_strip_dataset_validates_before_writing(tmp_path: Path, kwargs: dict, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        make_strip_dataset(tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
