@@ -255,6 +255,13 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="write all metrics to this JSON file"),
     report: Path | None = typer.Option(None, "--report", help=REPORT_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images instead of stopping"),
+    pixel_size: int | None = typer.Option(
+        None,
+        "--pixel-size",
+        min=8,
+        help="compare maps and masks at SxS for pixel metrics (anomalib's protocol) instead of each "
+        "image's own resolution",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -273,7 +280,11 @@ def evaluate(
         detector = Detector.load(model_file)
         detector.options["device"] = device
         result = run_evaluation(
-            detector, load_dataset(data), progress=not quiet, on_error="skip" if skip_bad else "raise"
+            detector,
+            load_dataset(data),
+            progress=not quiet,
+            on_error="skip" if skip_bad else "raise",
+            pixel_size=pixel_size,
         )
     except user_errors() as e:
         fail(str(e))
@@ -334,6 +345,7 @@ def demo(
         json_out=output / "metrics.json",
         report=output / "report.html",
         skip_bad=False,
+        pixel_size=None,
         device="auto",
         quiet=quiet,
     )

@@ -194,9 +194,13 @@ def assemble(
 def score_canvases(
     model: Inferencer, pixels: torch.Tensor, placements: list[Placement], shapes: list[tuple[int, int]]
 ) -> list[tuple[float, np.ndarray]]:
-    """Score the canvases of several images at once (`pixels`: each image's canvases in turn) and
-    return each image's raw score and map at its own size (see `assemble`)."""
-    scores, maps = model.score_batch(pixels)
+    """Score the canvases of several images (`pixels`: each image's canvases in turn), at most
+    `batch_size` canvases per model call (a tiled image has dozens), and return each image's raw
+    score and map at its own size (see `assemble`)."""
+    step = max(1, int(model.options["batch_size"]))
+    parts = [model.score_batch(pixels[i : i + step]) for i in range(0, len(pixels), step)]
+    scores = np.concatenate([np.asarray(s) for s, _ in parts])
+    maps = np.concatenate([np.asarray(m) for _, m in parts])
     overlap = model.preprocess().canvas_geometry.tile_overlap
     out, start = [], 0
     for shape, placement in zip(shapes, placements):
@@ -427,11 +431,12 @@ class Detector(ABC):
         fit_stats: list[dict] = []
 
         def fit_batches(bar) -> Iterator[Batch]:
-            for batch in iter_batches(
-                fit_items, self.preprocess(), self.options["batch_size"], progress=bar, statistics=measure
-            ):
+            step = self.options["batch_size"]
+            for batch in iter_batches(fit_items, self.preprocess(), step, progress=bar, statistics=measure):
                 fit_stats.extend(batch.stats)
-                yield batch
+                # the methods see at most batch_size canvases at once: a tiled image brings dozens
+                for i in range(0, len(batch.pixels), step):
+                    yield replace(batch, pixels=batch.pixels[i : i + step])
 
         start = time.perf_counter()
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:

@@ -38,7 +38,10 @@ FILTERS = {
     "defect": " AND label = 'defect'",
     "good": " AND label = 'good'",
 }
-_ITEM_COLUMNS = "id, path, score, normalized_score, decision, regions, drift, map_path, label, labelled_at, reviewer, note"
+_ITEM_COLUMNS = (
+    "id, path, score, normalized_score, decision, regions, drift, map_path, "
+    "label, labelled_at, reviewer, note"
+)
 _EXPORT_COLUMNS = (
     "path",
     "score",

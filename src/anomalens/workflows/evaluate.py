@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ from anomalens.data import Dataset, Sample, read_mask
 from anomalens.data.drift import DriftProfile
 from anomalens.metrics import f1_at_threshold, high_recall_metrics, image_metrics, pixel_metrics
 from anomalens.metrics.pixel import pixel_f1_at_threshold
-from anomalens.models.base import Detector, Prediction
+from anomalens.models.base import Detector, Prediction, resize_map, resize_mask
 
 
 @dataclass
@@ -34,6 +34,15 @@ def _masks(samples: list[Sample], prediction: Prediction) -> list[np.ndarray | N
         else:
             out.append(read_mask(s.mask_path, shape=amap.shape))
     return out
+
+
+def _at_size(
+    prediction: Prediction, masks: list[np.ndarray | None], size: tuple[int, int]
+) -> tuple[Prediction, list[np.ndarray | None]]:
+    """The prediction's maps and the masks brought to one size for pixel metrics."""
+    maps = [resize_map(m, size) for m in prediction.maps]
+    masks = [None if m is None else resize_mask(m, size) for m in masks]
+    return replace(prediction, maps=maps), masks
 
 
 def compute_metrics(
@@ -66,7 +75,14 @@ def evaluate(
     progress: bool = False,
     on_error: str = "raise",
     per_type: bool = True,
+    pixel_size: int | None = None,
 ) -> Evaluation:
+    """Score `dataset`'s test split and compute every metric, overall and per defect type.
+
+    Pixel metrics compare maps and masks at each image's own resolution; `pixel_size=S` compares
+    them at S x S instead (maps resized bilinearly, masks by nearest neighbour), the protocol of
+    libraries that evaluate at the model's input size (anomalib), for side-by-side numbers.
+    """
     if not dataset.test:
         raise ValueError(f"dataset '{dataset.name}' has no test images to evaluate on")
     start = time.perf_counter()
@@ -75,7 +91,14 @@ def evaluate(
     by_key = {str(s.path): s for s in dataset.test}
     samples = [by_key[k] for k in prediction.keys]
     masks = _masks(samples, prediction)
+    if pixel_size:
+        prediction, masks = _at_size(prediction, masks, (pixel_size, pixel_size))
     metrics = compute_metrics(samples, prediction, masks, with_pixels=detector.localizes)
+    metrics["pixel_protocol"] = (
+        f"{pixel_size}x{pixel_size} (maps bilinear, masks nearest)"
+        if pixel_size
+        else "each image's own resolution"
+    )
     metrics.update(
         dataset=dataset.name,
         model=detector.name,
