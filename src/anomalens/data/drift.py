@@ -40,7 +40,9 @@ import numpy as np
 from scipy import ndimage
 
 THUMBNAIL_SIZE = 16
-SHARPNESS_MAX_SIDE = 512
+#: every statistic but the size is measured on a block-averaged copy at most this long: the check
+#: runs on the reader thread of every prediction, and a 768 x 576 RGB image then costs ~2 ms, not ~9
+MEASURE_MAX_SIDE = 256
 MAX_THUMBNAILS = 2000
 DEFAULT_MARGIN = 0.25
 #: the batch test: family-wise false-alarm rate over all statistics, and the fewest images it judges
@@ -135,18 +137,16 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     return np.einsum("iwc,jw->ijc", rows, _area_weights(w, THUMBNAIL_SIZE))
 
 
-def _sharpness(gray: np.ndarray) -> float:
-    """Variance of the Laplacian (0-255 scale) after block-averaging so the long side is at most 512 px.
+def _reduced(image: np.ndarray) -> np.ndarray:
+    """Every k-th pixel of the image in each direction, k = ceil(long side / MEASURE_MAX_SIDE): the same
+    rule for every image. Sampling, not averaging, keeps the means and spreads unbiased, and costs
+    nothing (averaging blocks took ~6 ms of a 768 x 576 RGB image)."""
+    factor = -(-max(image.shape[:2]) // MEASURE_MAX_SIDE)
+    return image if factor == 1 else np.ascontiguousarray(image[::factor, ::factor])
 
-    Every image uses the same rule: an integer factor ceil(long side / 512), capped per axis by that axis's
-    length so that thin images keep at least one pixel.
-    """
-    factor = -(-max(gray.shape) // SHARPNESS_MAX_SIDE)
-    if factor > 1:
-        fy, fx = min(factor, gray.shape[0]), min(factor, gray.shape[1])
-        h, w = gray.shape[0] // fy * fy, gray.shape[1] // fx * fx
-        # one axis at a time: twice as fast as a mean over two axes of a 4-d view
-        gray = gray[:h, :w].reshape(h // fy, fy, w).mean(axis=1).reshape(h // fy, w // fx, fx).mean(axis=2)
+
+def _sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian (0-255 scale) of the reduced grey image (see `_reduced`)."""
     return float(np.var(ndimage.laplace(gray))) * 255.0**2
 
 
@@ -156,10 +156,13 @@ def image_statistics(image: np.ndarray) -> dict[str, float | np.ndarray]:
     Scalars, in human units: ``height``, ``width`` (px), ``aspect`` (width / height), ``channels`` (1 or
     3), ``mean`` and ``std`` of the grey image (RGB: BT.601 luma) on the 0-255 scale, for RGB also
     ``mean_r/g/b`` and ``std_r/g/b``, and ``sharpness`` (see :func:`_sharpness`). ``embedding`` is the one
-    array: the raw (16, 16) or (16, 16, 3) area-averaged thumbnail, float32 in [0, 1].
+    array: the raw (16, 16) or (16, 16, 3) area-averaged thumbnail, float32 in [0, 1]. All but the size
+    are measured on a sample of the pixels (see :func:`_reduced`): the same rule for the goods and for
+    every image checked against them.
     """
     image = _check_image(image)
     h, w = image.shape[:2]
+    image = _reduced(image)
     gray = image if image.ndim == 2 else image @ LUMA
     stats: dict[str, float | np.ndarray] = {
         "height": float(h),
