@@ -16,6 +16,7 @@ from anomalens.workflows.benchmark import (
     _child_main,
     append_cell,
     find_categories,
+    is_stochastic,
     load_cells,
     parse_child_output,
     parse_model_sets,
@@ -282,3 +283,28 @@ def test_cli_benchmark_user_errors(two_categories, tmp_path):
         res = CliRunner().invoke(cli_app(), base + extra)
         assert res.exit_code == 2 and "error:" in res.output and message in res.output, res.output
     assert not (tmp_path / "o").exists()  # rejected before anything ran
+
+
+def test_every_method_that_depends_on_its_seed_says_so():
+    from anomalens.models.trainable import TrainableDetector
+    from anomalens.registry import available, get_class
+
+    for name in available():
+        cls = get_class(name)
+        if issubclass(cls, TrainableDetector) or name in ("patchcore", "padim"):
+            assert is_stochastic(name), name
+    assert not is_stochastic("classical:hbos")  # a deterministic histogram: one run says it all
+
+
+def test_real_runner_repeats_a_trained_model_over_seeds(texture_root, tmp_path):
+    # the real child processes, on a tiny set: the autoencoder's seeds give different models
+    options = {k: str(v) for k, v in fast_options("autoencoder").items()}
+    result = run_benchmark(
+        ["autoencoder"], texture_root, tmp_path / "bench", seeds=2, sets={"autoencoder": options}
+    )
+    assert sorted(c["seed"] for c in result.cells) == [0, 1]
+    assert all(c["status"] == "ok" for c in result.cells), [c.get("error") for c in result.cells]
+    numbers = [(c["image_auroc"], c["pixel_auroc"], c["aupro"]) for c in result.cells]
+    assert numbers[0] != numbers[1]  # two seeds, two models
+    [row] = result.summary
+    assert row["seeds"] == [0, 1] and row["pixel_auroc"]["n"] == 2

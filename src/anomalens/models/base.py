@@ -318,6 +318,9 @@ class Detector(ABC):
     localizes: ClassVar[bool] = True
     #: True for methods whose networks need a square input: their canvas is always square
     square_input: ClassVar[bool] = True
+    #: True when the fitted model depends on `seed` (a random projection, subset, initialisation or
+    #: shuffling): `anomalens benchmark` then repeats it over seeds and reports mean and spread
+    stochastic: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         allowed = {**self.base_defaults, **self.defaults}

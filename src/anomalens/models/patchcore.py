@@ -131,6 +131,7 @@ class PatchCore(BackboneDetector):
 
     name = "patchcore"
     square_input = False  # fully convolutional: any (H, W) canvas
+    stochastic = True  # the coreset's random projection and start
     defaults = {
         "layers": (2, 3),
         "coreset_ratio": 0.01,

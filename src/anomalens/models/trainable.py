@@ -66,6 +66,7 @@ def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -
 class TrainableDetector(Detector):
     """Detector whose model is learned by the shared training engine."""
 
+    stochastic = True  # initialisation and shuffling follow `seed`: benchmarks repeat seeds
     base_defaults = {
         **Detector.base_defaults,
         "image_size": 128,
@@ -239,9 +240,6 @@ class BackboneTrainableDetector(TrainableDetector, BackboneDetector):
     inside the trained model's torch graph, so BackboneDetector's `engine` option does not apply.
     """
 
-    stochastic = (
-        True  # the trained weights depend on `seed` (initialisation, shuffling): benchmarks repeat seeds
-    )
     base_defaults = {
         **TrainableDetector.base_defaults,
         **{k: v for k, v in BackboneDetector.base_defaults.items() if k != "engine"},

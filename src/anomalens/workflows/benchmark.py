@@ -45,7 +45,6 @@ __all__ = [
     "CellError",
     "CellSpec",
     "BenchmarkResult",
-    "STOCHASTIC_MODELS",
     "SUMMARY_KEYS",
     "append_cell",
     "find_categories",
@@ -61,9 +60,6 @@ __all__ = [
     "run_cell_subprocess",
     "summarize",
 ]
-#: methods whose fitted state depends on `seed` (PatchCore's coreset projection, PaDiM's channel subset);
-#: a detector class may also say so itself with a `stochastic` class attribute
-STOCHASTIC_MODELS = frozenset({"patchcore", "padim"})
 
 #: (key, column title, format) of every summarized number, in table order
 SUMMARY_KEYS: list[tuple[str, str, str]] = [
@@ -162,9 +158,10 @@ def parse_model_sets(pairs: Iterable[str], models: Sequence[str]) -> dict[str, d
 
 
 def is_stochastic(model: str) -> bool:
+    """Whether `model` depends on its seed: declared once, on the detector class (`Detector.stochastic`)."""
     from anomalens.registry import get_class
 
-    return bool(getattr(get_class(model), "stochastic", model in STOCHASTIC_MODELS))
+    return get_class(model).stochastic
 
 
 def _is_category(folder: Path) -> bool:
