@@ -162,7 +162,9 @@ def test_threshold_command_stores_the_point(fitted, texture_root, tmp_path):
     assert "recall 1.0000 (0 missed)" in res.output and "goods passing" in res.output
     point = json.loads(js.read_text())["operating_point"]
     assert point["recall"] == 1.0 and point["fn"] == 0
-    assert anomalens.load(out_model).operating_point == point
+    stored = anomalens.load(out_model).operating_point
+    assert {k: stored[k] for k in point} == point
+    assert stored["chosen_on"]["dataset"] == str(texture_root) and stored["chosen_on"]["n_images"] == 12
     assert anomalens.load(fitted[1]).operating_point is None  # -o leaves the original alone
     rows = list(csv.DictReader(open(curve)))
     assert float(rows[-1]["recall"]) == 1.0 and {"threshold", "fpr", "precision", "good_pass_rate"} <= set(
@@ -172,3 +174,55 @@ def test_threshold_command_stores_the_point(fitted, texture_root, tmp_path):
         app, ["threshold", str(fitted[1]), str(texture_root), "--rule", "nope", "--no-save"]
     )
     assert bad.exit_code == 2 and "rule must be one of" in bad.output
+
+
+def test_evaluate_says_where_the_threshold_came_from_and_when_it_saw_the_images(
+    fitted, texture_root, tmp_path
+):
+    from anomalens.data import load_dataset
+    from anomalens.report.html_report import write_evaluation_report
+
+    det, model_file = fitted
+    dataset = load_dataset(texture_root)
+    plain = evaluate(det, dataset, per_type=False).metrics["threshold_source"]
+    assert plain["kind"] == "goods_quantile" and "held-out training goods" in plain["text"]
+    assert "warning" not in plain
+
+    out_model = tmp_path / "op.model"
+    res = CliRunner().invoke(
+        app, ["threshold", str(model_file), str(texture_root), "-o", str(out_model), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    chosen = anomalens.load(out_model)
+    evaluation = evaluate(chosen, dataset, per_type=False)
+    source = evaluation.metrics["threshold_source"]
+    assert source["kind"] == "operating_point" and source["n_evaluated_images_chosen_on"] == 12
+    assert source["warning"] == "chosen on 12 of these images: optimistic"
+    html = write_evaluation_report(evaluation, chosen, tmp_path / "r.html", n_gallery=0).read_text()
+    assert "chosen on 12 of these images: optimistic" in html and "held-out training goods" not in html
+    cli = CliRunner().invoke(app, ["evaluate", str(out_model), str(texture_root), "-q"])
+    assert "optimistic" in cli.output and "operating point" in cli.output
+
+
+def test_holdout_chooses_on_one_half_and_reports_the_other(fitted, texture_root):
+    from anomalens.data import load_dataset
+    from anomalens.thresholds import image_digests
+    from anomalens.workflows.threshold import choose_operating_point
+
+    det, _ = fitted
+    dataset = load_dataset(texture_root)
+    choice = choose_operating_point(det, dataset, "recall", 1.0, holdout=0.5)
+    assert choice.n_holdout == 6 and len(choice.labels) == 6 and sum(choice.labels) == 3  # per label halves
+    all_digests = set(image_digests(str(s.path) for s in dataset.test))
+    chosen = set(choice.chosen_on["image_digests"])
+    assert len(chosen) == 6 and chosen < all_digests  # the held-out half is not among them
+    # the held-out numbers are the threshold applied to the other images, computed by hand
+    pred = det.predict(dataset.test)
+    held = [i for i, d in enumerate(image_digests(pred.keys)) if d not in chosen]
+    y = np.array([dataset.test[i].label for i in held])
+    flagged = pred.scores[held] >= choice.point.threshold
+    assert choice.holdout.tp == int((flagged & (y == 1)).sum()) and choice.holdout.fp == int(
+        (flagged & (y == 0)).sum()
+    )
+    again = choose_operating_point(det, dataset, "recall", 1.0, holdout=0.5)
+    assert again.chosen_on == choice.chosen_on  # seeded

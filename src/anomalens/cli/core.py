@@ -39,7 +39,9 @@ def _metrics_table(metrics: dict, title: str) -> Table:
         table.add_row(key, "n/a" if value is None else f"{value:.4f}")
     at = metrics.get("at_threshold")
     if at:
-        table.add_row("F1 at calibrated threshold", f"{at['f1']:.4f}")
+        source = metrics.get("threshold_source") or {}
+        kind = "operating point" if source.get("kind") == "operating_point" else "goods quantile"
+        table.add_row(f"F1 at the threshold ({kind})", f"{at['f1']:.4f}")
         table.add_row("missed defects / false alarms", f"{at['fn']} / {at['fp']}")
     drift = metrics.get("drift")
     if drift:
@@ -49,10 +51,17 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
-def _drift_lines(metrics: dict) -> list[str]:
-    """What evaluate says about drift beside its table: examples and a batch shift of the test goods."""
+def _notes(metrics: dict) -> list[str]:
+    """What evaluate says beside its table: where the threshold came from (and whether it saw these
+    images), drift examples and a batch shift of the test goods."""
+    source = metrics.get("threshold_source") or {}
+    lines = [f"  threshold: {source['text']}"] if source else []
+    if source.get("warning"):
+        lines.append(
+            f"  warning: the threshold was {source['warning']} (its precision and recall here are not a test)"
+        )
     drift = metrics.get("drift") or {}
-    lines = [f"  outside the training range: {example}" for example in drift.get("examples", [])]
+    lines += [f"  outside the training range: {example}" for example in drift.get("examples", [])]
     lines += [f"  drift: the test goods are {shift}" for shift in drift.get("goods_batch_shift", [])]
     return lines
 
@@ -289,7 +298,7 @@ def evaluate(
     except user_errors() as e:
         fail(str(e))
     out.print(_metrics_table(result.metrics, f"{model_file.name} on {result.metrics['dataset']}"))
-    for line in _drift_lines(result.metrics):
+    for line in _notes(result.metrics):
         err.print(line, highlight=False)
     if result.prediction.skipped:
         err.print(f"skipped {len(result.prediction.skipped)} unreadable images")

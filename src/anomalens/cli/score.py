@@ -208,6 +208,12 @@ def threshold(
     save: bool = typer.Option(True, "--save/--no-save", help="store the point in the model file"),
     curve_out: Path | None = typer.Option(None, "--curve", help="write the threshold curve as CSV"),
     json_out: Path | None = typer.Option(None, "--json", help="write the point and metrics as JSON"),
+    holdout: float = typer.Option(
+        0.0,
+        "--holdout",
+        help="choose on a seeded share of the labelled images and report the threshold on the rest, "
+        "which the choice never saw (e.g. 0.5)",
+    ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images instead of stopping"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -216,9 +222,11 @@ def threshold(
 
     Reports recall, FPR, precision and the share of goods that pass at the chosen point, and the
     high-recall metrics (partial AUROC for TPR >= 0.9, FPR and accuracy at 100 % recall). Once
-    stored, `predict` and `score` decide with it instead of the calibrated threshold.
+    stored, `predict` and `score` decide with it instead of the calibrated threshold. The model
+    file records which images it was chosen on: `evaluate` on those images says its numbers are
+    optimistic. With --holdout 0.5 the point is chosen on half and reported on the other half.
 
-    Example: anomalens threshold tile.model validation/ --rule recall --target 1.0
+    Example: anomalens threshold tile.model validation/ --rule recall --target 1.0 --holdout 0.5
     """
     from anomalens.data import load_dataset
     from anomalens.models.base import Detector
@@ -235,6 +243,7 @@ def threshold(
             target,
             progress=not quiet,
             on_error="skip" if skip_bad else "raise",
+            holdout=holdout,
         )
     except user_errors() as e:
         fail(str(e))
@@ -242,7 +251,7 @@ def threshold(
     calibrated = detector.calibration.threshold if detector.calibration else None
     versus = f" (calibrated: {calibrated:.6g})" if calibrated is not None else ""
     out.print(
-        f"operating point ({rule}{'' if target is None else f' {target:g}'}) on {len(labels)} images "
+        f"operating point ({rule}{'' if target is None else f' {target:g}'}) chosen on {len(labels)} images "
         f"({sum(labels)} defective): threshold {point.threshold:.6g}{versus}",
         highlight=False,
         soft_wrap=True,
@@ -261,6 +270,14 @@ def threshold(
             highlight=False,
             soft_wrap=True,
         )
+    if choice.holdout is not None:
+        held = choice.holdout
+        out.print(
+            f"  on the {choice.n_holdout} held-out images (never used to choose): recall {held.recall:.4f} "
+            f"({held.fn} missed)   FPR {held.fpr:.4f} ({held.fp} false alarms)   precision {held.precision:.4f}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if curve_out:
         rows = threshold_curve(labels, choice.scores).rows()
         curve_out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,11 +290,20 @@ def threshold(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(
             json.dumps(
-                {"operating_point": point.to_dict(), "calibrated_threshold": calibrated, **high}, indent=2
+                {
+                    "operating_point": point.to_dict(),
+                    "chosen_on": {k: v for k, v in choice.chosen_on.items() if k != "image_digests"},
+                    "holdout": None
+                    if choice.holdout is None
+                    else {"n_images": choice.n_holdout, **choice.holdout.to_dict()},
+                    "calibrated_threshold": calibrated,
+                    **high,
+                },
+                indent=2,
             )
         )
         out.print(f"wrote {json_out}")
     if save:
-        detector.operating_point = point.to_dict()
+        detector.operating_point = choice.stored()
         written = detector.save(output or model_file)
         out.print(f"stored the operating point in {written} (a new model id for `score`)")

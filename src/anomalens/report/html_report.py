@@ -78,6 +78,7 @@ main{max-width:1320px;margin:0 auto;padding:8px 36px 48px}
 section{background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:16px 22px 18px;margin:18px 0}
 section h2{margin:0 0 4px;font-size:17px;font-weight:600}
 section p.note{margin:0 0 12px;color:#5b6475;font-size:13px}
+p.warn-note{margin:8px 0 0;padding:6px 10px;background:#fff4d6;color:#8a5a00;border-radius:6px;font-size:13px}
 .row{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
 .row>div{min-width:0}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
@@ -257,15 +258,21 @@ def _metrics_section(
     cal = evaluation.prediction.calibration
     at = m.get("at_threshold")
     right = ""
+    source = m.get("threshold_source") or {}
     if cal is not None and at:
+        warning = (
+            f"<p class=warn-note>The threshold was {_e(source['warning'])}.</p>"
+            if source.get("warning")
+            else ""
+        )
         right = (
-            "<table><tr><th class=l>at the calibrated threshold</th><th>value</th></tr>"
+            "<table><tr><th class=l>at the threshold</th><th>value</th></tr>"
             f"<tr><td class=l>precision</td><td>{fmt(at['precision'])}</td></tr>"
             f"<tr><td class=l>recall (defects caught)</td><td>{fmt(at['recall'])}</td></tr>"
             f"<tr><td class=l>F1</td><td>{fmt(at['f1'])}</td></tr>"
             f"<tr><td class=l>raw threshold</td><td>{cal.threshold:.5g}</td></tr>"
-            f"<tr><td class=l>calibration</td><td>{cal.quantile:g} quantile of {cal.n_images} held-out goods</td></tr>"
-            "</table>"
+            f"<tr><td class=l>threshold from</td><td>{_e(source.get('text', ''))}</td></tr>"
+            "</table>" + warning
         )
     info = getattr(detector, "fit_info", {}) or {}
     extra = []
@@ -349,11 +356,9 @@ def _curves_section(labels: np.ndarray, scores: np.ndarray, evaluation: Evaluati
     ax2.axhline(labels.mean(), color="#9aa1ad", lw=1, ls="--", label=f"chance ({labels.mean():.2f})")
     if at:
         n_good, n_def = max(1, int((labels == 0).sum())), max(1, int((labels == 1).sum()))
-        ax1.plot(
-            at["fp"] / n_good, at["tp"] / n_def, "o", ms=9, color="#1e2533", label="calibrated threshold"
-        )
+        ax1.plot(at["fp"] / n_good, at["tp"] / n_def, "o", ms=9, color="#1e2533", label="deciding threshold")
         if at["tp"] + at["fp"]:
-            ax2.plot(at["recall"], at["precision"], "o", ms=9, color="#1e2533", label="calibrated threshold")
+            ax2.plot(at["recall"], at["precision"], "o", ms=9, color="#1e2533", label="deciding threshold")
     ax1.set(
         xlabel="false-positive rate (goods flagged)",
         ylabel="true-positive rate (defects caught)",
@@ -393,8 +398,8 @@ def _scores_section(
                 v, bins=edges, color=color, alpha=0.55, label=f"{name} ({v.size})", edgecolor=color, lw=0.8
             )
     if normalized is not None:
-        ax.axvline(1.0, color="#1e2533", lw=2, ls="--", label="calibrated threshold (1.0)")
-        ax.set_xlabel("normalized score (calibration median = 0, calibrated threshold = 1.0)")
+        ax.axvline(1.0, color="#1e2533", lw=2, ls="--", label="deciding threshold (1.0)")
+        ax.set_xlabel("normalized score (calibration median = 0, deciding threshold = 1.0)")
     else:
         ax.set_xlabel("raw score (detector not calibrated: no threshold)")
     ax.set_ylabel("images")
@@ -404,7 +409,7 @@ def _scores_section(
     hist = f"<img class=plot alt='score histogram' src='{figure_data_uri(fig)}'>"
     return (
         "<section id=scores><h2>Scores and verdicts</h2><p class=note>An image is flagged when its normalized "
-        "score is ≥ 1.0 (the threshold calibrated on held-out good training images, never on this test set)."
+        f"score is ≥ 1.0: the threshold is {_e((evaluation.metrics.get('threshold_source') or {}).get('text', ''))}."
         "</p><div class=row><div><h3 style='margin-top:0'>Scores of good vs defective test images</h3>"
         f"{hist}</div><div>{_confusion(labels, evaluation.prediction.is_anomalous)}</div></div></section>"
     )

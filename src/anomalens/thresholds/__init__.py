@@ -6,8 +6,10 @@ from anomalens.thresholds.operating import (
     ThresholdCurve,
     apply_operating_point,
     decision_calibration,
+    image_digests,
     select_operating_point,
     threshold_curve,
+    threshold_source,
 )
 
 __all__ = [
@@ -17,6 +19,8 @@ __all__ = [
     "apply_operating_point",
     "calibrate",
     "decision_calibration",
+    "image_digests",
     "select_operating_point",
     "threshold_curve",
+    "threshold_source",
 ]

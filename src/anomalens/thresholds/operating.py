@@ -8,6 +8,9 @@ image is flagged when its raw score >= the threshold, as everywhere in anomalens
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -144,12 +147,13 @@ def select_operating_point(
         else:
             i = int(np.argmax(curve.f1))
         threshold = float(curve.thresholds[i])
-    return _point_at(y, s, threshold, rule, None if rule == "f1" else target)
+    return point_at(y, s, threshold, rule, None if rule == "f1" else target)
 
 
-def _point_at(
+def point_at(
     y: np.ndarray, s: np.ndarray, threshold: float, rule: str, target: float | None
 ) -> OperatingPoint:
+    """What `threshold` does on labels `y` and scores `s` (flagged: score >= threshold)."""
     flagged = s >= threshold
     tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
     fn, tn = int(y.sum()) - tp, int((~y).sum()) - fp
@@ -177,3 +181,47 @@ def decision_calibration(calibration: Calibration | None, operating_point: dict 
     if calibration is None or not operating_point:
         return calibration
     return apply_operating_point(calibration, operating_point["threshold"])
+
+
+def image_digests(keys: Iterable[str]) -> list[str]:
+    """Short digests of image paths (absolute), to tell later whether a threshold was chosen on the
+    images being evaluated without storing the paths themselves."""
+    return [hashlib.sha1(os.path.abspath(str(k)).encode()).hexdigest()[:12] for k in keys]
+
+
+def threshold_source(
+    calibration: Calibration | None, operating_point: dict | None, evaluated_keys: Iterable[str] | None = None
+) -> dict | None:
+    """Where the deciding threshold came from, in words and numbers, for evaluate, its JSON and report.
+
+    With `evaluated_keys`, an operating point chosen on some of those very images says so: its
+    numbers there are optimistic (the threshold saw the answers).
+    """
+    if calibration is None:
+        return None
+    if not operating_point:
+        return {
+            "kind": "goods_quantile",
+            "quantile": calibration.quantile,
+            "n_images": calibration.n_images,
+            "text": f"the {calibration.quantile:g} quantile of {calibration.n_images} held-out training goods "
+            "(no defect and no test image used)",
+        }
+    chosen = operating_point.get("chosen_on") or {}
+    target = operating_point.get("target")
+    source = {
+        "kind": "operating_point",
+        "rule": operating_point.get("rule"),
+        "target": target,
+        "dataset": chosen.get("dataset"),
+        "n_images": chosen.get("n_images"),
+        "text": f"operating point ({operating_point.get('rule')}{'' if target is None else f' {target:g}'}) "
+        f"chosen on {chosen.get('n_images', '?')} labelled images of {chosen.get('dataset', 'unknown data')}",
+    }
+    if evaluated_keys is not None and chosen.get("image_digests"):
+        seen = set(chosen["image_digests"])
+        overlap = sum(d in seen for d in image_digests(evaluated_keys))
+        source["n_evaluated_images_chosen_on"] = overlap
+        if overlap:
+            source["warning"] = f"chosen on {overlap} of these images: optimistic"
+    return source

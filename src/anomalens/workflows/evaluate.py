@@ -13,6 +13,7 @@ from anomalens.data.drift import DriftProfile
 from anomalens.metrics import f1_at_threshold, high_recall_metrics, image_metrics, pixel_metrics
 from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.base import Detector, Prediction, resize_map, resize_mask
+from anomalens.thresholds import threshold_source
 
 
 @dataclass
@@ -106,6 +107,9 @@ def evaluate(
         n_skipped=len(prediction.skipped),
         predict_seconds=round(seconds, 3),
         images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None,
+    )
+    metrics["threshold_source"] = threshold_source(
+        detector.calibration, detector.operating_point, prediction.keys
     )
     if detector.drift_profile is not None:
         metrics["drift"] = drift_summary(detector.drift_profile, samples, prediction)
