@@ -68,3 +68,19 @@ def test_top_k_score_is_the_mean_of_the_highest_patch_distances(texture):
         flat = emb.permute(0, 2, 3, 1).reshape(2, -1, emb.shape[1])
         dist = torch.cdist(flat, det.model.memory_bank).min(dim=2).values
     np.testing.assert_allclose(scores, dist.topk(3, dim=1).values.mean(1).numpy(), rtol=1e-4)
+
+
+def test_paper_reweighting_against_a_hand_computed_case():
+    from anomalens.models.patchcore import PatchCoreModel
+
+    # memory m0 = (0, 0), m1 = (1, 0), m2 = (0, 3); each entry's 2 nearest entries, itself first
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    support = torch.tensor([[0, 1], [1, 0], [2, 0]])
+    model = PatchCoreModel(bank, support, (4, 8), sigma=1.0, top_k=0)
+    # two patches: p0 = (0.1, 0) next to m0 (0.1 away), p1 = (0, 5) nearest m2 (2 away)
+    emb = torch.tensor([[0.1, 0.0], [0.0, 5.0]]).T.reshape(1, 2, 1, 2)
+    score, amap = model.score(emb, torch.tensor([0.1, 2.0]), torch.tensor([0, 2]))
+    # the most anomalous patch p1; its memory entry's support {m2, m0} lies 2 and 5 away:
+    # weight = 1 - softmax([2, 5])[0] = 1 - 1 / (1 + e^3)
+    assert float(score) == pytest.approx((1 - 1 / (1 + np.exp(3.0))) * 2.0, rel=1e-6)
+    assert amap.shape == (1, 4, 8)

@@ -183,3 +183,31 @@ def test_augmentations_change_the_batch_and_are_validated():
     assert parse_augment("flip, noise") == ("flip", "noise")
     with pytest.raises(ValueError, match="unknown kind"):
         parse_augment("flip,shear")
+
+
+def test_validation_and_calibration_goods_are_apart_from_training_and_each_other(texture):
+    import anomalens
+    from anomalens.data.inputs import as_items
+    from anomalens.models.base import split_items
+    from conftest import fast_options
+
+    options = {**fast_options("autoencoder"), "calibration_fraction": 0.1, "validation_fraction": 0.2}
+    det = anomalens.create("autoencoder", **options).fit(texture.train)
+    # 16 goods: round(1.6) = 2 for calibration, then round(0.2 * 14) = 3 for validation, 11 to train on
+    info = det.fit_info
+    assert (info["n_calibration"], info["n_validation"], info["n_fit"]) == (2, 3, 11)
+    _, calibration = split_items(as_items(texture.train), 0.1, det.options["seed"])
+    validation = {it.key for it in det._validation_items}
+    assert len(validation) == 3 and validation.isdisjoint(it.key for it in calibration)
+    # a set too small for 2 validation goods keeps every remaining good for training
+    small = anomalens.create("autoencoder", **options).fit(texture.train[:8])
+    assert small.fit_info["n_validation"] == 0 and small.fit_info["n_fit"] == 7
+
+
+def test_patchcore_never_sees_its_calibration_goods(texture):
+    import anomalens
+    from conftest import fast_options
+
+    det = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+    # 64 px images: an 8 x 8 grid of stride-8 patches each; 14 fitted goods, the 2 calibration goods not among them
+    assert det.fit_info["n_fit"] == 14 and det.fit_info["n_patches"] == 14 * 64

@@ -409,18 +409,16 @@ class Detector(ABC):
         if calibration is None:
             if len(items) < 2:
                 raise ValueError("fit needs at least 2 good images (one is held out for calibration)")
-            by_key = {it.key: it for it in items}
-            samples = [Sample(path=Path(it.key), label=0) for it in items]
-            fit_s, cal_s = calibration_split(
-                samples, fraction=self.options["calibration_fraction"], seed=self.options["seed"]
+            fit_items, cal_items = split_items(
+                items, self.options["calibration_fraction"], self.options["seed"]
             )
-            fit_items, cal_items = [by_key[str(s.path)] for s in fit_s], [by_key[str(s.path)] for s in cal_s]
         else:
             fit_items, cal_items = items, as_items(calibration)
         if not fit_items:
             raise ValueError("fit got no images")
-        torch.manual_seed(self.options["seed"])
         self.fit_info = {}
+        fit_items = self._hold_out_validation(fit_items)
+        torch.manual_seed(self.options["seed"])
         shapes = [_item_shape(it) for it in fit_items]
         if self.options["resize"] == "native" and not self.options["tile"]:
             h, w = native_canvas(shapes, self.options["scale"])
@@ -428,7 +426,6 @@ class Detector(ABC):
         geometry = self.geometry
         n_inputs = sum(len(geometry.place(h, w).windows) for h, w in shapes)
         self._show_progress = progress  # methods with long fitting steps show their own bars
-        self._calibration_items = cal_items  # trainable methods compute a validation loss on them
         measure = bool(self.options["drift_check"])
         self._drift_profile = None  # an earlier fit's goods say nothing about these
         fit_stats: list[dict] = []
@@ -528,6 +525,12 @@ class Detector(ABC):
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a model file first")
 
+    def _hold_out_validation(self, items: list[InputItem]) -> list[InputItem]:
+        """The goods to fit on, after a method has set aside what it validates on (trained methods:
+        early stopping, the best epoch, normalization quantiles). Never the calibration goods: a
+        threshold taken on images the model was selected on would be biased low."""
+        return items
+
     def iter_predict(
         self,
         images: Iterable | np.ndarray,
@@ -619,6 +622,17 @@ class Detector(ABC):
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.options.items() if v != {**self.base_defaults, **self.defaults}[k]}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def split_items(
+    items: list[InputItem], fraction: float, seed: int
+) -> tuple[list[InputItem], list[InputItem]]:
+    """(kept, held out): a deterministic `fraction` of the items (at least one, at most all but one),
+    chosen by a seeded hash of their names as `data.calibration_split` does."""
+    by_key = {it.key: it for it in items}
+    samples = [Sample(path=Path(it.key), label=0) for it in items]
+    kept, held = calibration_split(samples, fraction=fraction, seed=seed)
+    return [by_key[str(s.path)] for s in kept], [by_key[str(s.path)] for s in held]
 
 
 def _item_shape(item: InputItem) -> tuple[int, int]:

@@ -323,8 +323,10 @@ class EfficientAd(BackboneTrainableDetector):
         ]
 
     def _validation_pixels(self) -> list[torch.Tensor]:
-        items = getattr(self, "_calibration_items", [])
-        return [b.pixels for b in iter_batches(items, self._preprocess(), self.options["batch_size"])]
+        return [
+            b.pixels
+            for b in iter_batches(self._validation_items, self.preprocess(), self.options["batch_size"])
+        ]
 
     @torch.no_grad()
     def _fit_quantiles(self, pixel_batches: list[torch.Tensor]) -> None:

@@ -1,9 +1,11 @@
 """Base class of detectors trained by gradient descent (autoencoder, GANs, distillation, ...).
 
-`TrainableDetector` keeps the preprocessed training goods in memory, preprocesses the held-out
-calibration goods as validation data, builds the model's modules and runs
-`anomalens.models.training.Trainer` over the phases the subclass defines. It adds the options
-every trainable method shares (epochs, min_steps, lr, max_minutes, patience, augment, amp) and
+`TrainableDetector` keeps the preprocessed training goods in memory, holds out its own
+validation goods (`validation_fraction` of the goods left after the calibration share; never the
+calibration goods, whose threshold would otherwise be taken on images the model was selected on),
+builds the model's modules and runs `anomalens.models.training.Trainer` over the phases the
+subclass defines. It adds the options every trainable method shares (epochs, min_steps, lr,
+max_minutes, patience, validation_fraction, augment, amp) and
 the fit-time arguments `checkpoint_dir` and `resume`. Saving writes every module's state_dict
 (safetensors); loading rebuilds the modules from the options and loads them back.
 
@@ -51,8 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.data.inputs import Batch, Preprocess, iter_batches
-from anomalens.models.base import Detector
+from anomalens.data.inputs import Batch, InputItem, Preprocess, iter_batches
+from anomalens.models.base import Detector, split_items
 from anomalens.models.feature_base import BackboneDetector
 from anomalens.models.training import Phase, StepFn, TrainConfig, Trainer, parse_augment
 
@@ -61,6 +63,10 @@ def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -
     """Fail at construction, naming the choices, when a text option is not one of them."""
     if value not in choices:
         raise ValueError(f"{name}: option {option}={value!r}; use one of {', '.join(choices)}")
+
+
+#: the fewest validation goods worth a validation loss (fewer: none, see _hold_out_validation)
+VALIDATION_MIN_IMAGES = 2
 
 
 class TrainableDetector(Detector):
@@ -78,12 +84,16 @@ class TrainableDetector(Detector):
         "lr": 1e-3,
         "max_minutes": 0.0,  # wall-clock training budget; 0 = none
         "patience": 0,  # early stopping after this many epochs without a better validation loss; 0 = off
+        # goods held out (after the calibration ones) for the validation loss, best epoch and
+        # normalization; none when that would leave fewer than VALIDATION_MIN_IMAGES
+        "validation_fraction": 0.1,
         "augment": "",  # training augmentations, comma-separated: flip, rotate, noise
         "amp": True,  # bfloat16 mixed precision on CUDA
     }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        self._validation_items: list[InputItem] = []
         parse_augment(self.options["augment"])  # fail at construction, not after reading images
         for key in ("epochs", "batch_size"):
             if self.options[key] < 1:
@@ -179,15 +189,28 @@ class TrainableDetector(Detector):
 
         return self.phase(name, step, optimizers, val_loss=loss_fn)
 
+    def _hold_out_validation(self, items: list[InputItem]) -> list[InputItem]:
+        """Validation goods apart from both the training and the calibration goods. Small sets keep
+        every good for training: with fewer than VALIDATION_MIN_IMAGES validation goods there is
+        no validation (training runs its epochs; the last epoch is kept)."""
+        n_val = round(self.options["validation_fraction"] * len(items))
+        self._validation_items = []
+        if n_val >= VALIDATION_MIN_IMAGES and len(items) - n_val >= 2:
+            items, self._validation_items = split_items(
+                items, self.options["validation_fraction"], self.options["seed"] + 1
+            )
+        self.fit_info["n_validation"] = len(self._validation_items)
+        return items
+
     def _set_modules(self, modules: dict[str, nn.Module]) -> None:
         self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
 
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         train = torch.cat([b.pixels for b in batches])
         self._n_train = len(train)
-        cal_items = getattr(self, "_calibration_items", [])
         val_batches = [
-            b.pixels for b in iter_batches(cal_items, self._preprocess(), self.options["batch_size"])
+            b.pixels
+            for b in iter_batches(self._validation_items, self.preprocess(), self.options["batch_size"])
         ]
         val = torch.cat(val_batches) if val_batches else None
         self._set_modules(self._build_modules())
