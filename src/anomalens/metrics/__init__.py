@@ -7,9 +7,11 @@ from anomalens.metrics.image import (
     image_metrics,
     partial_auroc_high_recall,
 )
+from anomalens.metrics.pimo import aupimo
 from anomalens.metrics.pixel import aupro, pixel_metrics
 
 __all__ = [
+    "aupimo",
     "aupro",
     "f1_at_threshold",
     "full_recall_metrics",
