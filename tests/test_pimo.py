@@ -222,3 +222,19 @@ def test_matches_brute_force_over_all_thresholds(seed: int) -> None:
     bounded = aupimo(masks, maps, labels, fpr_bounds=fpr_bounds, num_thresholds=100)
     assert bounded["n_points_in_range"] <= 2 * 100
     np.testing.assert_allclose(bounded["aupimo_per_image"][12:], expected, rtol=0, atol=1e-3)
+
+
+def test_evaluate_reports_aupimo_overall_and_per_defect_type(texture, tmp_path):
+    import anomalens
+    from anomalens.report.html_report import write_evaluation_report
+    from anomalens.workflows.evaluate import evaluate
+    from conftest import fast_options
+
+    det = anomalens.create("patchcore", **fast_options("patchcore")).fit(texture.train)
+    evaluation = evaluate(det, texture)
+    labels = np.array([s.label for s in evaluation.samples])
+    direct = aupimo(evaluation.masks, evaluation.prediction.maps, labels)
+    assert evaluation.metrics["aupimo"] == direct["aupimo_mean"] and 0.0 <= direct["aupimo_mean"] <= 1.0
+    assert all("aupimo" in d for d in evaluation.metrics["per_defect_type"].values())
+    html = write_evaluation_report(evaluation, det, tmp_path / "r.html", n_gallery=0).read_text()
+    assert "AUPIMO" in html

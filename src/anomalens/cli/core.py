@@ -34,7 +34,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro"):
+    for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "aupimo"):
         value = metrics.get(key)
         table.add_row(key, "n/a" if value is None else f"{value:.4f}")
     at = metrics.get("at_threshold")

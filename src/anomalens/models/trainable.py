@@ -66,7 +66,7 @@ def check_choice(name: str, option: str, value: str, choices: tuple[str, ...]) -
 
 
 #: the fewest validation goods worth a validation loss (fewer: none, see _hold_out_validation)
-VALIDATION_MIN_IMAGES = 2
+VALIDATION_MIN_IMAGES = 1
 
 
 class TrainableDetector(Detector):

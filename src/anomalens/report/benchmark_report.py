@@ -29,6 +29,7 @@ TABLE_KEYS = [
     "image_f1_max",
     "pixel_auroc",
     "aupro",
+    "aupimo",
     "f1_at_threshold",
     "fit_s",
     "predict_img_s",
@@ -257,7 +258,15 @@ def render_html(config: Mapping[str, Any], summary: list[dict], cells: list[dict
     head = "".join(f"<th>{e(_TITLES[k])}</th>" for k in TABLE_KEYS)
     best: dict[tuple[str, str], float] = {}
     for row in summary:  # best mean per category, for the accuracy columns
-        for k in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro", "f1_at_threshold"):
+        for k in (
+            "image_auroc",
+            "image_ap",
+            "image_f1_max",
+            "pixel_auroc",
+            "aupro",
+            "aupimo",
+            "f1_at_threshold",
+        ):
             if row[k] is not None:
                 best[(row["category"], k)] = max(best.get((row["category"], k), -1.0), row[k]["mean"])
     rows = []

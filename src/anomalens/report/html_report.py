@@ -60,6 +60,11 @@ METRIC_ROWS = [
     ("pixel_auroc", "Pixel AUROC", "how well map values rank defect pixels above good pixels"),
     ("pixel_ap", "Pixel AP", "average precision of defect pixels"),
     ("aupro", "AUPRO", "per-region overlap up to 30 % false-positive rate, normalized (MVTec definition)"),
+    (
+        "aupimo",
+        "AUPIMO",
+        "mean per-image overlap while the goods' pixel false-positive rate is 1e-5 to 1e-4 (Bertoldo et al. 2024)",
+    ),
 ]
 
 BASE_CSS = """
@@ -315,7 +320,7 @@ def _per_type_table(evaluation: Evaluation, normalized: np.ndarray | None) -> st
     head = (
         "<h3>Per defect type <span class=legend>(each against all good test images)</span></h3><table><tr>"
         "<th class=l>defect type</th><th>images</th><th>caught at threshold</th><th>image AUROC</th>"
-        "<th>image AP</th><th>pixel AUROC</th><th>AUPRO</th></tr>"
+        "<th>image AP</th><th>pixel AUROC</th><th>AUPRO</th><th>AUPIMO</th></tr>"
     )
     rows = []
     for dtype, d in per.items():
@@ -325,7 +330,7 @@ def _per_type_table(evaluation: Evaluation, normalized: np.ndarray | None) -> st
             caught = f"{int(evaluation.prediction.is_anomalous[idx].sum())}/{len(idx)}"
         cells = "".join(
             f"<td class='{'na' if d.get(k) is None else ''}'>{fmt(d.get(k))}</td>"
-            for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+            for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "aupimo")
         )
         rows.append(f"<tr><td class=l>{_e(dtype)}</td><td>{d.get('n', '')}</td><td>{caught}</td>{cells}</tr>")
     return head + "".join(rows) + "</table>"
