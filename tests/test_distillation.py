@@ -1,18 +1,27 @@
 """Distillation detectors (EfficientAD-S, reverse distillation, STFPM): the paper's building blocks,
 training lowers the loss, planted defects are found, save/load and ONNX Runtime reproduce scores."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.numpy import save_file
+from torch import nn
 
 import anomalens
 from anomalens.data import read_image, read_mask
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.export import export_onnx, ort_session
 from anomalens.metrics import image_metrics
+from anomalens.models import ModelFileError
+from anomalens.models.base import read_model_file
+from anomalens.models.components.features import locally_aware_embedding
 from anomalens.models.efficientad import (
     EfficientAd,
     EfficientAdAutoencoder,
+    aggregate_channels,
     hard_feature_loss,
     pdn_output_size,
     pdn_small,
@@ -65,6 +74,50 @@ def test_penalty_textures_are_varied_normalized_images():
     t = penalty_textures(4, 64, torch.device("cpu"))
     assert t.shape == (4, 3, 64, 64) and float(t.min()) >= -1 - 1e-5 and float(t.max()) <= 1 + 1e-5
     assert float((t[0] - t[1]).abs().mean()) > 0.05
+
+
+def test_efficientad_teacher_is_as_wide_as_a_narrower_backbone_without_copied_channels():
+    det = EfficientAd(**{**fast_options("efficientad"), "out_channels": 384})
+    backbone_channels = sum(det.extractor.channels)  # Lite0 stages 2 and 3: 40 + 112
+    assert backbone_channels == 152 and det.teacher_channels == 152
+    m = det._build_modules()
+    assert m["teacher"][-1].out_channels == 152 and m["student"][-1].out_channels == 2 * 152
+    assert m["autoencoder"].decoder[-1].out_channels == 152 and m["norm"].teacher_mean.shape[1] == 152
+    torch.manual_seed(0)
+    target = det._distillation_target(torch.randn(2, 3, 32, 32), 8)
+    assert target.shape == (2, 152, 8, 8)
+    flat = target.transpose(0, 1).flatten(1)
+    gaps = (flat[:, None] - flat[None]).abs().amax(-1) + torch.eye(152) * 1e9
+    assert float(gaps.min()) > 1e-4  # no two channels identical
+
+
+def test_efficientad_wide_backbone_is_average_pooled_over_channel_groups():
+    x = torch.arange(8.0).view(1, 8, 1, 1).expand(1, 8, 2, 2)
+    assert aggregate_channels(x, 4)[0, :, 0, 0].tolist() == [0.5, 2.5, 4.5, 6.5]
+    assert torch.equal(aggregate_channels(x, 8), x)
+    with pytest.raises(ValueError, match="cannot aggregate 8 backbone channels to 16"):
+        aggregate_channels(x, 16)
+
+    class WideBackbone(nn.Module):
+        """Two stages of 48 and 80 channels (128 in all) at strides 8 and 16."""
+
+        channels = [48, 80]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(3, 128, 1)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            f = self.proj(x)
+            return [F.avg_pool2d(f[:, :48], 8), F.avg_pool2d(f[:, 48:], 16)]
+
+    det = EfficientAd(**{**fast_options("efficientad"), "out_channels": 32})
+    det._extractor = WideBackbone().requires_grad_(False)
+    assert det.teacher_channels == 32
+    x = torch.randn(2, 3, 32, 32)
+    emb = locally_aware_embedding(det._extractor(F.interpolate(x, scale_factor=2, mode="bilinear")))
+    expected = F.interpolate(emb, size=(8, 8), mode="bilinear").view(2, 32, 4, 8, 8).mean(2)
+    torch.testing.assert_close(det._distillation_target(x, 8), expected)
 
 
 def test_stfpm_distance_ignores_feature_scale():
@@ -160,6 +213,19 @@ def test_efficientad_map_quantiles_come_from_goods(fitted):
     norm = fitted["efficientad"].modules["norm"]
     for q in (norm.st_quantiles, norm.ae_quantiles):
         assert 0 < float(q[0]) < float(q[1])  # fitted, q_a < q_b
+
+
+def test_efficientad_model_file_of_another_teacher_width_fails_in_one_line(fitted, tmp_path):
+    """A model file whose teacher width the options no longer give (e.g. saved before the width was
+    capped at the backbone's channels) is refused with a ModelFileError, not a size-mismatch traceback."""
+    path = fitted["efficientad"].save(tmp_path / "efficientad.model")
+    header, arrays = read_model_file(path)
+    header["options"]["out_channels"] = 384  # now 152 wide on Lite0; the file's teacher is 64 wide
+    old = tmp_path / "old.model"
+    save_file(arrays, str(old), metadata={"anomalens": json.dumps(header)})
+    with pytest.raises(ModelFileError, match="teacher has 64 channels, but out_channels=384") as err:
+        anomalens.load(old)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_options_fail_with_a_clear_message():

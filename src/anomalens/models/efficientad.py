@@ -17,9 +17,11 @@ Deviations (offline, CPU budget; see docs/distillation.md):
 
 - Teacher pretraining. The paper distils PDN-S from WideResNet-101 features on ImageNet (60k
   steps). Here the teacher is distilled from the offline EfficientNet-Lite0 (stages 2 and 3 at
-  twice the resolution, 3x3 locally aware patch features as in PatchCore, average-pooled over
-  channels to 384 like the reference code's aggregator, standardized per channel) on random
-  crops of the training goods and synthetic textures, for `distill_steps` steps. The distilled
+  twice the resolution, 3x3 locally aware patch features as in PatchCore, standardized per
+  channel) on random crops of the training goods and synthetic textures, for `distill_steps`
+  steps. Lite0's 152 channels are fewer than the paper's 384, so the teacher, autoencoder and
+  student halves are 152 wide (out_channels is capped at the backbone's channel count); a wider
+  backbone is average-pooled over channel groups to out_channels like the reference. The distilled
   teacher is cached under $ANOMALENS_CACHE/efficientad (default ~/.cache/anomalens/efficientad),
   keyed by backbone weights, image size, crop, steps, seed and the training images, so the next
   fit on the same data reuses it.
@@ -45,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anomalens.data.inputs import Batch, iter_batches
+from anomalens.models.base import ModelFileError
 from anomalens.models.components.features import locally_aware_embedding
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.models.training import Phase, TrainConfig, Trainer
@@ -206,6 +209,17 @@ class EfficientAdModel(nn.Module):
         return maps.amax(dim=(1, 2)), maps
 
 
+def aggregate_channels(features: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, D, h, w) -> (B, channels, h, w), each output the average of a group of consecutive input
+    channels: the reference code's adaptive average pooling (WideResNet-101's 1536 channels to 384,
+    groups of 4). D < channels is refused: pooling would copy channels, not aggregate them."""
+    b, d, h, w = features.shape
+    if d < channels:
+        raise ValueError(f"efficientad: cannot aggregate {d} backbone channels to {channels}")
+    flat = F.adaptive_avg_pool1d(features.permute(0, 2, 3, 1).reshape(-1, 1, d), channels)
+    return flat.reshape(b, h, w, channels).permute(0, 3, 1, 2)
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("ANOMALENS_CACHE") or Path.home() / ".cache" / "anomalens") / "efficientad"
 
@@ -213,7 +227,8 @@ def _cache_dir() -> Path:
 @register
 class EfficientAd(BackboneTrainableDetector):
     """EfficientAD-S. Options: epochs and max_minutes (student/autoencoder training; the paper runs
-    70k steps at batch 1), lr and weight_decay (paper: 1e-4, 1e-5), out_channels (384),
+    70k steps at batch 1), lr and weight_decay (paper: 1e-4, 1e-5), out_channels (the teacher's
+    width, 384, at most the backbone's channel count: see `teacher_channels`),
     layers (backbone stages the teacher is distilled from), distill_steps, distill_batch_size and
     distill_crop (teacher pretraining, cached), norm_images (goods used for the teacher's channel
     statistics)."""
@@ -240,8 +255,17 @@ class EfficientAd(BackboneTrainableDetector):
         self._teacher_init: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     # -- modules -----------------------------------------------------------------------------
+    @property
+    def teacher_channels(self) -> int:
+        """Width of the teacher, the autoencoder and each student half: out_channels, capped at the
+        backbone's channel count. The paper pools WideResNet-101's 1536 channels to 384; a narrower
+        backbone (Lite0: 152) cannot fill 384 without copying channels, and copies only weight some
+        features twice in every loss and map. A learned projection (e.g. PCA) to the full width is a
+        rotation that adds no information either, so the teacher keeps the backbone's width."""
+        return min(self.options["out_channels"], sum(self.extractor.channels))
+
     def _build_modules(self) -> dict[str, nn.Module]:
-        c, s = self.options["out_channels"], self.input_side
+        c, s = self.teacher_channels, self.input_side
         teacher, norm = pdn_small(c), MapNormalization(c)
         if self._teacher_init is not None:  # fitting: the distilled teacher and its statistics
             state, mean, std = self._teacher_init
@@ -255,6 +279,22 @@ class EfficientAd(BackboneTrainableDetector):
             "norm": norm,
         }
 
+    def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        # model files from before the teacher_channels cap hold a 384-wide teacher distilled from
+        # copied channels: one line saying so instead of load_state_dict's size-mismatch traceback.
+        # The backbone's checksum first, so that building the extractor here still checks it.
+        self._restore_backbone(meta)
+        saved = arrays["norm/teacher_mean"].shape[1]
+        if saved != self.teacher_channels:
+            raise ModelFileError(
+                f"efficientad: the model file's teacher has {saved} channels, but out_channels="
+                f"{self.options['out_channels']} on {self.options['backbone']} (layers "
+                f"{tuple(self.options['layers'])}) now gives {self.teacher_channels}: the teacher is at "
+                "most as wide as the backbone's channels since the distillation stopped copying them; "
+                "refit the model"
+            )
+        super()._restore(arrays, meta)
+
     def _scorer(self) -> EfficientAdModel:
         m = self.modules
         return EfficientAdModel(m["teacher"], m["student"], m["autoencoder"], m["norm"], self.input_side)
@@ -263,7 +303,7 @@ class EfficientAd(BackboneTrainableDetector):
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         train = torch.cat([b.pixels for b in batches])
         # the padded PDN's weights in the unpadded PDN used from here on, as in the reference code
-        teacher = pdn_small(self.options["out_channels"]).to(self.device)
+        teacher = pdn_small(self.teacher_channels).to(self.device)
         teacher.load_state_dict(self._distilled_teacher(train).state_dict())
         mean, std = self._teacher_statistics(teacher.eval(), train[: self.options["norm_images"]])
         self._teacher_init = (teacher.state_dict(), mean, std)
@@ -285,7 +325,7 @@ class EfficientAd(BackboneTrainableDetector):
         total = self.phase_epochs(o["epochs"]) * self.steps_per_epoch
         # the paper's StepLR: learning rate x 0.1 after 95 % of the steps
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * total)), gamma=0.1)
-        c = o["out_channels"]
+        c = self.teacher_channels
 
         def losses(
             x: torch.Tensor, penalty: torch.Tensor | None, jitter: bool = True
@@ -354,14 +394,14 @@ class EfficientAd(BackboneTrainableDetector):
         key = (
             f"{o['backbone']}-{self._backbone_checksum[:12]}-layers{'_'.join(map(str, o['layers']))}"
             f"-size{self.input_side}-crop{o['distill_crop']}-steps{o['distill_steps']}x{o['distill_batch_size']}"
-            f"-seed{o['seed']}-c{o['out_channels']}-data{data}"
+            f"-seed{o['seed']}-c{self.teacher_channels}-data{data}"
         )
         return _cache_dir() / f"teacher-{key}.safetensors"
 
     def _distilled_teacher(self, train: torch.Tensor) -> nn.Module:
         """The padded PDN-S distilled from the backbone, from the cache when this configuration ran before."""
         path = self._teacher_cache_path(train)
-        teacher = pdn_small(self.options["out_channels"], padding=True).to(self.device)
+        teacher = pdn_small(self.teacher_channels, padding=True).to(self.device)
         if path.is_file():
             teacher.load_state_dict(load_file(str(path), device=str(self.device)))
             self.fit_info["teacher"] = f"cached {path.name}"
@@ -374,6 +414,16 @@ class EfficientAd(BackboneTrainableDetector):
             self.fit_info["teacher"] = f"distilled {path.name}"
         return teacher.eval().requires_grad_(False)
 
+    def _distillation_target(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """The backbone's patch features of crops x, on the padded PDN's size x size grid, aggregated
+        to `teacher_channels` (unstandardized)."""
+        # the backbone sees the crop at twice the PDN's resolution, as in the reference pretraining
+        feats = self.extractor(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        emb = F.interpolate(
+            locally_aware_embedding(feats), size=(size, size), mode="bilinear", align_corners=False
+        )
+        return aggregate_channels(emb, self.teacher_channels)
+
     def _distil(self, teacher: nn.Module, train: torch.Tensor) -> None:
         """Train the padded PDN to regress the backbone's standardized patch features on random crops
         of the goods (half of each batch) and synthetic textures (the other half)."""
@@ -381,22 +431,9 @@ class EfficientAd(BackboneTrainableDetector):
         crop = min(o["distill_crop"] or self.input_side, self.input_side)
         if crop % 4:
             raise ValueError(f"efficientad: distill_crop must be a multiple of 4, got {crop}")
-        backbone = self.extractor
-        c = o["out_channels"]
 
         def target(x: torch.Tensor) -> torch.Tensor:
-            # the backbone sees the crop at twice the PDN's resolution, as in the reference pretraining
-            feats = backbone(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-            emb = F.interpolate(
-                locally_aware_embedding(feats),
-                size=(crop // 4, crop // 4),
-                mode="bilinear",
-                align_corners=False,
-            )
-            b, d, h, w = emb.shape
-            # channel aggregation of the reference code (adaptive average pooling to out_channels)
-            flat = F.adaptive_avg_pool1d(emb.permute(0, 2, 3, 1).reshape(-1, 1, d), c)
-            return flat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return self._distillation_target(x, crop // 4)
 
         def sample(idx: torch.Tensor) -> torch.Tensor:
             x = train[idx.cpu()].to(self.device)
