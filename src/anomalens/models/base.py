@@ -531,39 +531,19 @@ class Detector(ABC):
         threshold taken on images the model was selected on would be biased low."""
         return items
 
-    def iter_predict(
-        self,
-        images: Iterable | np.ndarray,
-        *,
-        progress: bool = False,
-        on_error: str = "raise",
-        skip_log: SkipLog | None = None,
-        statistics: bool = False,
-    ) -> Iterator[Scored]:
+    def iter_predict(self, images: Iterable | np.ndarray, **options: Any) -> Iterator[Scored]:
         """Yield each image's `Scored` (raw score, map at its own resolution, drift flags) as each
-        batch is scored."""
+        batch is scored; options as `models.base.iter_predict` (progress, on_error, skip_log,
+        statistics)."""
         self._check_fitted()
-        return iter_predict(
-            self, images, progress=progress, on_error=on_error, skip_log=skip_log, statistics=statistics
-        )
+        return iter_predict(self, images, **options)
 
-    def predict(
-        self,
-        images: Iterable | np.ndarray,
-        *,
-        progress: bool = False,
-        on_error: str = "raise",
-        calibrated: bool = True,
-        statistics: bool = False,
-    ) -> Prediction:
-        """Score images; maps come back at each image's own resolution.
-
-        on_error='skip' logs unreadable files in `Prediction.skipped` instead of raising.
-        """
+    def predict(self, images: Iterable | np.ndarray, **options: Any) -> Prediction:
+        """Score images; maps come back at each image's own resolution. Options as
+        `models.base.predict`: progress, on_error ('skip' lists unreadable files in
+        `Prediction.skipped` instead of raising), calibrated, statistics."""
         self._check_fitted()
-        return predict(
-            self, images, progress=progress, on_error=on_error, calibrated=calibrated, statistics=statistics
-        )
+        return predict(self, images, **options)
 
     @property
     def decision_calibration(self) -> Calibration | None:

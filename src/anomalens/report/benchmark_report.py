@@ -22,8 +22,8 @@ from anomalens.workflows.runs import CELLS_FILE
 
 __all__ = ["TABLE_KEYS", "render_html", "render_markdown", "write_outputs"]
 
-#: the columns of the Markdown and HTML tables (JSON has all of SUMMARY_KEYS)
-TABLE_KEYS = [
+#: the accuracy columns, whose best value per category is marked
+ACCURACY_KEYS = [
     "image_auroc",
     "image_ap",
     "image_f1_max",
@@ -31,6 +31,10 @@ TABLE_KEYS = [
     "aupro",
     "aupimo",
     "f1_at_threshold",
+]
+#: the columns of the Markdown and HTML tables (JSON has all of SUMMARY_KEYS)
+TABLE_KEYS = [
+    *ACCURACY_KEYS,
     "fit_s",
     "predict_img_s",
     "latency_ms",
@@ -258,15 +262,7 @@ def render_html(config: Mapping[str, Any], summary: list[dict], cells: list[dict
     head = "".join(f"<th>{e(_TITLES[k])}</th>" for k in TABLE_KEYS)
     best: dict[tuple[str, str], float] = {}
     for row in summary:  # best mean per category, for the accuracy columns
-        for k in (
-            "image_auroc",
-            "image_ap",
-            "image_f1_max",
-            "pixel_auroc",
-            "aupro",
-            "aupimo",
-            "f1_at_threshold",
-        ):
+        for k in ACCURACY_KEYS:
             if row[k] is not None:
                 best[(row["category"], k)] = max(best.get((row["category"], k), -1.0), row[k]["mean"])
     rows = []
