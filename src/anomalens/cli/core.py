@@ -245,7 +245,8 @@ def predict(
     if summary.n_drift:
         err.print(
             f"warning: {summary.n_drift} of {summary.n_scored} images are outside the training goods' range "
-            "(brightness, size, sharpness or look): their verdicts are less certain; see the drift column",
+            "(brightness, size, sharpness or look; see the drift column): a large defect can do that, a new "
+            "camera, light or part too, and then the verdicts are less certain",
             highlight=False,
         )
     out.print(

@@ -306,7 +306,8 @@ def _drift_table(drift: dict[str, Any] | None) -> str:
     return (
         "<h3>Drift: images unlike the training goods</h3><p class=note>"
         f"{drift['n_images_flagged']} test images lie outside the training goods' range by more than the "
-        f"margin ({drift['n_goods_flagged']} of {drift['n_goods']} good ones); their verdicts are less certain."
+        f"margin ({drift['n_goods_flagged']} of {drift['n_goods']} good ones). A large defect can do that; "
+        "flagged good parts, or a shift of the goods as a batch, point at a new camera, light or part."
         " The test goods as a batch are also compared with the training goods (Kolmogorov-Smirnov).</p>"
         + (f"<table><tr><th class=l>statistic</th><th>images</th></tr>{rows}</table>" if rows else "")
         + (f"<ul>{items}</ul>" if items else "")

@@ -153,7 +153,10 @@ def drift_summary(profile: DriftProfile, samples: list[Sample], prediction: Pred
         "n_goods_flagged": sum(samples[i].label == 0 for i in flagged),
         "n_goods": n_goods,
         "by_statistic": dict(sorted(by_statistic.items(), key=lambda kv: -kv[1])),
-        "examples": [f"{samples[i].path.name}: {prediction.drift[i][0].message}" for i in flagged[:5]],
+        "examples": [
+            f"{samples[i].path.parent.name}/{samples[i].path.name}: {prediction.drift[i][0].message}"
+            for i in flagged[:5]
+        ],
         "goods_batch_shift": [shift.message for shift in profile.compare_batch(goods)],
     }
 
