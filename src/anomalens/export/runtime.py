@@ -47,9 +47,11 @@ class OnnxDetector:
         self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
         drift = metadata.get("drift")
-        self._drift_profile = None if drift is None else _profile_from_json(drift)
+        self.drift_profile: DriftProfile | None = None if drift is None else _profile_from_json(drift)
         roi = metadata.get("roi_png")
-        self._roi = None if roi is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(roi)))) > 0
+        self.roi: np.ndarray | None = None
+        if roi is not None:
+            self.roi = np.asarray(Image.open(io.BytesIO(base64.b64decode(roi)))) > 0
 
     @classmethod
     def load(
@@ -86,14 +88,6 @@ class OnnxDetector:
     @property
     def map_score(self) -> dict[str, Any]:
         return self.metadata["map_score"]
-
-    @property
-    def roi(self) -> np.ndarray | None:
-        return self._roi
-
-    @property
-    def drift_profile(self) -> DriftProfile | None:
-        return self._drift_profile
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """All graph outputs for float32 (B, C, S, S) images in [0, 1]: score, normalized_score,
