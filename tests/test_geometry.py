@@ -236,3 +236,12 @@ def test_cli_fit_with_roi_and_letterbox(strips, tmp_path):
     assert proc.returncode == 0, proc.stderr
     det = anomalens.load(model)
     assert det.options["resize"] == "letterbox" and det.roi is not None and not det.roi[:, 170].any()
+
+
+def test_padim_warns_when_letterboxed_goods_fill_the_canvas_unevenly(strips):
+    train, _, _ = strips
+    mixed = train[:8] + [image[:, :96] for image in train[8:]]  # 1:4 strips and 1:2 halves
+    det = anomalens.create("padim", image_size=64, resize="letterbox").fit(mixed)
+    assert "use resize=squash" in det.fit_info["warnings"][0]
+    alike = anomalens.create("padim", image_size=64, resize="letterbox").fit(train)
+    assert "warnings" not in alike.fit_info

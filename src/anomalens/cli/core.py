@@ -141,6 +141,8 @@ def fit(
     except user_errors() as e:
         fail(str(e))
     info = detector.fit_info
+    for warning in info.get("warnings", []):
+        err.print(f"warning: {warning}", highlight=False)
     out.print(
         f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
         f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}"

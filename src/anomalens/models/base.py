@@ -318,6 +318,8 @@ class Detector(ABC):
     localizes: ClassVar[bool] = True
     #: True for methods whose networks need a square input: their canvas is always square
     square_input: ClassVar[bool] = True
+    #: True for methods that model each canvas position apart (PaDiM): padding must sit alike in every image
+    position_dependent: ClassVar[bool] = False
     #: True when the fitted model depends on `seed` (a random projection, subset, initialisation or
     #: shuffling): `anomalens benchmark` then repeats it over seeds and reports mean and spread
     stochastic: ClassVar[bool] = False
@@ -424,7 +426,15 @@ class Detector(ABC):
             h, w = native_canvas(shapes, self.options["scale"])
             self.options["image_size"] = size_option(max(h, w) if self.square_input else (h, w))
         geometry = self.geometry
-        n_inputs = sum(len(geometry.place(h, w).windows) for h, w in shapes)
+        placements = [geometry.place(h, w) for h, w in shapes]
+        n_inputs = sum(len(p.windows) for p in placements)
+        extents = {(p.windows[0].height, p.windows[0].width) for p in placements if not p.squashed}
+        if self.position_dependent and len(extents) > 1:
+            # a Gaussian per canvas position would mix padding and part where the images' extents differ
+            self.fit_info["warnings"] = [
+                f"{self.name} models each canvas position, but the training images fill the {geometry.resize} "
+                "canvas to different extents (their aspect ratios or sizes differ): use resize=squash"
+            ]
         self._show_progress = progress  # methods with long fitting steps show their own bars
         measure = bool(self.options["drift_check"])
         self._drift_profile = None  # an earlier fit's goods say nothing about these

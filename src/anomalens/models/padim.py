@@ -65,6 +65,7 @@ class Padim(BackboneDetector):
     name = "padim"
     square_input = False  # fully convolutional; the statistics are per position of the (H, W) grid
     stochastic = True  # the random channel subset
+    position_dependent = True  # one Gaussian per position
     defaults = {"layers": (1, 2, 3), "n_features": 100, "regularization": 0.01, "sigma": 4.0}
 
     def __init__(self, **options: Any) -> None:
