@@ -78,7 +78,7 @@ def test_stitch_reproduces_the_map_under_the_tiles():
     tiles = np.zeros((len(placement.windows), 32, 32), np.float32)
     for i, win in enumerate(placement.windows):
         tiles[i, : win.height, : win.width] = truth[win.y0 : win.y0 + win.height, win.x0 : win.x0 + win.width]
-    np.testing.assert_allclose(stitch(tiles, placement, 0.5), truth, rtol=1e-6)
+    np.testing.assert_allclose(stitch(tiles, placement), truth, rtol=1e-6)
     # letterbox: the padding is cropped away
     box = Geometry((32, 32), "letterbox").place(H, W)
     canvas = np.full((1, 32, 32), 9.0, np.float32)

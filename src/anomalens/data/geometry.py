@@ -77,6 +77,7 @@ class Placement:
     windows: tuple[Window, ...]
     canvas: tuple[int, int]
     squashed: bool  # the whole canvas is the whole image (maps need no crop or stitch)
+    overlap: float = 0.0  # the tiles' overlap, as a share of a tile: how wide `stitch` cross-fades
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,9 @@ class Geometry:
                     "(tile=256)",
                 )
             windows = (Window(0, 0, rh, rw),)
-        return Placement((h, w), (rh, rw), windows, (ch, cw), squashed=self.resize == "squash")
+        return Placement(
+            (h, w), (rh, rw), windows, (ch, cw), squashed=self.resize == "squash", overlap=self.tile_overlap
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -189,9 +192,10 @@ def _ramp(n: int, full: int, ramp: int) -> np.ndarray:
     return np.clip(np.minimum(x + 1, full - x) / (ramp + 1), 1e-3, 1.0)
 
 
-def stitch(maps: np.ndarray, placement: Placement, overlap: float = 0.0) -> np.ndarray:
+def stitch(maps: np.ndarray, placement: Placement) -> np.ndarray:
     """One map of the resized image from its canvases' maps (n, H, W): padding cropped away, tiles
-    blended by `overlap`-wide ramps (weights normalized, so a constant map stays constant)."""
+    blended by ramps as wide as half their overlap (weights normalized, so a constant map stays
+    constant)."""
     if placement.squashed:
         return maps[0]
     rh, rw = placement.resized_shape
@@ -202,8 +206,8 @@ def stitch(maps: np.ndarray, placement: Placement, overlap: float = 0.0) -> np.n
     total = np.zeros((rh, rw), np.float32)
     weight = np.zeros((rh, rw), np.float32)
     for amap, win in zip(maps, placement.windows):
-        wy = _ramp(win.height, th, int(th * overlap / 2))
-        wx = _ramp(win.width, tw, int(tw * overlap / 2))
+        wy = _ramp(win.height, th, int(th * placement.overlap / 2))
+        wx = _ramp(win.width, tw, int(tw * placement.overlap / 2))
         w2 = np.outer(wy, wx)
         total[win.y0 : win.y0 + win.height, win.x0 : win.x0 + win.width] += (
             amap[: win.height, : win.width] * w2

@@ -28,7 +28,6 @@ from anomalens.data.drift import DriftFlag, DriftProfile
 from anomalens.data.geometry import (
     Geometry,
     Placement,
-    check_geometry,
     native_canvas,
     parse_size,
     size_option,
@@ -166,11 +165,9 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def assemble(
     scores: np.ndarray,
     maps: np.ndarray,
-    placement,
-    shape: tuple[int, int],
+    placement: Placement,
     map_score: dict[str, Any],
     roi: np.ndarray | None,
-    tile_overlap: float,
 ) -> tuple[float, np.ndarray]:
     """One image's raw score and map at its own (H, W) from the scores and maps of its canvases.
 
@@ -179,9 +176,10 @@ def assemble(
     lowest inside value) decides the score by `map_score`, so padding and pixels outside the ROI
     never count.
     """
+    shape = placement.image_shape
     if placement.squashed and roi is None:
         return float(scores[0]), resize_map(maps[0], shape)
-    amap = stitch(np.asarray(maps, dtype=np.float32), placement, tile_overlap)
+    amap = stitch(np.asarray(maps, dtype=np.float32), placement)
     inside = None if roi is None else resize_mask(roi, amap.shape)
     score = score_from_map(amap, map_score, inside)
     full = resize_map(amap, shape)
@@ -192,7 +190,7 @@ def assemble(
 
 
 def score_canvases(
-    model: Inferencer, pixels: torch.Tensor, placements: list[Placement], shapes: list[tuple[int, int]]
+    model: Inferencer, pixels: torch.Tensor, placements: list[Placement]
 ) -> list[tuple[float, np.ndarray]]:
     """Score the canvases of several images (`pixels`: each image's canvases in turn), at most
     `batch_size` canvases per model call (a tiled image has dozens), and return each image's raw
@@ -201,13 +199,11 @@ def score_canvases(
     parts = [model.score_batch(pixels[i : i + step]) for i in range(0, len(pixels), step)]
     scores = np.concatenate([np.asarray(s) for s, _ in parts])
     maps = np.concatenate([np.asarray(m) for _, m in parts])
-    overlap = model.preprocess().canvas_geometry.tile_overlap
     out, start = [], 0
-    for shape, placement in zip(shapes, placements):
-        n = len(placement.windows)
-        part = slice(start, start + n)
-        out.append(assemble(scores[part], maps[part], placement, shape, model.map_score, model.roi, overlap))
-        start += n
+    for placement in placements:
+        part = slice(start, start + len(placement.windows))
+        out.append(assemble(scores[part], maps[part], placement, model.map_score, model.roi))
+        start = part.stop
     return out
 
 
@@ -236,7 +232,7 @@ def iter_predict(
             progress=bar,
             statistics=measure,
         ):
-            results = score_canvases(model, batch.pixels, batch.placements, batch.shapes)
+            results = score_canvases(model, batch.pixels, batch.placements)
             for i, (key, (score, amap)) in enumerate(zip(batch.keys, results)):
                 stats = batch.stats[i] if measure else None
                 yield Scored(key, score, amap, profile.check(stats) if profile is not None else [], stats)
@@ -335,7 +331,7 @@ class Detector(ABC):
         o = self.options
         o["image_size"] = size_option(o["image_size"])
         check_intensity(o["intensity"])
-        check_geometry(o["resize"], o["scale"], o["tile"], o["tile_overlap"])
+        _ = self.geometry  # building it checks resize, scale and tiles
         if self.square_input and isinstance(o["image_size"], str):
             raise ValueError(
                 f"{self.name} needs a square input: give image_size as one number (e.g. 256), or "

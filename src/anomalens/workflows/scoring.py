@@ -126,7 +126,6 @@ class Decoded:
 
     key: str
     content_sha256: str | None = None
-    shape: tuple[int, int] | None = None
     pixels: torch.Tensor | None = None  # the image's canvases (n, C, H, W)
     placement: Placement | None = None
     drift: list[DriftFlag] = field(default_factory=list)
@@ -177,7 +176,7 @@ class Scorer:
             image = read_image(path)
             pixels, placement = self.preprocess.canvases(image, str(path))
             drift = [] if self.drift_profile is None else self.drift_profile.check(image_statistics(image))
-            return Decoded(key, digest, image.shape[:2], pixels, placement, drift)
+            return Decoded(key, digest, pixels, placement, drift)
         except ImageReadError as err:
             return Decoded(key, error=str(err))
         except OSError as err:  # unreadable before decoding: permissions, a file gone since listing
@@ -189,10 +188,7 @@ class Scorer:
         by_key: dict[str, ResultRecord] = {}
         if good:
             results = score_canvases(
-                self.detector,
-                torch.cat([d.pixels for d in good]),
-                [d.placement for d in good],
-                [d.shape for d in good],
+                self.detector, torch.cat([d.pixels for d in good]), [d.placement for d in good]
             )
             for d, (score, amap) in zip(good, results):
                 by_key[d.key] = self._record(d, self.verdict(score, amap, d.drift))
@@ -341,9 +337,7 @@ def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) 
                     [rank, rec.path, rec.score, rec.normalized_score, rec.decision, "", decoded.error]
                 )
                 continue
-            [(score, amap)] = score_canvases(
-                scorer.detector, decoded.pixels, [decoded.placement], [decoded.shape]
-            )
+            [(score, amap)] = score_canvases(scorer.detector, decoded.pixels, [decoded.placement])
             verdict = scorer.verdict(score, amap, decoded.drift)
             name = f"{rank:04d}_{Path(rec.path).stem}.png"
             verdict_overlay(read_image(rec.path), verdict, f"#{rank} {Path(rec.path).name}").save(
