@@ -207,3 +207,29 @@ def test_wmw_loss_and_its_gradient_on_a_hand_made_case():
     assert hard.item() == pytest.approx(0.2**2 / 2)
     with pytest.raises(ValueError, match="both"):
         wmw_loss(scores.detach(), torch.ones(4))
+
+
+def test_review_page_counts_labels_since_the_last_refine(patchcore, planted, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from anomalens.serve import ServeConfig, create_app, load_inferencer
+
+    rest, lent = split_train_defects(load_mvtec(planted), 2, seed=0)
+    refined, _ = refine(patchcore, lent, classifier="logistic")
+    assert refined.refiner.info["refined_at"] >= "2026"
+    refined.refiner.info["refined_at"] = "2001-01-01T00:00:00+00:00"  # labels given later all count
+    path = refined.save(tmp_path / "r.model")
+    inferencer = load_inferencer(path, runtime="torch", threads=1)
+    client = TestClient(
+        create_app(ServeConfig(model=path, runtime="torch", store=tmp_path / "s.db"), inferencer=inferencer)
+    )
+    ids = [
+        client.post("/predict", files={"file": (s.path.name, s.path.read_bytes(), "image/png")}).json()["id"]
+        for s in rest.test[:3]
+    ]
+    summary = client.get("/api/review/summary").json()
+    assert summary["refined_at"] == "2001-01-01T00:00:00+00:00"
+    assert client.get("/api/review/stats").json()["labels_since_refine"] == 0
+    client.post(f"/api/review/items/{ids[0]}/label", json={"label": "defect"})
+    client.post(f"/api/review/items/{ids[1]}/label", json={"label": "good"})
+    assert client.get("/api/review/stats").json()["labels_since_refine"] == 2

@@ -16,7 +16,7 @@ from anomalens.data import Sample
 from anomalens.data.labels import load_labelled
 from anomalens.models.base import Detector
 from anomalens.models.refine import Normalization, Refiner, fit_classifier, image_features, probability
-from anomalens.store import ResultStore
+from anomalens.store import ResultStore, utc_now
 from anomalens.thresholds import Calibration, image_digests
 from anomalens.thresholds.operating import point_at
 
@@ -157,6 +157,7 @@ def refine(
         fit_classifier(x, y, classifier, seed),
         {
             "source": source,
+            "refined_at": utc_now(),
             "n_good": n_good,
             "n_defect": n_defect,
             "image_digests": digests,
@@ -176,9 +177,5 @@ def refine(
         **point.to_dict(),
         "chosen_on": {"dataset": source or "labelled images", "n_images": len(y), "image_digests": digests},
         "cross_validated": True,
-    }
-    refined.fit_info = {
-        **base.fit_info,
-        "refine": {k: v for k, v in refined.refiner.info.items() if k != "image_digests"},
     }
     return refined, report
