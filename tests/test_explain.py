@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
+from sklearn.metrics import roc_auc_score
 
 import anomalens
 from anomalens.data import load_mvtec, make_synthetic_dataset, read_image
@@ -209,6 +210,23 @@ def test_classifier_learns_the_pseudo_labels_and_is_explained(patchcore, data, e
         again, images[defective[0]], [s.path for s in data.train], n_segments=24, num_samples=48
     )
     assert lime.shape == (SIZE, SIZE) and lime.max() == 1.0
+
+
+def test_classifier_trained_for_full_recall_ranks_defects_first(patchcore, easy_set):
+    images, masks = easy_set
+    scores = patchcore.predict(images).normalized_scores
+    classifier = train_classifier(
+        scores,
+        images,
+        anomalous_fraction=0.4,
+        normal_fraction=0.4,
+        image_size=64,
+        epochs=12,
+        loss="wmw_full_recall",
+    )
+    truth = np.array([m.any() for m in masks])
+    assert classifier.info["loss"] == "wmw_full_recall"
+    assert roc_auc_score(truth, classifier.predict_proba(images)) >= 0.9
 
 
 # -- CLI and report --------------------------------------------------------------------------------

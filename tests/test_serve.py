@@ -169,6 +169,8 @@ def test_store_records_predictions_and_review_api(model_file, inferencer, textur
     norm = [b["normalized_score"] for b in scored.values()]
     assert stats["n_total"] == len(norm) and stats["n_flagged"] == sum(n >= t for n in norm)
     assert stats["n_pass"] == len(norm) - stats["n_flagged"] and stats["n_labelled"] == 4
+    # a model never refined: every label is one `anomalens refine` has not used yet
+    assert stats["labels_since_refine"] == 4 and c.get("/api/review/summary").json()["refined_at"] is None
     caught = sum(b["normalized_score"] >= t for b in by_label[1][:2])
     false_alarms = sum(b["normalized_score"] >= t for b in by_label[0][:2])
     assert stats["recall"] == caught / 2 and stats["false_alarm_rate"] == false_alarms / 2

@@ -11,6 +11,7 @@ from anomalens.cli.benchmark import benchmark, classical_study
 from anomalens.cli.core import demo, evaluate, fit, models, predict
 from anomalens.cli.explain import explain
 from anomalens.cli.export import export
+from anomalens.cli.refine import refine
 from anomalens.cli.score import score, threshold
 from anomalens.cli.serve import serve
 
@@ -21,7 +22,7 @@ app = typer.Typer(
     help="Unsupervised visual anomaly detection and localization for industrial inspection.",
 )
 
-for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, export):
+for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, refine, export):
     app.command()(command)
 app.command("classical-study")(classical_study)
 app.command()(explain)

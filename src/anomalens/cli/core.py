@@ -37,6 +37,10 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "aupimo"):
         value = metrics.get(key)
         table.add_row(key, "n/a" if value is None else f"{value:.4f}")
+    zfn = metrics.get("accuracy_at_full_recall")
+    if zfn is not None:
+        table.add_row("ZFN (accuracy at 100 % recall)", f"{zfn:.4f}")
+        table.add_row("false-alarm rate at 100 % recall", f"{metrics['fpr_at_full_recall']:.4f}")
     at = metrics.get("at_threshold")
     if at:
         source = metrics.get("threshold_source") or {}
@@ -59,6 +63,10 @@ def _notes(metrics: dict) -> list[str]:
     if source.get("warning"):
         lines.append(
             f"  warning: the threshold was {source['warning']} (its precision and recall here are not a test)"
+        )
+    if metrics.get("n_left_out_trained_on"):
+        lines.append(
+            f"  left out: {metrics['n_left_out_trained_on']} test images the refine stage trained on"
         )
     drift = metrics.get("drift") or {}
     lines += [f"  outside the training range: {example}" for example in drift.get("examples", [])]
@@ -274,6 +282,14 @@ def evaluate(
         help="compare maps and masks at SxS for pixel metrics (anomalib's protocol) instead of each "
         "image's own resolution",
     ),
+    train_defects: int | None = typer.Option(
+        None,
+        "--train-defects",
+        min=1,
+        help="leave out the K seeded test defects per type (and goods) that `refine --train-defects K` "
+        "trained on (same --seed)",
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of --train-defects"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -285,15 +301,19 @@ def evaluate(
     Example: anomalens evaluate tile.model ../shared/datasets/magnetic_tile/magnetic_tile --json metrics.json
     """
     from anomalens.data import load_dataset
+    from anomalens.data.labels import split_train_defects
     from anomalens.models.base import Detector
     from anomalens.workflows.evaluate import evaluate as run_evaluation
 
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
+        dataset = load_dataset(data)
+        if train_defects is not None:
+            dataset, _ = split_train_defects(dataset, train_defects, seed)
         result = run_evaluation(
             detector,
-            load_dataset(data),
+            dataset,
             progress=not quiet,
             on_error="skip" if skip_bad else "raise",
             pixel_size=pixel_size,

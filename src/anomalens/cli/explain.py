@@ -51,6 +51,12 @@ def explain(
         0.2, help="pseudo-labels: top share of scores taken as anomalous"
     ),
     normal_fraction: float = typer.Option(0.5, help="pseudo-labels: bottom share of scores taken as normal"),
+    classifier_loss: str = typer.Option(
+        "cross_entropy",
+        "--classifier-loss",
+        help="gradcam/lime: the classifier's loss: cross_entropy, wmw (ranking) or wmw_full_recall "
+        "(the hardest defect ranked above the goods: miss none at the fewest false alarms)",
+    ),
     min_region: int = typer.Option(16, "--min-region-area", help="smallest region reported, in pixels"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
 ) -> None:
@@ -101,6 +107,7 @@ def explain(
                     [it.path for it in pool],
                     anomalous_fraction=anomalous_fraction,
                     normal_fraction=normal_fraction,
+                    loss=classifier_loss,
                 )
                 output.mkdir(parents=True, exist_ok=True)
                 classifier.save(output / "classifier.safetensors")

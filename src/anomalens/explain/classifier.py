@@ -24,8 +24,10 @@ from torch import nn
 from anomalens.backbones import BackboneError, BackboneSpec, build_backbone
 from anomalens.data.inputs import Preprocess, as_items, load_item
 from anomalens.models.base import ModelFileError
+from anomalens.models.components.ranking import wmw_loss
 
 CLASSIFIER_FORMAT = "anomalens-explain-classifier/1"
+LOSSES = ("cross_entropy", "wmw", "wmw_full_recall")
 
 
 @dataclass(frozen=True)
@@ -132,18 +134,25 @@ class AnomalyClassifier(nn.Module):
         lr: float = 1e-3,
         batch_size: int = 16,
         seed: int = 0,
+        loss: str = "cross_entropy",
     ) -> AnomalyClassifier:
         """Fine-tune the last stage and the head on (image, 0/1 label) pairs, both classes needed.
 
-        Horizontal and vertical flips of the cached stage inputs augment the few images; the loss
-        weighs the classes equally however unbalanced the pseudo-labels are.
+        Horizontal and vertical flips of the cached stage inputs augment the few images. The loss:
+        "cross_entropy" weighs the classes equally however unbalanced the labels are; "wmw" ranks
+        every defect above every good (`models.components.ranking.wmw_loss`); "wmw_full_recall"
+        ranks the hardest defect above the goods, the objective of "miss no defect at the fewest
+        false alarms". The ranking losses take whole-set steps: each step needs both classes.
         """
+        if loss not in LOSSES:
+            raise ValueError(f"unknown classifier loss {loss!r}; choose one of {', '.join(LOSSES)}")
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if set(labels.tolist()) != {0, 1}:
             raise ValueError(
                 "the explanation classifier needs both anomalous and normal pseudo-labelled images"
             )
         torch.manual_seed(seed)
+        self.head.reset_parameters()  # its first init drew from whatever the global RNG held then
         inputs = torch.cat([self._last_stage_inputs(chunk) for chunk in self.pixels(images).split(32)])
         counts = torch.bincount(labels, minlength=2).float()
         weight = counts.sum() / (2 * counts)
@@ -151,19 +160,26 @@ class AnomalyClassifier(nn.Module):
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed)
         self.train()
+        step = batch_size if loss == "cross_entropy" else len(labels)
         for _ in range(epochs):
-            for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
+            for idx in torch.randperm(len(labels), generator=gen).split(step):
                 x = inputs[idx]
                 flips = [d for d, p in ((2, 0.5), (3, 0.5)) if torch.rand(1, generator=gen).item() < p]
                 x = x.flip(flips) if flips else x
-                loss = F.cross_entropy(
-                    self.head(self.last_stage(x).mean(dim=(2, 3))), labels[idx], weight=weight
-                )
+                logits = self.head(self.last_stage(x).mean(dim=(2, 3)))
+                if loss == "cross_entropy":
+                    value = F.cross_entropy(logits, labels[idx], weight=weight)
+                else:
+                    value = wmw_loss(
+                        F.softmax(logits, dim=1)[:, 1],
+                        labels[idx],
+                        hardest=1 if loss == "wmw_full_recall" else None,
+                    )
                 optimizer.zero_grad()
-                loss.backward()
+                value.backward()
                 optimizer.step()
         self.eval()
-        self.info.update(n_train=len(labels), n_train_anomalous=int(counts[1]), epochs=epochs)
+        self.info.update(n_train=len(labels), n_train_anomalous=int(counts[1]), epochs=epochs, loss=loss)
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -219,6 +235,7 @@ def train_classifier(
     image_size: int = 128,
     epochs: int = 30,
     seed: int = 0,
+    loss: str = "cross_entropy",
 ) -> AnomalyClassifier:
     """Pseudo-label `images` by the detector's scores, fine-tune a classifier on part of them and
     measure its agreement with the detector on the rest (`classifier.info['agreement']`)."""
@@ -237,7 +254,7 @@ def train_classifier(
             )
         held[rng.choice(members, max(1, int(round(holdout_fraction * len(members)))), replace=False)] = True
     model = AnomalyClassifier(backbone, layer, image_size)
-    model.fit([images[i] for i in idx[~held]], labels[~held], epochs=epochs, seed=seed)
+    model.fit([images[i] for i in idx[~held]], labels[~held], epochs=epochs, seed=seed, loss=loss)
     predicted = model.predict_proba([images[i] for i in idx[held]]) >= 0.5
     model.info.update(
         agreement=round(float((predicted == labels[held]).mean()), 4),

@@ -171,16 +171,18 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
         },
         "preprocess": preprocess.to_dict(),
         "map_score": detector.map_score,
-        "drift": None if detector.drift_profile is None else _profile_json(detector.drift_profile),
+        "drift": None if detector.drift_profile is None else _arrays_json(detector.drift_profile),
+        "refine": None if detector.refiner is None else _arrays_json(detector.refiner),
         "roi_png": None if detector.roi is None else base64.b64encode(_png(detector.roi)).decode(),
         "outputs": list(OUTPUT_NAMES),
         "parity": parity,
     }
 
 
-def _profile_json(profile) -> dict[str, Any]:
-    """A drift profile as JSON: its metadata, and its arrays as base64 .npy (read back without pickle)."""
-    arrays, meta = profile.to_arrays_and_meta()
+def _arrays_json(part) -> dict[str, Any]:
+    """A drift profile or refine stage as JSON: its metadata, and its arrays as base64 .npy (read
+    back without pickle)."""
+    arrays, meta = part.to_arrays_and_meta()
     encoded = {}
     for name, array in arrays.items():
         buffer = io.BytesIO()

@@ -18,15 +18,15 @@ from anomalens.data.inputs import Preprocess
 from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
 from anomalens.export.session import ort_session
 from anomalens.models.base import ModelFileError, Prediction, Scored, iter_predict, predict
+from anomalens.models.refine import Refiner
 from anomalens.thresholds import Calibration, decision_calibration
 
 
-def _profile_from_json(drift: dict[str, Any]) -> DriftProfile:
-    arrays = {
+def _arrays_from_json(part: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
         name: np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
-        for name, data in drift["arrays"].items()
+        for name, data in part["arrays"].items()
     }
-    return DriftProfile.from_arrays_and_meta(arrays, drift["meta"])
 
 
 class OnnxDetector:
@@ -47,7 +47,17 @@ class OnnxDetector:
         self.calibration = Calibration.from_dict(metadata["calibration"]) if metadata["calibration"] else None
         self.operating_point: dict[str, Any] | None = metadata["operating_point"]
         drift = metadata.get("drift")
-        self.drift_profile: DriftProfile | None = None if drift is None else _profile_from_json(drift)
+        self.drift_profile: DriftProfile | None = (
+            None
+            if drift is None
+            else DriftProfile.from_arrays_and_meta(_arrays_from_json(drift), drift["meta"])
+        )
+        refine = metadata.get("refine")
+        self.refiner: Refiner | None = (
+            None
+            if refine is None
+            else Refiner.from_arrays_and_meta(_arrays_from_json(refine), refine["meta"])
+        )
         roi = metadata.get("roi_png")
         self.roi: np.ndarray | None = None
         if roi is not None:

@@ -45,11 +45,13 @@ from anomalens.data.inputs import (
 )
 from anomalens.data.io import ImageReadError, image_shape, read_mask
 from anomalens.data.progress import progress_bar
+from anomalens.models.refine import Refiner
 from anomalens.thresholds import Calibration, calibrate, decision_calibration
 
 FORMAT_VERSION = 1
 ROI_KEY = "anomalens.roi"  # the region of interest's array in a model file, beside the method's own
 DRIFT_PREFIX = "anomalens.drift."  # the drift profile's arrays
+REFINE_PREFIX = "anomalens.refine."  # the supervised stage's arrays (`anomalens refine`)
 
 
 class ModelFileError(ValueError):
@@ -134,6 +136,10 @@ class Inferencer(Protocol):
     def drift_profile(self) -> DriftProfile | None:
         """The training goods' statistics that each image is checked against (None: no check)."""
 
+    @property
+    def refiner(self) -> Refiner | None:
+        """The supervised stage that turns the image's raw score and map into its refined score (None: none)."""
+
 
 def score_from_map(anomaly_map: np.ndarray, spec: dict[str, Any], roi: np.ndarray | None = None) -> float:
     """An image score from its raw map (over `roi` only, when given): the map's maximum, or with
@@ -202,7 +208,8 @@ def score_canvases(
     out, start = [], 0
     for placement in placements:
         part = slice(start, start + len(placement.windows))
-        out.append(assemble(scores[part], maps[part], placement, model.map_score, model.roi))
+        score, amap = assemble(scores[part], maps[part], placement, model.map_score, model.roi)
+        out.append((score if model.refiner is None else model.refiner.score(score, amap), amap))
         start = part.stop
     return out
 
@@ -345,6 +352,9 @@ class Detector(ABC):
         #: threshold chosen on labelled data (`anomalens threshold`), saved in the model file; when
         #: set it decides instead of the calibrated threshold (see `decision_calibration`)
         self.operating_point: dict[str, Any] | None = None
+        #: the supervised stage of `anomalens refine`, saved in the model file; when set the image
+        #: score is its defect probability and `calibration` is in those units
+        self.refiner: Refiner | None = None
         self.fit_info: dict[str, Any] = {}
         self._fitted = False
         self._show_progress = False
@@ -434,6 +444,7 @@ class Detector(ABC):
         self._show_progress = progress  # methods with long fitting steps show their own bars
         measure = bool(self.options["drift_check"])
         self._drift_profile = None  # an earlier fit's goods say nothing about these
+        self.refiner = None  # trained on the old fit's scores and maps
         fit_stats: list[dict] = []
 
         def fit_batches(bar) -> Iterator[Batch]:
@@ -566,6 +577,10 @@ class Detector(ABC):
         if self._drift_profile is not None:
             drift_arrays, drift = self._drift_profile.to_arrays_and_meta()
             arrays = {**arrays, **{DRIFT_PREFIX + k: v for k, v in drift_arrays.items()}}
+        refine = None
+        if self.refiner is not None:
+            refine_arrays, refine = self.refiner.to_arrays_and_meta()
+            arrays = {**arrays, **{REFINE_PREFIX + k: v for k, v in refine_arrays.items()}}
         header = {
             "format_version": FORMAT_VERSION,
             "detector": self.name,
@@ -574,6 +589,7 @@ class Detector(ABC):
             "operating_point": self.operating_point,
             "fit_info": self.fit_info,
             "drift": drift,
+            "refine": refine,
             "state": meta,
         }
         path = Path(path)
@@ -598,6 +614,12 @@ class Detector(ABC):
         drift = {k[len(DRIFT_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(DRIFT_PREFIX)}
         if header.get("drift"):
             detector._drift_profile = DriftProfile.from_arrays_and_meta(drift, header["drift"])
+        refine = {k[len(REFINE_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(REFINE_PREFIX)}
+        if header.get("refine"):
+            try:
+                detector.refiner = Refiner.from_arrays_and_meta(refine, header["refine"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ModelFileError(f"'{path}': unreadable refine stage ({err})") from None
         detector._restore(arrays, header["state"])
         detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
         detector.operating_point = header.get("operating_point")

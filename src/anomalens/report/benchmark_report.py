@@ -30,6 +30,7 @@ ACCURACY_KEYS = [
     "pixel_auroc",
     "aupro",
     "aupimo",
+    "zfn",
     "f1_at_threshold",
 ]
 #: the columns of the Markdown and HTML tables (JSON has all of SUMMARY_KEYS)

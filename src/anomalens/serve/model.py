@@ -86,5 +86,7 @@ def load_inferencer(path: Path, runtime: str = "onnx", threads: int | None = Non
         "fit_info": fit_info,
         "calibration": calibration.to_dict(),
         "operating_point": model.operating_point,
+        # when `anomalens refine` last trained the model on labels (None: never)
+        "refined_at": None if model.refiner is None else model.refiner.info.get("refined_at"),
     }
     return ServedModel(model, runtime, metadata)

@@ -146,6 +146,13 @@ class ReviewStore:
             "score_max": row[2] or 0.0,
         }
 
+    def labels_since(self, timestamp: str | None) -> int:
+        """Images of this model labelled after `timestamp` (ISO 8601 UTC, as the store writes), or all."""
+        sql = "SELECT COUNT(*) FROM results WHERE model_id = ? AND label IS NOT NULL"
+        if timestamp is None:
+            return self._rows(sql, (self.model_id,))[0][0]
+        return self._rows(sql + " AND labelled_at > ?", (self.model_id, timestamp))[0][0]
+
     def stats(self, threshold: float = 1.0) -> dict[str, Any]:
         """Counts at a normalized-score threshold (an image passes below it) and, from the human
         labels, recall (marked defects flagged) and false-alarm rate (marked goods flagged)."""
@@ -247,9 +254,12 @@ def review_router(
             raise HTTPException(404, f"no static file {name!r}")
         return FileResponse(files[name])
 
+    # when `anomalens refine` last trained this model on labels (None: never)
+    refined_at = inferencer.metadata["refined_at"]
+
     @router.get("/api/review/summary", tags=["review"], summary="Model id, image count and score range")
     def summary() -> dict:
-        return {**review.summary(), "detector": inferencer.metadata["detector"]}
+        return {**review.summary(), "detector": inferencer.metadata["detector"], "refined_at": refined_at}
 
     @router.get("/api/review/items", tags=["review"], summary="Scored images, most anomalous first")
     def items(
@@ -288,7 +298,7 @@ def review_router(
     def stats(
         threshold: float = Query(1.0, description="normalized score at which an image is flagged"),
     ) -> dict:
-        return review.stats(threshold)
+        return {**review.stats(threshold), "labels_since_refine": review.labels_since(refined_at)}
 
     @router.get(
         "/api/review/export.csv",

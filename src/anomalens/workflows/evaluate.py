@@ -13,7 +13,7 @@ from anomalens.data.drift import DriftProfile
 from anomalens.metrics import aupimo, f1_at_threshold, high_recall_metrics, image_metrics, pixel_metrics
 from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.base import Detector, Prediction, resize_map, resize_mask
-from anomalens.thresholds import threshold_source
+from anomalens.thresholds import image_digests, threshold_source
 
 
 @dataclass
@@ -90,6 +90,19 @@ def evaluate(
     """
     if not dataset.test:
         raise ValueError(f"dataset '{dataset.name}' has no test images to evaluate on")
+    # a refine stage's own training images never count: its classifier has seen their answers
+    trained_on = detector.refiner.trained_on if detector.refiner is not None else set()
+    kept = [
+        s
+        for s, d in zip(dataset.test, image_digests(str(s.path) for s in dataset.test))
+        if d not in trained_on
+    ]
+    n_trained_on = len(dataset.test) - len(kept)
+    if not kept:
+        raise ValueError(
+            f"every test image of '{dataset.name}' trained the model's refine stage: nothing to evaluate"
+        )
+    dataset = replace(dataset, test=kept)
     start = time.perf_counter()
     prediction = detector.predict(dataset.test, progress=progress, on_error=on_error)
     seconds = time.perf_counter() - start
@@ -109,6 +122,7 @@ def evaluate(
         model=detector.name,
         n_images=len(samples),
         n_skipped=len(prediction.skipped),
+        n_left_out_trained_on=n_trained_on,
         predict_seconds=round(seconds, 3),
         images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None,
     )

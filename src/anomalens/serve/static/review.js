@@ -45,6 +45,7 @@ async function refreshStats() {
   $("n-pass").textContent = s.n_pass;
   $("n-flagged").textContent = s.n_flagged;
   $("n-labelled").textContent = `${s.n_labelled} / ${s.n_total}`;
+  $("n-since-refine").textContent = s.labels_since_refine;
   $("n-defect").textContent = s.n_defect;
   $("n-good").textContent = s.n_good;
   $("recall").textContent = pct(s.recall);
@@ -146,6 +147,8 @@ async function loadItems(append = false) {
 async function init() {
   const summary = await api("/api/review/summary");
   $("model").textContent = `${summary.detector} · model ${summary.model_id}`;
+  // labels `anomalens refine` has not trained on yet: since its last run, or all of them
+  $("since-refine-label").textContent = summary.refined_at ? `labels since refine (${summary.refined_at.slice(0, 10)})` : "labels, never refined";
   const slider = $("threshold");
   slider.min = Math.min(0, Math.floor(summary.score_min * 10) / 10);
   slider.max = Math.max(2, Math.ceil(summary.score_max * 10) / 10);
