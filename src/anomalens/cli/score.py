@@ -177,14 +177,21 @@ def score(
             highlight=False,
             soft_wrap=True,
         )
-        if csv_out:
-            out.print(f"wrote {store.export_csv(csv_out, model_id)}")
-        if parquet_out:
-            out.print(f"wrote {store.export_parquet(parquet_out, model_id)}")
-        if top:
-            folder = top_dir or output.with_name(output.stem + "_top")
-            written = export_top(store, scorer, top, folder)
-            out.print(f"wrote {len(written)} overlays of the most anomalous images to {folder}")
+        try:
+            if csv_out:
+                out.print(f"wrote {store.export_csv(csv_out, model_id)}")
+            if parquet_out:
+                out.print(f"wrote {store.export_parquet(parquet_out, model_id)}")
+            if top:
+                folder = top_dir or output.with_name(output.stem + "_top")
+                written = export_top(store, scorer, top, folder)
+                out.print(f"wrote {len(written)} overlays of the most anomalous images to {folder}")
+        except (OSError, StoreError) as e:  # after scoring: the results are safe in the store
+            reason = f"'{e.filename}': {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            fail(
+                f"cannot write {reason}; the {store.count(model_id)} results stay in {output}: "
+                "export them again with a writable path"
+            )
 
 
 def threshold(
