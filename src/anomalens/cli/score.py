@@ -106,15 +106,15 @@ def score(
     batch = batch_size or detector.options["batch_size"]
     with store:
         cal = detector.decision_calibration
-        store.register_model(
-            model_id,
-            detector=detector.name,
-            file_sha256=digest,
-            model_path=str(model_file),
-            threshold=cal.threshold if cal else None,
-            operating_point=detector.operating_point,
-        )
         try:
+            store.register_model(
+                model_id,
+                detector=detector.name,
+                file_sha256=digest,
+                model_path=str(model_file),
+                threshold=cal.threshold if cal else None,
+                operating_point=detector.operating_point,
+            )
             scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps)
             if watch is not None:
                 from anomalens.workflows.watch import watch_folder

@@ -60,6 +60,8 @@ class OnnxDetector:
     ) -> OnnxDetector:
         """Open an exported .onnx file, or a model file (exported on first use and cached)."""
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"'{path}' is a folder, not a model file")
         if not path.is_file():
             raise ModelFileError(f"model file '{path}' not found")
         if path.suffix.lower() != ".onnx":
