@@ -293,4 +293,5 @@ class BackboneTrainableDetector(TrainableDetector, BackboneDetector):
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self._restore_backbone(meta)
+        _ = self.extractor  # built for real before the networks on it are sized on the meta device
         super()._restore(arrays, meta)
