@@ -676,7 +676,10 @@ class Detector(ABC):
         except (ModelFileError, BackboneError):
             raise
         except Exception as err:  # the file is what failed: say so in one line, whatever broke
-            reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            if isinstance(err, KeyError):  # a method's _restore reading an array or entry that is not there
+                reason = f"no {err} in the file"
+            else:
+                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise ModelFileError(f"'{path}' does not hold a usable {name} model: {reason}") from None
         return detector
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -192,10 +193,11 @@ class TokenGate:
             if not secrets.compare_digest(given, self.token):
                 response = self._form(path, 401, "wrong token")
             else:
-                rest = "&".join(
-                    f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token"
-                )  # the token leaves the address bar at once
-                response = self._logged_in(RedirectResponse(path + (f"?{rest}" if rest else ""), 303))
+                # the token leaves the address bar at once
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                response = self._logged_in(
+                    RedirectResponse(_local_path(path) + (f"?{rest}" if rest else ""), 303)
+                )
         elif request.method == "GET" and "text/html" in request.headers.get("accept", ""):
             response = self._form(
                 path + (f"?{scope['query_string'].decode()}" if scope["query_string"] else ""), 401
