@@ -217,3 +217,27 @@ def test_fuzzed_model_files_end_in_a_model_file_error_or_a_valid_model(model_fil
 
     check()
     shutil.rmtree(fuzz_dir, ignore_errors=True)
+
+
+def test_onnx_exports_with_bad_metadata_are_refused(model_file, tmp_path):
+    import onnx
+
+    from anomalens.export import OnnxDetector, export_onnx
+
+    exported = export_onnx(Detector.load(model_file), tmp_path / "tiny.onnx")
+    assert OnnxDetector.load(exported).calibration is not None
+    proto = onnx.load(str(exported))
+    entry = next(p for p in proto.metadata_props if p.key == "anomalens")
+    good = json.loads(entry.value)
+    for bad, word in [
+        ({**good, "calibration": {**good["calibration"], "threshold": float("nan")}}, "threshold"),
+        ({**good, "options": {**good["options"], "image_size": -5}}, "image_size"),
+        ({**good, "operating_point": {"threshold": "high"}}, "operating_point"),
+        ({**good, "detector": "nonesuch"}, "unknown detector"),
+        ([good], "JSON object"),
+    ]:
+        entry.value = json.dumps(bad)
+        path = tmp_path / "bad.onnx"
+        onnx.save(proto, str(path))
+        with pytest.raises(ModelFileError, match=word):
+            OnnxDetector.load(path)

@@ -299,8 +299,14 @@ def _file_option_problem(
     a number must be finite and within `bounds`, else within [0, max(2^20, 64 x default)] for
     defaults >= 0 (every declared default is), so a file cannot ask for a network of absurd size.
     """
-    if name == "image_size" or default is None:
-        return None  # image_size: parse_size checks it when the detector is built
+    if name == "image_size":
+        try:
+            parse_size(value)
+        except (ValueError, TypeError) as err:
+            return str(err).split(": ", 1)[-1]  # without parse_size's own "option image_size=..."
+        return None
+    if default is None:
+        return None
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "expected true or false"
     if isinstance(default, str):
