@@ -115,24 +115,36 @@ def test_oversized_upload_is_413(model_file, inferencer, texture):
     assert small.get("/health").status_code == 200
 
 
-def test_token_guards_writes_not_reads(model_file, inferencer, texture):
+def test_token_guards_every_route_but_health(model_file, inferencer, texture):
     guarded = client_for(model_file, inferencer, token=TOKEN)
     path = texture.test[0].path
     assert upload(guarded, path).status_code == 401
     assert upload(guarded, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     r = upload(guarded, path, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and "score" in r.json()
-    assert guarded.get("/model").json()["token_required"] is True
+    assert guarded.get("/model").status_code == 401
+    assert (
+        guarded.get("/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()["token_required"] is True
+    )
+    assert guarded.get("/health").status_code == 200
 
 
 def test_store_records_predictions_and_review_api(model_file, inferencer, texture, tmp_path):
     store = tmp_path / "results.db"
     c = client_for(model_file, inferencer, store=store, token=TOKEN)
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert c.get("/api/review/items").status_code == 401
     scored = {
         s.path: upload(c, s.path, headers=auth).json() for s in texture.test
     }  # names repeat across folders
     assert all("id" in b for b in scored.values())
+    assert (
+        c.post(
+            f"/api/review/items/{next(iter(scored.values()))['id']}/label", json={"label": "good"}
+        ).status_code
+        == 401
+    )
+    c.headers.update(auth)  # every read needs the token too
     page = c.get("/api/review/items?limit=5").json()
     assert page["total"] == len(texture.test) and len(page["items"]) == 5
     all_items = c.get("/api/review/items?limit=500").json()["items"]
@@ -149,9 +161,6 @@ def test_store_records_predictions_and_review_api(model_file, inferencer, textur
     by_label = {0: [], 1: []}
     for s in texture.test:
         by_label[s.label].append(scored[s.path])
-    assert (
-        c.post(f"/api/review/items/{by_label[1][0]['id']}/label", json={"label": "defect"}).status_code == 401
-    )
     for body, label in [
         (by_label[1][0], "defect"),
         (by_label[1][1], "defect"),

@@ -197,3 +197,64 @@ def test_threads_share_one_store_and_other_connections_read_while_writing(store)
     assert store.integrity_check() == "ok"
     with pytest.raises(StoreError, match="not found"):
         ResultStore(store.path.with_name("absent.db"), read_only=True)
+
+
+class FullDisk:
+    """A connection whose bulk inserts fail as SQLite does when the disk is full (everything else real)."""
+
+    def __init__(self, conn):
+        object.__setattr__(self, "_conn", conn)
+
+    def executemany(self, *args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._conn, name, value)
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_what_was_stored(store):
+    store.add_results([rec("a.png", 1.0), rec("b.png", 12.0)])
+    real = store._conn
+    store._conn = FullDisk(real)
+    with pytest.raises(StoreError) as info:
+        store.add_results([rec("c.png", 3.0), rec("d.png", 4.0)])
+    assert str(info.value).startswith("disk full: 2 results kept") and "\n" not in str(info.value)
+    store._conn = real
+    assert store.scored_paths("m1") == {"a.png", "b.png"}  # the failed batch left nothing half-written
+
+
+def test_a_read_only_store_says_so_and_keeps_its_rows(store):
+    store.add_results([rec("a.png", 1.0)])
+    store._conn.execute("PRAGMA query_only = ON")  # SQLite's own read-only refusal (root ignores chmod)
+    with pytest.raises(StoreError, match="the store is read-only: 1 results kept"):
+        store.add_results([rec("b.png", 2.0)])
+    with pytest.raises(StoreError, match="read-only"):
+        store.set_label("a.png", "good")
+    store._conn.execute("PRAGMA query_only = OFF")
+    assert store.scored_paths("m1") == {"a.png"}
+
+
+def test_a_store_under_a_file_or_at_a_folder_gives_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the result store"):
+        ResultStore(blocker / "results.db")
+    with pytest.raises(StoreError, match="is a folder"):
+        ResultStore(tmp_path)
+
+
+def test_a_corrupt_store_gives_a_one_line_error(tmp_path):
+    path = tmp_path / "results.db"
+    with ResultStore(path) as s:
+        s.register_model("m1", detector="patchcore", file_sha256="ab" * 32)
+        s.add_results([rec(f"{i}.png", float(i)) for i in range(200)])
+        s._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    data[4096:] = b"\xff" * (len(data) - 4096)  # every page after the first is garbage
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt") as info, ResultStore(path) as s:
+        s.scored_paths("m1")
+    assert "\n" not in str(info.value)

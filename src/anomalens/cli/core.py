@@ -252,6 +252,9 @@ def predict(
         fail(f"interrupted after {summary.n_scored} images; results so far are in {summary.scores_csv}", 130)
     except user_errors() as e:
         fail(f"{e} (after {summary.n_scored} images; results so far are in {summary.scores_csv})")
+    except OSError as e:  # the output folder: not writable, a file in its place, disk full
+        where = e.filename or output
+        fail(f"cannot write '{where}': {e.strerror or e} (after {summary.n_scored} images)")
     if summary.n_drift:
         err.print(
             f"warning: {summary.n_drift} of {summary.n_scored} images are outside the training goods' range "

@@ -106,15 +106,15 @@ def score(
     batch = batch_size or detector.options["batch_size"]
     with store:
         cal = detector.decision_calibration
-        store.register_model(
-            model_id,
-            detector=detector.name,
-            file_sha256=digest,
-            model_path=str(model_file),
-            threshold=cal.threshold if cal else None,
-            operating_point=detector.operating_point,
-        )
         try:
+            store.register_model(
+                model_id,
+                detector=detector.name,
+                file_sha256=digest,
+                model_path=str(model_file),
+                threshold=cal.threshold if cal else None,
+                operating_point=detector.operating_point,
+            )
             scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps)
             if watch is not None:
                 from anomalens.workflows.watch import watch_folder
@@ -177,14 +177,21 @@ def score(
             highlight=False,
             soft_wrap=True,
         )
-        if csv_out:
-            out.print(f"wrote {store.export_csv(csv_out, model_id)}")
-        if parquet_out:
-            out.print(f"wrote {store.export_parquet(parquet_out, model_id)}")
-        if top:
-            folder = top_dir or output.with_name(output.stem + "_top")
-            written = export_top(store, scorer, top, folder)
-            out.print(f"wrote {len(written)} overlays of the most anomalous images to {folder}")
+        try:
+            if csv_out:
+                out.print(f"wrote {store.export_csv(csv_out, model_id)}")
+            if parquet_out:
+                out.print(f"wrote {store.export_parquet(parquet_out, model_id)}")
+            if top:
+                folder = top_dir or output.with_name(output.stem + "_top")
+                written = export_top(store, scorer, top, folder)
+                out.print(f"wrote {len(written)} overlays of the most anomalous images to {folder}")
+        except (OSError, StoreError) as e:  # after scoring: the results are safe in the store
+            reason = f"'{e.filename}': {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            fail(
+                f"cannot write {reason}; the {store.count(model_id)} results stay in {output}: "
+                "export them again with a writable path"
+            )
 
 
 def threshold(

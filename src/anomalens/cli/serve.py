@@ -24,7 +24,20 @@ def serve(
         "--token",
         envvar="ANOMALENS_TOKEN",
         show_envvar=True,
-        help="require 'Authorization: Bearer TOKEN' on every POST",
+        help="require this token on every route but /health (API: 'Authorization: Bearer TOKEN'; "
+        "browsers: a login form, then a cookie). Given on the command line it shows in the process "
+        "list: prefer the environment variable or --token-file",
+    ),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="read the token from this file (its first line), which other users cannot read from the process list",
+    ),
+    max_concurrent: int = typer.Option(
+        2,
+        "--max-concurrent",
+        min=1,
+        help="images decoded and scored at once; further requests wait their turn",
     ),
     runtime: Runtime = typer.Option(
         Runtime.onnx,
@@ -44,14 +57,28 @@ def serve(
     min_region: int = typer.Option(16, help="smallest defect region reported, in pixels"),
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /health, GET /model, docs at /docs, and
-    with --store the inspector's review page at /review.
+    with --store the inspector's review page at /review. With a token (ANOMALENS_TOKEN,
+    --token-file or --token) every route but /health needs it; at most --max-concurrent images
+    are decoded and scored at once.
 
     Example: anomalens serve tile.model --store results.db --port 8000
     """
     import uvicorn
 
     from anomalens.serve import ServeConfig, create_app
+    from anomalens.store import StoreError
 
+    if token_file is not None:
+        if token:
+            fail("give the token once: --token-file, or --token / ANOMALENS_TOKEN")
+        try:
+            token = token_file.read_text().splitlines()[0].strip() if token_file.is_file() else None
+        except (OSError, UnicodeDecodeError, IndexError) as e:
+            fail(
+                f"cannot read the token file '{token_file}': {getattr(e, 'strerror', None) or 'empty or not text'}"
+            )
+        if not token:
+            fail(f"token file '{token_file}' is missing or empty")
     try:
         app = create_app(
             ServeConfig(
@@ -61,15 +88,18 @@ def serve(
                 store=store,
                 token=token,
                 max_upload_mb=max_upload_mb,
+                max_concurrent=max_concurrent,
                 uploads=uploads,
                 min_region=min_region,
             )
         )
-    except user_errors() as e:
+    except (*user_errors(), StoreError) as e:
         fail(str(e))
+    except OSError as e:  # the uploads folder: a file in its place, no permission
+        fail(f"cannot use '{e.filename}': {e.strerror or e}")
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         err.print(
-            f"warning: serving on {host} without --token: anyone who can reach it can write to the store"
+            f"warning: serving on {host} without a token: anyone who can reach it can read and write the store"
         )
     where = f"http://{host}:{port}"
     err.print(

@@ -19,7 +19,8 @@ from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KE
 from anomalens.export.session import ort_session
 from anomalens.models.base import ModelFileError, Prediction, Scored, iter_predict, predict
 from anomalens.models.refine import Refiner
-from anomalens.thresholds import Calibration, decision_calibration
+from anomalens.registry import available, get_class
+from anomalens.thresholds import Calibration, check_operating_point, decision_calibration
 
 
 def _arrays_from_json(part: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -69,6 +70,8 @@ class OnnxDetector:
     ) -> OnnxDetector:
         """Open an exported .onnx file, or a model file (exported on first use and cached)."""
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"'{path}' is a folder, not a model file")
         if not path.is_file():
             raise ModelFileError(f"model file '{path}' not found")
         if path.suffix.lower() != ".onnx":
@@ -81,15 +84,31 @@ class OnnxDetector:
             raise ModelFileError(
                 f"'{path}' is not an anomalens ONNX export (no '{METADATA_KEY}' metadata)"
             ) from None
+        if not isinstance(metadata, dict):
+            raise ModelFileError(f"'{path}': its '{METADATA_KEY}' metadata is not a JSON object")
         if metadata.get("format_version") != FORMAT_VERSION:
             raise ModelFileError(
-                f"'{path}' has ONNX export format {metadata.get('format_version')}, "
+                f"'{path}' has ONNX export format {metadata.get('format_version')!r:.40}, "
                 f"this anomalens reads format {FORMAT_VERSION}"
             )
-        detector = cls(path, session, metadata)
+        detector = cls._checked(path, session, metadata)
         if batch_size:
             detector.options["batch_size"] = int(batch_size)
         return detector
+
+    @classmethod
+    def _checked(cls, path: Path, session, metadata: dict[str, Any]) -> OnnxDetector:
+        """The detector of an export whose metadata passes the model file's checks (known detector
+        and options, finite calibration and operating point); ModelFileError otherwise."""
+        name = metadata.get("detector")
+        if not isinstance(name, str) or name not in available():
+            raise ModelFileError(f"'{path}': unknown detector {name!r:.60}")
+        get_class(name).check_file_options(metadata.get("options"), path)
+        try:
+            check_operating_point(metadata.get("operating_point"))
+            return cls(path, session, metadata)
+        except Exception as err:  # the file is what failed: one line, whatever broke
+            raise ModelFileError(f"'{path}' does not hold a usable {name} export: {err}") from None
 
     def preprocess(self) -> Preprocess:
         """The torch detector's preprocessing minus mean/std, which the graph applies."""

@@ -8,6 +8,7 @@ the configuration: loading never runs code.
 from __future__ import annotations
 
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -46,7 +47,7 @@ from anomalens.data.inputs import (
 from anomalens.data.io import ImageReadError, image_shape, read_mask
 from anomalens.data.progress import progress_bar
 from anomalens.models.refine import Refiner
-from anomalens.thresholds import Calibration, calibrate, decision_calibration
+from anomalens.thresholds import Calibration, calibrate, check_operating_point, decision_calibration
 
 FORMAT_VERSION = 1
 ROI_KEY = "anomalens.roi"  # the region of interest's array in a model file, beside the method's own
@@ -296,6 +297,48 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         ) from None
 
 
+def _file_option_problem(
+    name: str, value: Any, default: Any, bounds: tuple[float, float] | None
+) -> str | None:
+    """Why an option read from a model file does not fit its declared default, or None.
+
+    The type comes from the default (bool, int, float, str, tuple of its first element's type);
+    a number must be finite and within `bounds`, else within [0, max(2^20, 64 x default)] for
+    defaults >= 0 (every declared default is), so a file cannot ask for a network of absurd size.
+    """
+    if name == "image_size":
+        try:
+            parse_size(value)
+        except (ValueError, TypeError) as err:
+            return str(err).split(": ", 1)[-1]  # without parse_size's own "option image_size=..."
+        return None
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "expected a string"
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else None
+        if not isinstance(value, (list, tuple)) or len(value) > 64:
+            return "expected a list"
+        for v in value:
+            problem = _file_option_problem(name, v, default[0], bounds) if kind is not None else None
+            if problem:
+                return problem
+        return None
+    if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+        return "expected an integer"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "expected a number"
+    if not math.isfinite(value):
+        return "expected a finite number"
+    lo, hi = bounds or (0, max(2**20, 64 * default))
+    if not lo <= value <= hi:
+        return f"expected a value in [{lo:g}, {hi:g}]"
+    return None
+
+
 class Detector(ABC):
     """Base class: subclasses set `name`, `defaults`, and implement the four hooks below."""
 
@@ -316,6 +359,18 @@ class Detector(ABC):
         "seed": 0,
     }
     defaults: ClassVar[dict[str, Any]] = {}
+    #: (low, high) of numeric options, checked when a model file is loaded; others get the generic
+    #: bound of `_file_option_problem`. Methods add theirs in `option_bounds`.
+    base_option_bounds: ClassVar[dict[str, tuple[float, float]]] = {
+        "scale": (1e-3, 64.0),
+        "tile": (0, 8192),
+        "tile_overlap": (0.0, 0.99),
+        "batch_size": (1, 4096),
+        "calibration_fraction": (0.0, 1.0),
+        "calibration_quantile": (0.0, 1.0),
+        "seed": (0, 2**32 - 1),
+    }
+    option_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     #: False for methods that only score whole images: their maps are constant (the image score
     #: everywhere), pixel metrics are not computed and no regions are drawn for them
     localizes: ClassVar[bool] = True
@@ -605,27 +660,87 @@ class Detector(ABC):
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
-        from anomalens.registry import get_class
+        """A fitted detector from its model file. Everything in the file is checked first (see
+        `read_model_file` and `check_file_options`), then the detector scores one blank canvas:
+        any file it cannot be rebuilt from ends in one `ModelFileError`, never a later traceback
+        or a NaN score."""
+        from anomalens.backbones import BackboneError
+        from anomalens.registry import available, get_class
 
         header, arrays = read_model_file(path)
-        detector = get_class(header["detector"])(**header["options"])
-        roi = arrays.pop(ROI_KEY, None)
-        detector._roi = None if roi is None else roi > 0
-        drift = {k[len(DRIFT_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(DRIFT_PREFIX)}
-        if header.get("drift"):
-            detector._drift_profile = DriftProfile.from_arrays_and_meta(drift, header["drift"])
-        refine = {k[len(REFINE_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(REFINE_PREFIX)}
-        if header.get("refine"):
-            try:
+        name = header["detector"]
+        if not isinstance(name, str) or name not in available():
+            raise ModelFileError(f"'{path}': unknown detector {name!r}")
+        detector_cls = get_class(name)
+        detector_cls.check_file_options(header["options"], path)
+        try:
+            detector = detector_cls(**header["options"])
+            roi = arrays.pop(ROI_KEY, None)
+            if roi is not None and (roi.ndim != 2 or not roi.any()):
+                raise ValueError(
+                    f"region of interest of shape {roi.shape}: expected a 2-D mask with some pixels"
+                )
+            detector._roi = None if roi is None else roi > 0
+            drift = {
+                k[len(DRIFT_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(DRIFT_PREFIX)
+            }
+            if header["drift"]:
+                detector._drift_profile = DriftProfile.from_arrays_and_meta(drift, header["drift"])
+            refine = {
+                k[len(REFINE_PREFIX) :]: arrays.pop(k) for k in list(arrays) if k.startswith(REFINE_PREFIX)
+            }
+            if header["refine"]:
                 detector.refiner = Refiner.from_arrays_and_meta(refine, header["refine"])
-            except (ValueError, KeyError, TypeError) as err:
-                raise ModelFileError(f"'{path}': unreadable refine stage ({err})") from None
-        detector._restore(arrays, header["state"])
-        detector.calibration = Calibration.from_dict(header["calibration"]) if header["calibration"] else None
-        detector.operating_point = header.get("operating_point")
-        detector.fit_info = header.get("fit_info", {})
-        detector._fitted = True
+            detector._restore(arrays, header["state"])
+            detector.calibration = (
+                Calibration.from_dict(header["calibration"]) if header["calibration"] is not None else None
+            )
+            check_operating_point(header["operating_point"])
+            detector.operating_point = header["operating_point"]
+            detector.fit_info = header["fit_info"]
+            detector._fitted = True
+            detector._check_scores()
+        except (ModelFileError, BackboneError):
+            raise
+        except Exception as err:  # the file is what failed: say so in one line, whatever broke
+            if isinstance(err, KeyError):  # a method's _restore reading an array or entry that is not there
+                reason = f"no {err} in the file"
+            else:
+                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise ModelFileError(f"'{path}' does not hold a usable {name} model: {reason}") from None
         return detector
+
+    @classmethod
+    def check_file_options(cls, options: Any, path: str | Path = "model file") -> None:
+        """ModelFileError unless `options` (read from a file) are this detector's own, each of its
+        default's type and within its bounds (`base_option_bounds`, `option_bounds`)."""
+        if not isinstance(options, dict):
+            raise ModelFileError(f"'{path}': options must be an object, got {type(options).__name__}")
+        allowed = {**cls.base_defaults, **cls.defaults}
+        bounds = {**cls.base_option_bounds, **cls.option_bounds}
+        unknown = sorted(set(options) - set(allowed), key=str)
+        if unknown:
+            raise ModelFileError(
+                f"'{path}': unknown option(s) for {cls.name}: {', '.join(map(str, unknown))}"
+            )
+        for key, value in options.items():
+            problem = _file_option_problem(key, value, allowed[key], bounds.get(key))
+            if problem:
+                raise ModelFileError(f"'{path}': option {key}={value!r:.60}: {problem}")
+
+    def _check_scores(self) -> None:
+        """Score one blank canvas: arrays of the wrong shape fail here rather than on the first
+        image, and a model that scores NaN is refused (a NaN image score would pass)."""
+        pre = self.preprocess()
+        h, w = pre.input_size
+        scores, maps = self.score_batch(torch.zeros(1, pre.channels, h, w))
+        scores, maps = np.asarray(scores), np.asarray(maps)
+        if scores.shape != (1,) or maps.ndim != 3 or maps.shape[0] != 1:
+            raise ValueError(
+                f"a blank image scores {scores.shape} with a map {maps.shape}: expected (1,), (1, H, W)"
+            )
+        if np.isnan(scores).any() or np.isnan(maps).any():
+            raise ValueError("a blank image scores NaN")
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.options.items() if v != {**self.base_defaults, **self.defaults}[k]}
@@ -653,8 +768,30 @@ def _item_shape(item: InputItem) -> tuple[int, int]:
         return load_item(item).shape[:2]
 
 
+#: what a model file's header holds, with the JSON type of each entry
+_HEADER_KEYS = {
+    "format_version": int,
+    "detector": str,
+    "options": dict,
+    "calibration": (dict, type(None)),
+    "operating_point": (dict, type(None)),
+    "fit_info": dict,
+    "drift": (dict, type(None)),
+    "refine": (dict, type(None)),
+    "state": dict,
+}
+#: entries files written before they existed may lack
+_HEADER_OPTIONAL = {"operating_point": None, "fit_info": {}, "drift": None, "refine": None}
+#: array dtypes a model file may hold (safetensors reads others too: none of ours writes them)
+_ARRAY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
+
+
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays of a model file, checked: a JSON object with every key of
+    `_HEADER_KEYS` of its type, arrays of known dtypes with finite values; ModelFileError otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"'{path}' is a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"model file '{path}' not found")
     try:
@@ -662,13 +799,28 @@ def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
             meta = f.metadata() or {}
         arrays = load_file(str(path))
         header = json.loads(meta["anomalens"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+    except PermissionError:
+        raise ModelFileError(f"model file '{path}' cannot be read: permission denied") from None
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as err:
         raise ModelFileError(f"'{path}' is not an anomalens model file ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"'{path}': the model header must be a JSON object, got {type(header).__name__}")
     if header.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
-            f"'{path}' has model format {header.get('format_version')}, "
+            f"'{path}' has model format {header.get('format_version')!r:.40}, "
             f"this anomalens reads format {FORMAT_VERSION}"
         )
+    header = {**_HEADER_OPTIONAL, **header}
+    for key, kind in _HEADER_KEYS.items():
+        if key not in header:
+            raise ModelFileError(f"'{path}': the model header has no '{key}'")
+        if isinstance(header[key], bool) or not isinstance(header[key], kind):
+            raise ModelFileError(f"'{path}': the model header's '{key}' has the wrong type")
+    for name, array in arrays.items():
+        if array.dtype.name not in _ARRAY_DTYPES:
+            raise ModelFileError(f"'{path}': array '{name}' has dtype {array.dtype}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ModelFileError(f"'{path}': array '{name}' holds NaN or infinite values")
     return header, arrays
 
 

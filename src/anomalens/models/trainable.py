@@ -246,6 +246,20 @@ class TrainableDetector(Detector):
         return arrays, {}
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        # the networks the options describe, built on the meta device (no memory): a file whose
+        # arrays do not match them in name and shape is refused before anything is allocated
+        # (a 0-d buffer such as a batch-norm count is saved with shape (1,))
+        with torch.device("meta"):
+            expected = {
+                f"{name}/{k}": tuple(v.shape) or (1,)
+                for name, m in self._build_modules().items()
+                for k, v in m.state_dict().items()
+            }
+        given = {k: tuple(v.shape) or (1,) for k, v in arrays.items()}
+        for key, shape in expected.items():
+            if given.get(key) != shape:
+                found = "missing" if key not in given else f"of shape {given[key]}"
+                raise ValueError(f"array '{key}' is {found}; the options give {shape}")
         modules = self._build_modules()
         for name, m in modules.items():
             prefix = f"{name}/"
@@ -279,4 +293,5 @@ class BackboneTrainableDetector(TrainableDetector, BackboneDetector):
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self._restore_backbone(meta)
+        _ = self.extractor  # built for real before the networks on it are sized on the meta device
         super()._restore(arrays, meta)

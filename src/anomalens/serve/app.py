@@ -6,7 +6,8 @@
 
 Endpoints: `POST /predict` (multipart field `file`), `GET /health`, `GET /model`, the review page
 at `/review` (see serve/review.py) and OpenAPI docs at `/docs`. When a token is configured every
-POST needs `Authorization: Bearer <token>`.
+route but `/health` needs it (see `TokenGate`): API clients send `Authorization: Bearer <token>`,
+browsers log in once (a form at `/login`, or `?token=` in a URL) and keep an HttpOnly cookie.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
+import html
 import re
 import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from anomalens._version import __version__
@@ -35,6 +38,7 @@ from anomalens.data.io import IMAGE_EXTENSIONS
 from anomalens.inference import verdict_overlay
 from anomalens.serve.model import ServedModel, load_inferencer
 from anomalens.serve.review import ReviewStore, png_bytes, review_router
+from anomalens.thresholds import NonFiniteScoreError
 from anomalens.workflows.scoring import model_id_for, path_key
 
 
@@ -46,8 +50,10 @@ class ServeConfig:
     runtime: str = "onnx"  # onnx (ONNX Runtime) or torch
     threads: int | None = None  # intra-op threads of the model; None = the runtime's default
     store: Path | None = None  # SQLite result store: predictions are written there, the review page reads it
-    token: str | None = None  # when set, POST requests need "Authorization: Bearer <token>"
+    token: str | None = None  # when set, every route but /health needs it (see TokenGate)
     max_upload_mb: float = 20.0  # larger request bodies get 413
+    max_concurrent: int = 2  # images decoded and scored at once; further requests wait their turn
+    busy_timeout: float = 60.0  # seconds a request waits for a turn before it gets 503
     min_region: int = 16  # smallest defect region reported, in pixels
     uploads: Path | None = None  # where uploaded images are kept for review; default: next to the store
 
@@ -123,27 +129,105 @@ class UploadLimit:
         await self.app(scope, counting_receive, replacing_send)
 
 
-def bearer_guard(token: str | None) -> Callable[[Request], None]:
-    """Dependency for write endpoints: a no-op without a token, else 401 unless the token matches."""
+COOKIE = "anomalens_session"
+LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>anomalens: log in</title></head>
+<body style="font-family:sans-serif;max-width:24em;margin:4em auto"><h1>anomalens</h1>
+<p>This service needs its access token.</p>{error}
+<form method="post" action="/login"><input type="hidden" name="next" value="{next}">
+<input type="password" name="token" autofocus required style="width:100%" aria-label="token">
+<p><button type="submit">Log in</button></p></form></body></html>"""
 
-    def check(request: Request) -> None:
-        if token is None:
-            return
+
+def _local_path(target: str | None) -> str:
+    """Where to go after logging in: a path on this service only (no other host, no scheme)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+class TokenGate:
+    """ASGI middleware: with a token, every route but /health (and the login form) needs it.
+
+    Accepted: `Authorization: Bearer <token>` (API clients), or the session cookie that logging in
+    sets (browsers): POST /login with the form's token, or any GET with `?token=<token>`, which
+    redirects to the same URL without it. The cookie holds an HMAC of the token, never the token,
+    and is HttpOnly and SameSite=Strict (another site cannot make a browser send it). Without
+    either, pages get the login form and the API 401.
+    """
+
+    OPEN = ("/health", "/login")
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.token = app, token.encode()
+        self.session = hmac.new(self.token, b"anomalens-session", hashlib.sha256).hexdigest()
+
+    def _given(self, request: Request) -> bool:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(
-                401,
-                "missing or wrong token: send 'Authorization: Bearer <token>'",
+        if scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), self.token):
+            return True
+        return secrets.compare_digest(request.cookies.get(COOKIE, "").encode(), self.session.encode())
+
+    def _logged_in(self, response: Response) -> Response:
+        response.set_cookie(COOKIE, self.session, httponly=True, samesite="strict", path="/")
+        return response
+
+    def _form(self, target: str, status: int, error: str = "") -> HTMLResponse:
+        note = f'<p style="color:#b00">{html.escape(error)}</p>' if error else ""
+        return HTMLResponse(
+            LOGIN_PAGE.format(error=note, next=html.escape(_local_path(target))),
+            status_code=status,
+            headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"},
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        path = scope["path"]
+        if path == "/login":
+            response = await self._login(request)
+        elif path in self.OPEN or self._given(request):
+            return await self.app(scope, receive, send)
+        elif request.method == "GET" and "token" in request.query_params:
+            given = request.query_params["token"].encode()
+            if not secrets.compare_digest(given, self.token):
+                response = self._form(path, 401, "wrong token")
+            else:
+                # the token leaves the address bar at once
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                response = self._logged_in(
+                    RedirectResponse(_local_path(path) + (f"?{rest}" if rest else ""), 303)
+                )
+        elif request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+            response = self._form(
+                path + (f"?{scope['query_string'].decode()}" if scope["query_string"] else ""), 401
+            )
+        else:
+            response = JSONResponse(
+                {"detail": "missing or wrong token: send 'Authorization: Bearer <token>' (browsers: /login)"},
+                status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        await response(scope, receive, send)
 
-    return check
+    async def _login(self, request: Request) -> Response:
+        if request.method != "POST":
+            return self._form(request.query_params.get("next", "/"), 200)
+        form = await request.form()
+        target = str(form.get("next") or "/")
+        if not secrets.compare_digest(str(form.get("token", "")).strip().encode(), self.token):
+            return self._form(target, 401, "wrong token")
+        return self._logged_in(RedirectResponse(_local_path(target), 303))
 
 
 def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> FastAPI:
     """Build the FastAPI app; `inferencer` overrides loading `config.model` (tests, embedding)."""
     if config.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {config.max_upload_mb}")
+    if config.max_concurrent < 1:
+        raise ValueError(f"--max-concurrent must be at least 1, got {config.max_concurrent}")
+    if config.token is not None and not config.token.strip():
+        raise ValueError("the service token is empty: give a non-empty token, or none")
     inferencer = inferencer or load_inferencer(config.model, config.runtime, config.threads)
     mid, model_sha = model_id_for(
         config.model, inferencer.metadata["detector"]
@@ -155,7 +239,8 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
             inferencer.metadata["detector"], model_sha, str(config.model), inferencer.calibration.threshold
         )
         uploads.mkdir(parents=True, exist_ok=True)
-    require_token = Depends(bearer_guard(config.token))
+    # decoding and scoring hold memory in proportion to the image: at most this many at once
+    turns = threading.BoundedSemaphore(config.max_concurrent)
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -169,13 +254,33 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
         version=__version__,
         lifespan=lifespan,
         description="Visual anomaly detection: score images against a model of good parts, "
-        "review the results. POST endpoints need a Bearer token when one is configured.",
+        "review the results. With a token configured every route but /health needs it.",
     )
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 1e6))
+    if config.token is not None:
+        app.add_middleware(TokenGate, token=config.token.strip())
+
+    @contextlib.contextmanager
+    def turn():
+        """One of the `max_concurrent` turns to decode and score; 503 after `busy_timeout` s."""
+        if not turns.acquire(timeout=config.busy_timeout):
+            raise HTTPException(
+                503,
+                f"busy: {config.max_concurrent} images are being scored; retry",
+                headers={"Retry-After": "5"},
+            )
+        try:
+            yield
+        finally:
+            turns.release()
 
     @app.exception_handler(ImageReadError)
     async def unreadable(_: Request, err: ImageReadError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(NonFiniteScoreError)
+    async def not_judged(_: Request, err: NonFiniteScoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"the image cannot be judged: {err}"}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     def index() -> RedirectResponse:
@@ -208,10 +313,11 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
             "store": config.store is not None,
             "token_required": config.token is not None,
             "max_upload_mb": config.max_upload_mb,
+            "max_concurrent": config.max_concurrent,
             "anomalens_version": __version__,
         }
 
-    @app.post("/predict", summary="Score one image (multipart field 'file')", dependencies=[require_token])
+    @app.post("/predict", summary="Score one image (multipart field 'file')")
     async def predict(
         file: UploadFile = File(..., description="the image: PNG, JPEG, BMP or TIFF"),
         with_map: bool = Query(
@@ -239,8 +345,9 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
 
     def _score_upload(data: bytes, name: str, with_map: bool, with_overlay: bool) -> dict:
         start = time.perf_counter()
-        image = decode_upload(data, name)
-        verdict = inferencer.verdict(image, config.min_region)
+        with turn():
+            image = decode_upload(data, name)
+            verdict = inferencer.verdict(image, config.min_region)
         body: dict[str, Any] = {
             "filename": name,
             "score": verdict.score,
@@ -270,5 +377,5 @@ def create_app(config: ServeConfig, inferencer: ServedModel | None = None) -> Fa
         return body
 
     if review is not None:
-        app.include_router(review_router(review, inferencer, require_token, config.min_region))
+        app.include_router(review_router(review, inferencer, turn, config.min_region))
     return app

@@ -14,11 +14,14 @@ import json
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -199,6 +202,11 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+#: SQLite integers are signed 64-bit: a larger id or offset is the client's error (422), not a 500
+SQLITE_MAX = 2**63 - 1
+ResultId = Annotated[int, PathParam(ge=0, le=SQLITE_MAX, description="the result's id")]
+
+
 class LabelIn(BaseModel):
     label: Literal["defect", "good"] | None = Field(..., description="'defect', 'good', or null to clear")
     reviewer: str | None = Field(None, max_length=100)
@@ -206,9 +214,14 @@ class LabelIn(BaseModel):
 
 
 def review_router(
-    review: ReviewStore, inferencer: ServedModel, require_token: Any, min_region: int, cache_size: int = 128
+    review: ReviewStore,
+    inferencer: ServedModel,
+    turn: Callable[[], AbstractContextManager],
+    min_region: int,
+    cache_size: int = 128,
 ) -> APIRouter:
-    """Routes of the review page and its API; `require_token` guards the label writes."""
+    """Routes of the review page and its API (the app's TokenGate guards them all); `turn` is the
+    service's bound on concurrent decodes and model calls, which drawing an overlay takes."""
     router = APIRouter()
     overlays: OrderedDict[int, bytes] = OrderedDict()  # small LRU: re-rendering costs a model call
     overlay_lock = threading.Lock()
@@ -219,6 +232,15 @@ def review_router(
                 overlays.move_to_end(result_id)
                 return overlays[result_id]
         item = review.item(result_id)
+        with turn():
+            png = _render(item)
+        with overlay_lock:
+            overlays[result_id] = png
+            while len(overlays) > cache_size:
+                overlays.popitem(last=False)
+        return png
+
+    def _render(item: dict[str, Any]) -> bytes:
         try:
             image = read_image(item["path"])
         except ImageReadError as err:
@@ -226,7 +248,7 @@ def review_router(
         if item["map_path"] and Path(item["map_path"]).is_file():  # saved by `anomalens score --maps`
             # the stored verdict and regions, drawn on the stored map: no model call
             anomalous = item["decision"] == "defect"
-            png = png_bytes(
+            return png_bytes(
                 overlay_image(
                     image,
                     load_map(item["map_path"]),
@@ -235,13 +257,7 @@ def review_router(
                     anomalous,
                 )
             )
-        else:
-            png = png_bytes(verdict_overlay(image, inferencer.verdict(image, min_region), item["name"]))
-        with overlay_lock:
-            overlays[result_id] = png
-            while len(overlays) > cache_size:
-                overlays.popitem(last=False)
-        return png
+        return png_bytes(verdict_overlay(image, inferencer.verdict(image, min_region), item["name"]))
 
     @router.get("/review", include_in_schema=False)
     def page() -> FileResponse:
@@ -263,23 +279,22 @@ def review_router(
 
     @router.get("/api/review/items", tags=["review"], summary="Scored images, most anomalous first")
     def items(
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=SQLITE_MAX),
         limit: int = Query(60, ge=1, le=500),
         filter: Literal["all", "unlabelled", "defect", "good"] = "all",
     ) -> dict:
         return review.page(offset, limit, filter)
 
     @router.get("/api/review/items/{result_id}", tags=["review"], summary="One scored image")
-    def item(result_id: int) -> dict:
+    def item(result_id: ResultId) -> dict:
         return review.item(result_id)
 
     @router.post(
         "/api/review/items/{result_id}/label",
         tags=["review"],
-        dependencies=[require_token],
         summary="Mark an image 'defect' or 'good' (null clears); saved at once",
     )
-    def label(result_id: int, body: LabelIn) -> dict:
+    def label(result_id: ResultId, body: LabelIn) -> dict:
         return review.set_label(result_id, body.label, body.reviewer, body.note)
 
     @router.get(
@@ -288,7 +303,7 @@ def review_router(
         summary="Image | heat-map overlay PNG",
         response_class=Response,
     )
-    async def overlay(result_id: int) -> Response:
+    async def overlay(result_id: ResultId) -> Response:
         png = await run_in_threadpool(draw_overlay, result_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 

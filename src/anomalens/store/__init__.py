@@ -101,6 +101,20 @@ _SCORE_COLUMNS = [
 ]
 
 
+def _reason(err: sqlite3.Error) -> str:
+    """What a SQLite error means for the user, in words (its own text where none fits better)."""
+    text = str(err).lower()
+    if "readonly" in text or "read-only" in text:
+        return "the store is read-only"
+    if "disk is full" in text or "disk full" in text:
+        return "disk full"
+    if "malformed" in text or "not a database" in text or "disk image" in text:
+        return "the store file is corrupt (restore it from a backup, or score into a new one)"
+    if "locked" in text or "busy" in text:
+        return "the store is locked by another process"
+    return str(err)
+
+
 def _record(row: sqlite3.Row) -> ResultRecord:
     values = dict(row)
     for key in _JSON_COLUMNS:
@@ -127,8 +141,15 @@ class ResultStore:
         self.path = Path(path)
         if read_only and not self.path.is_file():
             raise StoreError(f"result store '{self.path}' not found")
+        if self.path.is_dir():
+            raise StoreError(f"result store '{self.path}' is a folder: give a file name, e.g. results.db")
         if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a file where a folder should be, no permission
+                raise StoreError(
+                    f"cannot create the result store '{self.path}': {err.strerror or err}"
+                ) from None
         uri = f"{self.path.resolve().as_uri()}?mode=ro" if read_only else str(self.path)
         try:
             # autocommit mode: transactions are the explicit BEGIN/COMMIT in `transaction()`
@@ -144,7 +165,9 @@ class ResultStore:
                 migrate(self._conn, migrations)
             self._conn.execute("PRAGMA foreign_keys=ON")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        except (sqlite3.DatabaseError, StoreError) as err:
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"'{self.path}' is not a usable result store: {_reason(err)}") from None
+        except StoreError as err:
             raise StoreError(f"'{self.path}' is not a usable result store: {err}") from None
         if read_only and version != len(migrations):
             raise StoreError(
@@ -166,19 +189,37 @@ class ResultStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All writes inside commit together or not at all (BEGIN IMMEDIATE takes the write lock now)."""
+        """All writes inside commit together or not at all (BEGIN IMMEDIATE takes the write lock now).
+
+        A SQLite failure (read-only, disk full, corrupt, locked) ends in one StoreError that says
+        how many results the store keeps: every earlier commit is intact."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as err:
+                raise self._write_error(err) from None
+
+    def _write_error(self, err: sqlite3.Error) -> StoreError:
+        reason = _reason(err)
+        try:
+            kept = f"{self._conn.execute('SELECT COUNT(*) FROM results').fetchone()[0]} results kept"
+        except sqlite3.Error:
+            kept = "earlier results kept"
+        return StoreError(f"{reason}: {kept} in '{self.path}' (nothing already stored is lost)")
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as err:
+                raise StoreError(f"cannot read the result store '{self.path}': {_reason(err)}") from None
 
     # -- models ------------------------------------------------------------------------------
     def register_model(

@@ -1,10 +1,11 @@
 """Decision thresholds fitted on good images only."""
 
-from anomalens.thresholds.calibrate import Calibration, calibrate
+from anomalens.thresholds.calibrate import Calibration, NonFiniteScoreError, calibrate
 from anomalens.thresholds.operating import (
     OperatingPoint,
     ThresholdCurve,
     apply_operating_point,
+    check_operating_point,
     decision_calibration,
     image_digests,
     select_operating_point,
@@ -14,10 +15,12 @@ from anomalens.thresholds.operating import (
 
 __all__ = [
     "Calibration",
+    "NonFiniteScoreError",
     "OperatingPoint",
     "ThresholdCurve",
     "apply_operating_point",
     "calibrate",
+    "check_operating_point",
     "decision_calibration",
     "image_digests",
     "select_operating_point",

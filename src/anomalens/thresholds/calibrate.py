@@ -6,9 +6,14 @@ Normalized scores map the calibration median to 0 and the threshold to 1.0, so
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+
+class NonFiniteScoreError(ValueError):
+    """A score that is NaN: the model cannot judge the image, which must never read as a pass."""
 
 
 @dataclass(frozen=True)
@@ -24,8 +29,15 @@ class Calibration:
         return (np.asarray(scores, dtype=np.float64) - self.center) / _scale(self.threshold, self.center)
 
     def is_anomalous(self, scores: np.ndarray | float) -> np.ndarray | bool:
-        """The decision rule, for every method and every path: flagged when the raw score reaches the threshold."""
-        return np.asarray(scores, dtype=np.float64) >= self.threshold
+        """The decision rule, for every method and every path: flagged when the raw score reaches the
+        threshold. A NaN score raises `NonFiniteScoreError` (NaN >= t is False: it would pass)."""
+        values = np.asarray(scores, dtype=np.float64)
+        if np.isnan(values).any():
+            raise NonFiniteScoreError(
+                f"{int(np.isnan(values).sum())} score(s) are NaN: the model cannot judge "
+                "these images (a broken model file or non-finite pixels)"
+            )
+        return values >= self.threshold
 
     def normalize_map(self, anomaly_map: np.ndarray) -> np.ndarray:
         return ((anomaly_map - self.pixel_center) / _scale(self.pixel_threshold, self.pixel_center)).astype(
@@ -37,7 +49,24 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        return cls(**d)
+        """The calibration `to_dict` wrote; ValueError names the first field that is missing,
+        unknown, of the wrong type or not finite (it comes from a file)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"calibration must be an object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        if sorted(d) != sorted(names):
+            raise ValueError(
+                f"calibration needs exactly the fields {', '.join(names)}, got {', '.join(map(str, d))}"
+            )
+        for name in names:
+            value = d[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"calibration {name}={value!r} is not a finite number")
+        if not 0.0 < d["quantile"] <= 1.0:
+            raise ValueError(f"calibration quantile={d['quantile']!r} is not in (0, 1]")
+        if not isinstance(d["n_images"], int) or d["n_images"] < 1:
+            raise ValueError(f"calibration n_images={d['n_images']!r} is not a positive count")
+        return cls(**{k: float(v) if k != "n_images" else v for k, v in d.items()})
 
 
 def _scale(threshold: float, center: float) -> float:

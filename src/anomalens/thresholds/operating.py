@@ -9,9 +9,11 @@ image is flagged when its raw score >= the threshold, as everywhere in anomalens
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -173,6 +175,18 @@ def apply_operating_point(calibration: Calibration, threshold: float) -> Calibra
         return replace(calibration, threshold=float(threshold))
     spread = calibration.threshold - calibration.center if calibration.threshold > calibration.center else 1.0
     return replace(calibration, threshold=float(threshold), center=float(threshold) - spread)
+
+
+def check_operating_point(operating_point: Any) -> None:
+    """ValueError unless a stored operating point (from a file) is None or an object with a finite
+    threshold: a NaN threshold would flag or pass every image."""
+    if operating_point is None:
+        return
+    if not isinstance(operating_point, dict):
+        raise ValueError(f"operating_point must be an object, got {type(operating_point).__name__}")
+    value = operating_point.get("threshold")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"operating_point threshold={value!r} is not a finite number")
 
 
 def decision_calibration(calibration: Calibration | None, operating_point: dict | None) -> Calibration | None:

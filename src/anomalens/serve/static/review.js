@@ -5,21 +5,12 @@ const PAGE = 60;
 const state = { items: [], focus: 0, total: 0, threshold: 1.0, filter: "all" };
 const $ = (id) => document.getElementById(id);
 
-function token() {
-  return localStorage.getItem("anomalens-token");
-}
-
 async function api(path, options = {}) {
-  const headers = { ...(options.headers || {}) };
-  if (token()) headers.Authorization = `Bearer ${token()}`;
-  const response = await fetch(path, { ...options, headers });
+  // with a token configured the login form set an HttpOnly cookie, which every fetch here sends
+  const response = await fetch(path, options);
   if (response.status === 401) {
-    // writes need the service's token when one is configured: ask once, keep it for this browser
-    const given = prompt("This service needs an access token to save labels:");
-    if (given) {
-      localStorage.setItem("anomalens-token", given.trim());
-      return api(path, options);
-    }
+    // the session ended (a new token, a cleared cookie): log in again and come back
+    location.href = `/login?next=${encodeURIComponent(location.pathname + location.search)}`;
   }
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
