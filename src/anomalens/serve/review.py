@@ -271,7 +271,7 @@ def review_router(
         return FileResponse(files[name])
 
     # when `anomalens refine` last trained this model on labels (None: never)
-    refined_at = inferencer.metadata["refined_at"]
+    refined_at = inferencer.metadata.get("refined_at")
 
     @router.get("/api/review/summary", tags=["review"], summary="Model id, image count and score range")
     def summary() -> dict:
