@@ -40,7 +40,9 @@ _ROW_FIELDS = (
 class _RayScorer:
     """A Ray Data actor: loads the detector once from the shipped model bytes, then scores batches."""
 
-    def __init__(self, model_box: list, model_id: str, min_region: int, maps_dir: str | None) -> None:
+    def __init__(
+        self, model_box: list, model_id: str, min_region: int, maps_dir: str | None, max_pixels: int | None
+    ) -> None:
         import ray
 
         from anomalens.models.base import Detector
@@ -53,7 +55,9 @@ class _RayScorer:
             path.write_bytes(model_bytes)
             detector = Detector.load(path)  # safetensors reads the file fully: it can go now
         detector.options["device"] = "auto"  # the worker's own GPU if it has one, whatever the fit used
-        self.scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps_dir)
+        self.scorer = Scorer(
+            detector, model_id, min_region=min_region, maps_dir=maps_dir, max_pixels=max_pixels
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records = self.scorer.score_paths([str(p) for p in batch["path"]])
@@ -78,12 +82,14 @@ def score_with_ray(
     retry_errors: bool = False,
     progress: bool = False,
     ray_init: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
 ) -> ScoreSummary:
     """Score every path not yet stored for `model_id` on Ray and write the results here.
 
     address: a cluster ('ray://head:10001' or 'auto'); None starts a local Ray instance (pass
     `ray_init` such as {"num_cpus": 2} for its size). num_workers: scoring actors, each holding
-    one detector. Results are committed every `commit_every` images.
+    one detector. Results are committed every `commit_every` images. max_pixels: the decode limit
+    on the workers (None: theirs, from ANOMALENS_MAX_PIXELS or the default).
     """
     import ray
 
@@ -117,6 +123,7 @@ def score_with_ray(
                 "model_id": model_id,
                 "min_region": min_region,
                 "maps_dir": str(maps_dir) if maps_dir else None,
+                "max_pixels": max_pixels,
             },
         )
         with progress_bar(len(todo), f"score {model_id} (ray)", enabled=progress) as bar:
