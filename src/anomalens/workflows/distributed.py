@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable
@@ -60,7 +61,7 @@ class _RayScorer:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        records = self.scorer.score_paths([str(p) for p in batch["path"]])
+        records = self.scorer.score_paths([os.fsdecode(p) for p in batch["path"]])
         return {
             f: [json.dumps(r.regions) if f == "regions" else getattr(r, f) for r in records]
             for f in _ROW_FIELDS
@@ -96,7 +97,8 @@ def score_with_ray(
     summary = ScoreSummary()
     start = time.perf_counter()
     done = store.scored_paths(model_id, include_errors=not retry_errors)
-    todo = [str(p) for p in pending_paths(paths, done, summary)]
+    # as bytes: a name that is not UTF-8 is no valid Arrow string (workers store it escaped)
+    todo = [os.fsencode(p) for p in pending_paths(paths, done, summary)]
     if not todo:
         summary.seconds = time.perf_counter() - start
         return summary
