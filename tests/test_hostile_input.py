@@ -478,3 +478,15 @@ def test_a_folder_given_as_the_model_says_so(tmp_path):
         Detector.load(tmp_path)
     result = invoke("predict", tmp_path, tmp_path, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "is a folder" in result.output
+
+
+def test_score_reads_names_that_are_not_utf8_from_stdin(model, corpus, tmp_path):
+    folder, _ = corpus
+    name = os.path.join(os.fsencode(folder), b"latin1_\xe9t\xe9.png")
+    result = CliRunner().invoke(
+        app, ["score", str(model[0]), "-", "-o", str(tmp_path / "r.db"), "-q"], input=name + b"\n"
+    )
+    assert result.exit_code == 0, result.output
+    with ResultStore(tmp_path / "r.db") as store:
+        [row] = store.results(model[1])
+    assert row.status == "ok" and row.path == display_name(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,9 +99,13 @@ class ImageHeader:
         return self.pixels * self.channels * (self.bytes_per_sample + 4)
 
 
+# catch_warnings changes process-wide state: decoding threads take turns (opening reads the header only)
+_OPEN_LOCK = threading.Lock()
+
+
 def _open_pillow(path: Path) -> Image.Image:
     # Pillow warns (and at twice its limit refuses) on large images; check_header decides here
-    with warnings.catch_warnings():
+    with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(path)
 

@@ -113,7 +113,9 @@ def iter_input_paths(
     """The images named by INPUT: '-' = one path per line on stdin, a folder (recursive, optional
     glob), a .csv list, or one image file. Streams: stdin is read as scoring goes."""
     if str(source) == "-":
-        for line in stdin or sys.stdin:
+        # the process's stdin as bytes: a name that is not UTF-8 keeps its bytes (os.fsdecode)
+        lines = stdin if stdin is not None else (os.fsdecode(b) for b in sys.stdin.buffer)
+        for line in lines:
             if line.strip():
                 yield Path(line.strip())
         return
