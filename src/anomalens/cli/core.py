@@ -380,6 +380,7 @@ def demo(
         device="auto",
         runtime="torch",
         threads=None,
+        max_pixels=None,
         quiet=quiet,
     )
 
