@@ -1,7 +1,9 @@
 """`score --engine ray` on a small local Ray instance: same results as local scoring, written by
 the driver, resumable. Deselect with `-m "not ray"` (it starts Ray: about 30 s)."""
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,8 @@ def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
     folder = tmp_path / "in"
     shutil.copytree(texture_root / "test", folder)
     (folder / "broken.png").write_bytes(b"not an image")
+    odd = os.path.join(os.fsencode(folder), b"odd_\xff.png")  # a name that is not UTF-8
+    Path(os.fsdecode(odd)).write_bytes((folder / "good" / "000.png").read_bytes())
     paths = list(iter_input_paths(folder))
     # the command as a user types it; a local Ray instance (both CPUs of this machine)
     res = CliRunner().invoke(
@@ -49,13 +53,14 @@ def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "scored 12 images" in res.output and "1 unreadable" in res.output
+    assert "scored 13 images" in res.output and "1 unreadable" in res.output
     with ResultStore(tmp_path / "ray.db") as ray_store, ResultStore(tmp_path / "local.db") as local_store:
         local_store.register_model(model_id, detector="patchcore", file_sha256=digest)
         score_into_store(Scorer(anomalens.load(path), model_id), local_store, paths, batch_size=4)
         by_ray = {r.path: r for r in ray_store.results(model_id)}
         by_local = {r.path: r for r in local_store.results(model_id)}
-        assert set(by_ray) == set(by_local) and len(by_ray) == 13
+        assert set(by_ray) == set(by_local) and len(by_ray) == 14
+        assert by_ray[str(folder / "odd_\\xff.png")].status == "ok"
         ok = sorted(k for k, r in by_local.items() if r.status == "ok")
         np.testing.assert_allclose([by_ray[k].score for k in ok], [by_local[k].score for k in ok], rtol=1e-4)
         assert [by_ray[k].decision for k in ok] == [by_local[k].decision for k in ok]
@@ -64,7 +69,7 @@ def test_ray_scores_like_local_and_resumes(model, texture_root, tmp_path):
         assert all(by_ray[k].content_sha256 == by_local[k].content_sha256 for k in ok)
         # a rerun sends nothing to the cluster (it returns before starting Ray)
         again = score_with_ray(path, model_id, ray_store, paths)
-        assert (again.n_scored, again.n_skipped) == (0, 13)
+        assert (again.n_scored, again.n_skipped) == (0, 14)
 
 
 def test_ray_engine_rejects_watch_mode(model, tmp_path):

@@ -202,6 +202,12 @@ def predict(
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="--runtime onnx: ONNX Runtime threads (default: one per core)"
     ),
+    max_pixels: float | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="refuse images with more pixels than this, from their header, before decoding "
+        "(default: $ANOMALENS_MAX_PIXELS or 100e6)",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score images: scores.csv (score, normalized score, verdict, regions) and overlay PNGs.
@@ -217,6 +223,8 @@ def predict(
     from anomalens.workflows.predict import PredictSummary, predict_to_folder
 
     min_area, min_share = _parse_min_region(str(min_region))
+    if max_pixels is not None and max_pixels < 1:
+        fail(f"--max-pixels must be a positive number of pixels, got {max_pixels:g}")
     try:
         if runtime == "onnx":
             from anomalens.export import ExportError, OnnxDetector
@@ -247,6 +255,7 @@ def predict(
             min_share=min_share,
             progress=not quiet,
             summary=summary,
+            max_pixels=None if max_pixels is None else int(max_pixels),
         )
     except KeyboardInterrupt:
         fail(f"interrupted after {summary.n_scored} images; results so far are in {summary.scores_csv}", 130)
@@ -394,6 +403,7 @@ def demo(
         device="auto",
         runtime="torch",
         threads=None,
+        max_pixels=None,
         quiet=quiet,
     )
 

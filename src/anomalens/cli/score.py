@@ -49,6 +49,12 @@ def score(
         "under this folder (path recorded in the store)",
     ),
     min_region: int = typer.Option(16, help="smallest defect region reported, in pixels"),
+    max_pixels: float | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="refuse images with more pixels than this, from their header, before decoding "
+        "(default: $ANOMALENS_MAX_PIXELS or 100e6)",
+    ),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="rescore files stored as unreadable"),
     csv_out: Path | None = typer.Option(None, "--csv", help="export this model's results as CSV"),
     parquet_out: Path | None = typer.Option(None, "--parquet", help="export this model's results as Parquet"),
@@ -68,7 +74,8 @@ def score(
 
     Each batch is committed in one transaction, so killing the job loses at most that batch, and
     the same command skips every image already stored for this model (model id = method +
-    hash of the model file). Unreadable files are stored with their error, not fatal.
+    hash of the model file). Unreadable files are stored with their error, not fatal. Several
+    `score` processes on one store split the images between them (each claims a batch at a time).
 
     Examples:
       anomalens score tile.model /archive/2026-11 -o results.db --csv results.csv --top 50
@@ -96,6 +103,9 @@ def score(
         fail(f"--engine must be local or ray, got {engine!r}")
     if engine == "ray" and watch is not None:
         fail("--watch runs locally: drop --engine ray")
+    if max_pixels is not None and max_pixels < 1:
+        fail(f"--max-pixels must be a positive number of pixels, got {max_pixels:g}")
+    limit = None if max_pixels is None else int(max_pixels)
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
@@ -115,7 +125,7 @@ def score(
                 threshold=cal.threshold if cal else None,
                 operating_point=detector.operating_point,
             )
-            scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps)
+            scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps, max_pixels=limit)
             if watch is not None:
                 from anomalens.workflows.watch import watch_folder
 
@@ -150,6 +160,7 @@ def score(
                         maps_dir=maps,
                         retry_errors=retry_errors,
                         progress=not quiet,
+                        max_pixels=limit,
                     )
                 else:
                     summary = score_into_store(
@@ -171,7 +182,9 @@ def score(
             fail(str(e))
         out.print(
             f"{model_id}: scored {summary.n_scored} images ({summary.images_per_second:.1f} img/s), "
-            f"{summary.n_errors} unreadable, {summary.n_skipped} already stored; "
+            f"{summary.n_errors} unreadable, {summary.n_skipped} already stored"
+            + (f", {summary.n_elsewhere} left to another scorer" if summary.n_elsewhere else "")
+            + "; "
             f"{store.count(model_id, decision='defect')} of {store.count(model_id, status='ok')} flagged "
             f"in {output}",
             highlight=False,

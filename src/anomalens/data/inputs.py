@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from anomalens.data.datasets import Sample
 from anomalens.data.drift import image_statistics
 from anomalens.data.geometry import Geometry, Placement, parse_size
-from anomalens.data.io import ImageReadError, list_images, read_image
+from anomalens.data.io import MIN_SIDE, ImageReadError, display_name, list_images, read_image
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -32,7 +32,8 @@ ImageLike = "Sample | str | Path | np.ndarray"
 
 @dataclass
 class InputItem:
-    """One image to score: where it came from and, once read, its pixels."""
+    """One image to score: where it came from and, once read, its pixels. `key` names it in
+    results and messages (`display_name` of the path: always valid UTF-8)."""
 
     key: str
     path: Path | None = None
@@ -50,13 +51,27 @@ class Batch:
 
 @dataclass
 class SkipLog:
-    """Bad files met while reading with on_error='skip'."""
+    """Bad files met while reading with on_error='skip'; with `path`, each message is also appended
+    to that file as it is met (a crash later keeps the list so far)."""
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    path: Path | None = None
 
     def add(self, key: str, message: str) -> None:
         self.skipped.append((key, message))
         log.warning("skipped %s", message)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+
+def item_error(item: InputItem, err: Exception) -> ImageReadError:
+    """Any failure while reading or preparing one image as that image's one-line error."""
+    if isinstance(err, ImageReadError):
+        return err
+    what = item.path if item.path is not None else item.key
+    text = " ".join(str(err).split())[:120]
+    return ImageReadError(what, f"cannot prepare it ({type(err).__name__}{': ' + text if text else ''})")
 
 
 def as_items(images: Iterable | np.ndarray | str | Path) -> list[InputItem]:
@@ -70,13 +85,13 @@ def as_items(images: Iterable | np.ndarray | str | Path) -> list[InputItem]:
         if isinstance(obj, InputItem):
             items.append(obj)
         elif isinstance(obj, Sample):
-            items.append(InputItem(str(obj.path), path=obj.path))
+            items.append(InputItem(display_name(obj.path), path=obj.path))
         elif isinstance(obj, (str, Path)):
             p = Path(obj)
             if p.is_dir():
-                items.extend(InputItem(str(f), path=f) for f in list_images(p, recursive=True))
+                items.extend(InputItem(display_name(f), path=f) for f in list_images(p, recursive=True))
             else:
-                items.append(InputItem(str(p), path=p))
+                items.append(InputItem(display_name(p), path=p))
         elif isinstance(obj, np.ndarray):
             items.append(InputItem(f"array[{i}]", array=obj))
         else:
@@ -100,13 +115,18 @@ def _as_float_image(array: np.ndarray, key: str) -> np.ndarray:
         a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise ImageReadError(key, "contains NaN/inf values")
+    if min(a.shape[:2]) < MIN_SIDE:
+        raise ImageReadError(
+            key, f"image too small: {a.shape[1]}x{a.shape[0]} (at least {MIN_SIDE} px a side)"
+        )
     return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
 
 
-def load_item(item: InputItem) -> np.ndarray:
+def load_item(item: InputItem, max_pixels: int | None = None) -> np.ndarray:
+    """The item's pixels as float32; files are read with `read_image`'s limits (max_pixels)."""
     if item.array is not None:
         return _as_float_image(item.array, item.key)
-    return read_image(item.path)
+    return read_image(item.path, max_pixels=max_pixels)
 
 
 INTENSITY_MODES = ("none", "standardize", "stretch")
@@ -225,9 +245,13 @@ def iter_batches(
     skip_log: SkipLog | None = None,
     progress: tqdm | None = None,
     statistics: bool = False,
+    max_pixels: int | None = None,
 ) -> Iterator[Batch]:
     """Read and preprocess in a background thread so decoding overlaps the model's compute.
-    statistics=True also measures each image for the drift check (`data.drift.image_statistics`)."""
+    statistics=True also measures each image for the drift check (`data.drift.image_statistics`).
+    Whatever fails for one image (reading, preprocessing, measuring) is that image's
+    `ImageReadError`: skipped and logged with on_error='skip', else raised once the images before
+    it are scored."""
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
 
@@ -236,9 +260,11 @@ def iter_batches(
         error = None
         for item in chunk:
             try:
-                image = load_item(item)
+                image = load_item(item, max_pixels)
                 pixels, placement = preprocess.canvases(image, item.key)
-            except ImageReadError as err:  # unreadable, or too large for the model's canvas
+                measured = image_statistics(image) if statistics else None
+            except Exception as exc:  # noqa: BLE001 - one image's failure, whatever it is, is that image's
+                err = item_error(item, exc)
                 if on_error == "raise":
                     error = err  # the images before it in this batch are still scored
                     break
@@ -249,7 +275,7 @@ def iter_batches(
             tensors.append(pixels)
             placements.append(placement)
             if statistics:
-                stats.append(image_statistics(image))
+                stats.append(measured)
         pixels = (
             torch.cat(tensors) if tensors else torch.empty(0, preprocess.channels, *preprocess.input_size)
         )

@@ -220,11 +220,9 @@ def cached_export(model_file: str | Path, opset: int = 17, cache_dir: str | Path
     bytes, the export format, the anomalens and torch versions and the opset, so a refit or
     upgrade re-exports."""
     from anomalens.backbones import onnx_cache_dir
-    from anomalens.models.base import Detector, ModelFileError
+    from anomalens.models.base import Detector, check_model_path
 
-    model_file = Path(model_file)
-    if not model_file.is_file():
-        raise ModelFileError(f"model file '{model_file}' not found")
+    model_file = check_model_path(model_file)
     digest = hashlib.sha256(f"{FORMAT_VERSION}|{__version__}|{torch.__version__}|{opset}|".encode())
     with open(model_file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -17,7 +17,7 @@ from anomalens.data.drift import DriftProfile
 from anomalens.data.inputs import Preprocess
 from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
 from anomalens.export.session import ort_session
-from anomalens.models.base import ModelFileError, Prediction, Scored, iter_predict, predict
+from anomalens.models.base import ModelFileError, Prediction, Scored, check_model_path, iter_predict, predict
 from anomalens.models.refine import Refiner
 from anomalens.registry import available, get_class
 from anomalens.thresholds import Calibration, check_operating_point, decision_calibration
@@ -69,11 +69,7 @@ class OnnxDetector:
         cls, path: str | Path, threads: int | None = None, batch_size: int | None = None
     ) -> OnnxDetector:
         """Open an exported .onnx file, or a model file (exported on first use and cached)."""
-        path = Path(path)
-        if path.is_dir():
-            raise ModelFileError(f"'{path}' is a folder, not a model file")
-        if not path.is_file():
-            raise ModelFileError(f"model file '{path}' not found")
+        path = check_model_path(path)
         if path.suffix.lower() != ".onnx":
             path = cached_export(path)
         session = ort_session(path, threads)

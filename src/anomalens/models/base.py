@@ -223,10 +223,12 @@ def iter_predict(
     on_error: str = "raise",
     skip_log: SkipLog | None = None,
     statistics: bool = False,
+    max_pixels: int | None = None,
 ) -> Iterator[Scored]:
     """Yield each image's `Scored` (raw score, map at its own resolution, drift flags) as each batch
     is scored, so batch jobs can write results as they go and keep them if a later image fails.
-    Images are measured for the drift check when the model has a profile, or when `statistics`."""
+    Images are measured for the drift check when the model has a profile, or when `statistics`.
+    max_pixels: the decode limit (default: `data.io.max_pixels_limit()`)."""
     items = as_items(images)
     preprocess, profile = model.preprocess(), model.drift_profile
     measure = statistics or profile is not None
@@ -239,6 +241,7 @@ def iter_predict(
             skip_log=skip_log,
             progress=bar,
             statistics=measure,
+            max_pixels=max_pixels,
         ):
             results = score_canvases(model, batch.pixels, batch.placements)
             for i, (key, (score, amap)) in enumerate(zip(batch.keys, results)):
@@ -786,14 +789,20 @@ _HEADER_OPTIONAL = {"operating_point": None, "fit_info": {}, "drift": None, "ref
 _ARRAY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
 
 
+def check_model_path(path: str | Path) -> Path:
+    """`path` as a Path if it is a file; else a ModelFileError saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file '{path}' is a folder: give the file written by `anomalens fit`")
+    if not path.is_file():
+        raise ModelFileError(f"model file '{path}' not found")
+    return path
+
+
 def read_model_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The header and arrays of a model file, checked: a JSON object with every key of
     `_HEADER_KEYS` of its type, arrays of known dtypes with finite values; ModelFileError otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"'{path}' is a folder, not a model file")
-    if not path.is_file():
-        raise ModelFileError(f"model file '{path}' not found")
+    path = check_model_path(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}

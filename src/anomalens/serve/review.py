@@ -8,7 +8,6 @@ recorded in the store, looked up by result id: a request cannot name a file.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import sqlite3
@@ -27,7 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from anomalens.data import ImageReadError, read_image
+from anomalens.data import ImageReadError, csv_writer, read_image
 from anomalens.inference import Region, Verdict, overlay_image, verdict_overlay
 from anomalens.inference.overlay import verdict_title
 from anomalens.serve.model import ServedModel
@@ -190,7 +189,7 @@ class ReviewStore:
             (self.model_id,),
         )
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
+        writer = csv_writer(buffer)  # names, reviewers and notes may start like formulas
         writer.writerow(_EXPORT_COLUMNS)
         writer.writerows(tuple(r) for r in rows)
         return buffer.getvalue()

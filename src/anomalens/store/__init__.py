@@ -31,10 +31,12 @@ SQLite's WAL locking makes safe (one writer at a time; writers wait up to `timeo
 
 from __future__ import annotations
 
-import csv
 import json
+import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -42,11 +44,43 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from anomalens.data.csv_safe import csv_writer
 from anomalens.store.schema import MIGRATIONS, SCHEMA_VERSION, StoreError, migrate
 
-__all__ = ["LABELS", "MIGRATIONS", "SCHEMA_VERSION", "ResultRecord", "ResultStore", "StoreError", "utc_now"]
+__all__ = [
+    "CLAIM_STALE_SECONDS",
+    "LABELS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "ResultRecord",
+    "ResultStore",
+    "StoreError",
+    "claim_owner",
+    "utc_now",
+]
 
 LABELS = ("defect", "good")
+#: a claim not refreshed for this many seconds is abandoned (its owner died on another machine)
+CLAIM_STALE_SECONDS = 600.0
+
+
+def claim_owner() -> str:
+    """This process as a claim owner: '<host>:<pid>'."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """True when `owner` is a process of this host that no longer runs (its claims are free at once)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine: only the timeout frees its claims
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def utc_now() -> str:
@@ -277,10 +311,62 @@ class ResultStore:
                     f"ON CONFLICT (model_id, path) DO UPDATE SET {updates}",
                     rows,
                 )
+                # a stored result ends its claim, in the same transaction
+                conn.executemany("DELETE FROM claims WHERE model_id = ? AND path = ?", [r[:2] for r in rows])
         except sqlite3.IntegrityError as err:
             # CHECK (status, decision values) or FOREIGN KEY (model not registered) failed
             raise StoreError(f"cannot store results in '{self.path}': {err}") from None
         return len(rows)
+
+    # -- claims: concurrent scorers split the work ------------------------------------------
+    def claim(
+        self,
+        model_id: str,
+        paths: Iterable[str],
+        owner: str,
+        *,
+        include_errors: bool = True,
+        stale_after: float = CLAIM_STALE_SECONDS,
+    ) -> list[str]:
+        """Claim `paths` for `owner` in one transaction and return those it got: not stored yet (an
+        'error' row counts as stored unless include_errors=False) and not held by another live
+        claimer. A claim is free again when its owner is a dead process of this host, or when it
+        was not refreshed for `stale_after` seconds (an owner on another machine that died)."""
+        now = time.time()
+        done = "" if include_errors else " AND status = 'ok'"
+        taken = []
+        with self.transaction() as conn:
+            for path in paths:
+                if conn.execute(
+                    f"SELECT 1 FROM results WHERE model_id = ? AND path = ?{done}", (model_id, path)
+                ).fetchone():
+                    continue
+                held = conn.execute(
+                    "SELECT owner, claimed_at FROM claims WHERE model_id = ? AND path = ?", (model_id, path)
+                ).fetchone()
+                if (
+                    held is not None
+                    and held[0] != owner
+                    and held[1] > now - stale_after
+                    and not _owner_gone(held[0])
+                ):
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO claims (model_id, path, owner, claimed_at) VALUES (?, ?, ?, ?)",
+                    (model_id, path, owner, now),
+                )
+                taken.append(path)
+        return taken
+
+    def refresh_claims(self, owner: str) -> None:
+        """Keep `owner`'s claims alive (a scorer calls this as it commits batches)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE claims SET claimed_at = ? WHERE owner = ?", (time.time(), owner))
+
+    def release_claims(self, owner: str) -> int:
+        """Drop `owner`'s claims (a scorer that stops hands back what it did not score)."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM claims WHERE owner = ?", (owner,)).rowcount
 
     def scored_paths(self, model_id: str, *, include_errors: bool = True) -> set[str]:
         """Paths already in the store for this model: a resumed run skips them.
@@ -387,12 +473,13 @@ class ResultStore:
         return cols, [tuple(r) for r in rows]
 
     def export_csv(self, path: str | Path, model_id: str | None = None) -> Path:
-        """All results (of one model, or all) as CSV, regions as JSON text."""
+        """All results (of one model, or all) as CSV, regions as JSON text; cells that start like a
+        spreadsheet formula are quoted (`data.csv_safe`)."""
         cols, rows = self._export_rows(model_id)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv_writer(f)
             writer.writerow(cols)
             writer.writerows(rows)
         return path

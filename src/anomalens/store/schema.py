@@ -52,6 +52,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE results ADD COLUMN drift TEXT;   -- JSON list of {statistic, value, low, high, excess, message}
     """,
+    # 3: claims: which scorer process is working on which image, so concurrent scorers split the work
+    """
+    CREATE TABLE claims (
+        model_id   TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        owner      TEXT NOT NULL,             -- '<host>:<pid>' of the claiming process
+        claimed_at REAL NOT NULL,             -- unix time; refreshed as the owner commits batches
+        PRIMARY KEY (model_id, path)
+    );
+    CREATE INDEX claims_by_owner ON claims (owner);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

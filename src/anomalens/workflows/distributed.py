@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable
@@ -40,7 +41,9 @@ _ROW_FIELDS = (
 class _RayScorer:
     """A Ray Data actor: loads the detector once from the shipped model bytes, then scores batches."""
 
-    def __init__(self, model_box: list, model_id: str, min_region: int, maps_dir: str | None) -> None:
+    def __init__(
+        self, model_box: list, model_id: str, min_region: int, maps_dir: str | None, max_pixels: int | None
+    ) -> None:
         import ray
 
         from anomalens.models.base import Detector
@@ -53,10 +56,12 @@ class _RayScorer:
             path.write_bytes(model_bytes)
             detector = Detector.load(path)  # safetensors reads the file fully: it can go now
         detector.options["device"] = "auto"  # the worker's own GPU if it has one, whatever the fit used
-        self.scorer = Scorer(detector, model_id, min_region=min_region, maps_dir=maps_dir)
+        self.scorer = Scorer(
+            detector, model_id, min_region=min_region, maps_dir=maps_dir, max_pixels=max_pixels
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        records = self.scorer.score_paths([str(p) for p in batch["path"]])
+        records = self.scorer.score_paths([os.fsdecode(p) for p in batch["path"]])
         return {
             f: [json.dumps(r.regions) if f == "regions" else getattr(r, f) for r in records]
             for f in _ROW_FIELDS
@@ -78,19 +83,22 @@ def score_with_ray(
     retry_errors: bool = False,
     progress: bool = False,
     ray_init: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
 ) -> ScoreSummary:
     """Score every path not yet stored for `model_id` on Ray and write the results here.
 
     address: a cluster ('ray://head:10001' or 'auto'); None starts a local Ray instance (pass
     `ray_init` such as {"num_cpus": 2} for its size). num_workers: scoring actors, each holding
-    one detector. Results are committed every `commit_every` images.
+    one detector. Results are committed every `commit_every` images. max_pixels: the decode limit
+    on the workers (None: theirs, from ANOMALENS_MAX_PIXELS or the default).
     """
     import ray
 
     summary = ScoreSummary()
     start = time.perf_counter()
     done = store.scored_paths(model_id, include_errors=not retry_errors)
-    todo = [str(p) for p in pending_paths(paths, done, summary)]
+    # as bytes: a name that is not UTF-8 is no valid Arrow string (workers store it escaped)
+    todo = [os.fsencode(p) for p in pending_paths(paths, done, summary)]
     if not todo:
         summary.seconds = time.perf_counter() - start
         return summary
@@ -117,6 +125,7 @@ def score_with_ray(
                 "model_id": model_id,
                 "min_region": min_region,
                 "maps_dir": str(maps_dir) if maps_dir else None,
+                "max_pixels": max_pixels,
             },
         )
         with progress_bar(len(todo), f"score {model_id} (ray)", enabled=progress) as bar:

@@ -6,7 +6,6 @@ far; `PredictSummary` counts them while the run goes, for the caller's message w
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalens.data import read_image
-from anomalens.data.inputs import SkipLog
+from anomalens.data import csv_writer, read_image
+from anomalens.data.inputs import SkipLog, as_items
 from anomalens.inference import MIN_REGION_AREA, decide, verdict_overlay
 from anomalens.models.base import Inferencer
 
@@ -72,11 +71,15 @@ def predict_to_folder(
     min_share: float = 0.0,
     progress: bool = False,
     summary: PredictSummary | None = None,
+    max_pixels: int | None = None,
 ) -> PredictSummary:
     """Score `images` with `model` and write the results under `output` as they come.
 
-    on_error='skip' lists unreadable images in skipped.txt and goes on. Pass `summary` to read the
-    counts so far when the run is interrupted.
+    on_error='skip' lists each image that fails (unreadable, too large or small, cannot be
+    prepared) in skipped.txt as it is met and goes on. Pass `summary` to read the counts so far
+    when the run is interrupted. max_pixels: the decode limit (see `data.io.read_image`).
+    Paths are written as `data.display_name` gives them (bytes that are not UTF-8 as \\xNN), and
+    CSV cells spreadsheet-safe (`data.csv_safe`).
     """
     calibration = model.decision_calibration
     if calibration is None:
@@ -86,13 +89,21 @@ def predict_to_folder(
     output.mkdir(parents=True, exist_ok=True)
     if overlays:
         (output / "overlays").mkdir(exist_ok=True)
-    skip_log = SkipLog()
+    summary.skipped_txt.unlink(missing_ok=True)  # a rerun's list starts afresh, as scores.csv does
+    skip_log = SkipLog(path=summary.skipped_txt)
+    items = as_items(images)
+    sources = {item.key: item.path for item in items if item.path is not None}
     used: set[str] = set()
     try:
-        with open(summary.scores_csv, "w", newline="") as f_csv, open(output / "regions.jsonl", "w") as f_reg:
-            writer = csv.writer(f_csv)
+        with (
+            open(summary.scores_csv, "w", newline="", encoding="utf-8") as f_csv,
+            open(output / "regions.jsonl", "w", encoding="utf-8") as f_reg,
+        ):
+            writer = csv_writer(f_csv)
             writer.writerow(CSV_COLUMNS)
-            for scored in model.iter_predict(images, progress=progress, on_error=on_error, skip_log=skip_log):
+            for scored in model.iter_predict(
+                items, progress=progress, on_error=on_error, skip_log=skip_log, max_pixels=max_pixels
+            ):
                 key = scored.key
                 verdict = decide(
                     scored.score,
@@ -107,7 +118,8 @@ def predict_to_folder(
                 name = ""
                 if overlays:
                     name = "overlays/" + overlay_name(Path(key), used)
-                    verdict_overlay(read_image(key), verdict, Path(key).name).save(output / name)
+                    image = read_image(sources.get(key, key), max_pixels=max_pixels)
+                    verdict_overlay(image, verdict, Path(key).name).save(output / name)
                 box = (
                     " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1)))
                     if regions
@@ -135,6 +147,4 @@ def predict_to_folder(
                 summary.n_drift += bool(verdict.drift)
     finally:
         summary.skipped = skip_log.skipped
-        if skip_log.skipped:
-            summary.skipped_txt.write_text("".join(f"{msg}\n" for _, msg in skip_log.skipped))
     return summary

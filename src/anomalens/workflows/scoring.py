@@ -13,9 +13,11 @@ be endless (stdin, watch mode) and needs the content hash, so this module drives
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import sqlite3
 import sys
 import time
 from collections import deque
@@ -29,14 +31,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalens.data import IMAGE_EXTENSIONS, DatasetError, ImageReadError, list_images, read_image
+from anomalens.data import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    ImageReadError,
+    csv_writer,
+    display_name,
+    list_images,
+    read_image,
+)
 from anomalens.data.drift import DriftFlag, image_statistics
 from anomalens.data.geometry import Placement
 from anomalens.data.io import natural_sorted
 from anomalens.data.progress import progress_bar
 from anomalens.inference import MIN_REGION_AREA, Verdict, decide, verdict_overlay
 from anomalens.models.base import Inferencer, score_canvases
-from anomalens.store import ResultRecord, ResultStore
+from anomalens.store import CLAIM_STALE_SECONDS, ResultRecord, ResultStore, claim_owner
 
 #: saved maps are 16-bit PNGs of the normalized map clipped to [0, MAP_PNG_RANGE]: value / 65535 *
 #: MAP_PNG_RANGE is the normalized score, so the pixel threshold 1.0 is 65535 / MAP_PNG_RANGE
@@ -57,8 +67,9 @@ def model_id_for(model_path: str | Path, detector_name: str) -> tuple[str, str]:
 
 def path_key(path: str | Path) -> str:
     """How a file is named in the store: absolute (symlinks kept), so a rerun from another working
-    folder still finds what it scored."""
-    return os.path.abspath(os.fspath(path))
+    folder still finds what it scored, and valid UTF-8 (`data.display_name`: bytes that are not
+    UTF-8 as \\xNN escapes)."""
+    return display_name(os.path.abspath(os.fspath(path)))
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -102,7 +113,9 @@ def iter_input_paths(
     """The images named by INPUT: '-' = one path per line on stdin, a folder (recursive, optional
     glob), a .csv list, or one image file. Streams: stdin is read as scoring goes."""
     if str(source) == "-":
-        for line in stdin or sys.stdin:
+        # the process's stdin as bytes: a name that is not UTF-8 keeps its bytes (os.fsdecode)
+        lines = stdin if stdin is not None else (os.fsdecode(b) for b in sys.stdin.buffer)
+        for line in lines:
             if line.strip():
                 yield Path(line.strip())
         return
@@ -137,6 +150,7 @@ class ScoreSummary:
     n_scored: int = 0  # images written with status 'ok'
     n_errors: int = 0  # unreadable files written with status 'error'
     n_skipped: int = 0  # already in the store for this model
+    n_elsewhere: int = 0  # claimed by another scorer process on the same store
     seconds: float = 0.0
 
     @property
@@ -154,6 +168,7 @@ class Scorer:
         *,
         min_region: int = MIN_REGION_AREA,
         maps_dir: str | Path | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if detector.decision_calibration is None:
             raise ValueError(
@@ -162,6 +177,7 @@ class Scorer:
         self.detector = detector
         self.model_id = model_id
         self.min_region = min_region
+        self.max_pixels = max_pixels  # None: data.io.max_pixels_limit()
         self.maps_dir = Path(os.path.abspath(maps_dir)) / model_id if maps_dir else None
         self.preprocess = detector.preprocess()
         self.calibration = detector.decision_calibration  # the operating point's threshold when one is stored
@@ -170,17 +186,23 @@ class Scorer:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
 
     def decode(self, path: str | Path) -> Decoded:
+        """Read, hash and prepare one file; whatever fails is this file's error, never the batch's."""
         key = path_key(path)
         try:
             digest = file_sha256(path)
-            image = read_image(path)
-            pixels, placement = self.preprocess.canvases(image, str(path))
+            image = read_image(path, max_pixels=self.max_pixels)
+            pixels, placement = self.preprocess.canvases(image, key)
             drift = [] if self.drift_profile is None else self.drift_profile.check(image_statistics(image))
             return Decoded(key, digest, pixels, placement, drift)
         except ImageReadError as err:
             return Decoded(key, error=str(err))
         except OSError as err:  # unreadable before decoding: permissions, a file gone since listing
-            return Decoded(key, error=f"cannot read '{path}': {err.strerror or err}")
+            return Decoded(key, error=f"cannot read image '{display_name(path)}': {err.strerror or err}")
+        except Exception as err:  # noqa: BLE001 - preprocessing or measuring failed for this image only
+            text = " ".join(str(err).split())[:120]
+            return Decoded(
+                key, error=f"cannot prepare image '{display_name(path)}': {type(err).__name__}: {text}"
+            )
 
     def score(self, batch: list[Decoded]) -> list[ResultRecord]:
         """Score the readable files of a batch together; unreadable ones become error records."""
@@ -267,6 +289,41 @@ def pending_paths(paths: Iterable[Path], done: set[str], summary: ScoreSummary) 
         yield p
 
 
+def claimed_paths(
+    store: ResultStore,
+    model_id: str,
+    paths: Iterable[Path],
+    owner: str,
+    summary: ScoreSummary,
+    *,
+    chunk: int = 8,
+    include_errors: bool = True,
+    stale_after: float = CLAIM_STALE_SECONDS,
+    on_elsewhere: Callable[[int], None] | None = None,
+) -> Iterator[Path]:
+    """The paths `owner` claims in the store, `chunk` at a time as the stream is read, so scorers
+    started on the same folder and store share it; those another live scorer holds (or stored
+    meanwhile) are counted in `summary.n_elsewhere` and left to it."""
+    pending: list[Path] = []
+
+    def take() -> Iterator[Path]:
+        keys = [path_key(p) for p in pending]
+        got = set(store.claim(model_id, keys, owner, include_errors=include_errors, stale_after=stale_after))
+        lost = len(keys) - len(got)
+        summary.n_elsewhere += lost
+        if lost and on_elsewhere is not None:
+            on_elsewhere(lost)
+        yield from (p for p, k in zip(pending, keys) if k in got)
+        pending.clear()
+
+    for p in paths:
+        pending.append(p)
+        if len(pending) >= chunk:
+            yield from take()
+    if pending:
+        yield from take()
+
+
 def score_into_store(
     scorer: Scorer,
     store: ResultStore,
@@ -279,15 +336,21 @@ def score_into_store(
     retry_errors: bool = False,
     done: set[str] | None = None,
     on_batch: Callable[[list[ResultRecord]], None] | None = None,
+    owner: str | None = None,
+    stale_after: float = CLAIM_STALE_SECONDS,
 ) -> ScoreSummary:
     """Score every path not yet stored for `scorer.model_id`, committing each batch as it finishes.
 
     A list of paths gets a progress bar with an ETA; a stream (stdin) shows the rate only.
     retry_errors: rescore files stored with status 'error' (e.g. after fixing them).
     done: path keys to skip, when the caller knows them (saves reading them from the store).
+    Images are claimed in the store a batch at a time (`owner`: this process by default), so
+    scorers run at once on one store split the work; claims left by a killed scorer are taken over
+    once its process is gone (same host) or after `stale_after` seconds.
     """
     summary = ScoreSummary()
     start = time.perf_counter()
+    owner = owner or claim_owner()
     if done is None:
         done = store.scored_paths(scorer.model_id, include_errors=not retry_errors)
     todo = pending_paths(paths, done, summary)
@@ -296,11 +359,23 @@ def score_into_store(
         todo = list(todo)
         total = len(todo)
     with progress_bar(total, f"score {scorer.model_id}", enabled=progress) as bar:
+        todo = claimed_paths(
+            store,
+            scorer.model_id,
+            todo,
+            owner,
+            summary,
+            chunk=batch_size,
+            include_errors=not retry_errors,
+            stale_after=stale_after,
+            on_elsewhere=bar.update if bar is not None else None,
+        )
         batch: list[Decoded] = []
 
         def flush() -> None:
             records = scorer.score(batch)
-            store.add_results(records)  # one transaction: a kill loses this batch at most
+            store.add_results(records)  # one transaction, which also ends these claims
+            store.refresh_claims(owner)  # the claims read ahead stay this process's
             batch.clear()
             n_errors = sum(r.status == "error" for r in records)
             summary.n_errors += n_errors
@@ -310,12 +385,18 @@ def score_into_store(
             if on_batch is not None:
                 on_batch(records)
 
-        for decoded in iter_decoded(scorer, todo, workers=workers, prefetch=prefetch or 4 * batch_size):
-            batch.append(decoded)
-            if len(batch) >= batch_size:
+        try:
+            for decoded in iter_decoded(scorer, todo, workers=workers, prefetch=prefetch or 4 * batch_size):
+                batch.append(decoded)
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
+        finally:
+            # what this run did not store is free for the next; if the store itself failed, the
+            # claims lapse anyway once this process is gone
+            with contextlib.suppress(sqlite3.Error):
+                store.release_claims(owner)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -327,8 +408,8 @@ def export_top(store: ResultStore, scorer: Scorer, k: int, out_dir: str | Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     top = store.top(scorer.model_id, k)
     written = []
-    with open(out_dir / "top.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+    with open(out_dir / "top.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv_writer(f)
         writer.writerow(["rank", "path", "score", "normalized_score", "decision", "n_regions", "overlay"])
         for rank, rec in enumerate(top, start=1):
             decoded = scorer.decode(rec.path)

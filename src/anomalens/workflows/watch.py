@@ -112,6 +112,7 @@ def watch_folder(
                     batch_size=batch_size,
                     workers=workers,
                     done=set(),
+                    retry_errors=True,  # the tracker hands out a failed file again only once it changed
                     on_batch=after_batch,
                 )
                 total.n_scored += s.n_scored
