@@ -107,11 +107,13 @@ class FullAfterFirstBatch:
         object.__setattr__(self, "_conn", conn)
         object.__setattr__(self, "_batches", 0)
 
-    def executemany(self, *args):
+    def executemany(self, sql, *args):
+        if "INTO results" not in sql:  # claims and other bookkeeping are not the results batch
+            return self._conn.executemany(sql, *args)
         object.__setattr__(self, "_batches", self._batches + 1)
         if self._batches > 1:
             raise sqlite3.OperationalError("database or disk is full")
-        return self._conn.executemany(*args)
+        return self._conn.executemany(sql, *args)
 
     def __getattr__(self, name):
         return getattr(self._conn, name)

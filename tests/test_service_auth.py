@@ -34,6 +34,7 @@ class MeanBrightness:
     map_score = {"reduce": "max"}
     roi = None
     drift_profile = None
+    refiner = None
     decision_calibration = Calibration(
         threshold=0.6, center=0.5, pixel_threshold=0.9, pixel_center=0.5, quantile=0.99, n_images=10
     )
