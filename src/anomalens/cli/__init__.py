@@ -13,6 +13,7 @@ from anomalens.cli.explain import explain
 from anomalens.cli.export import export
 from anomalens.cli.score import score, threshold
 from anomalens.cli.serve import serve
+from anomalens.cli.tune import tune
 
 app = typer.Typer(
     add_completion=False,
@@ -21,7 +22,7 @@ app = typer.Typer(
     help="Unsupervised visual anomaly detection and localization for industrial inspection.",
 )
 
-for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, export):
+for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, export, tune):
     app.command()(command)
 app.command("classical-study")(classical_study)
 app.command()(explain)
