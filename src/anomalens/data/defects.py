@@ -322,7 +322,9 @@ class DefectSynthesizer:
         sy, sx = int(self.rng.integers(0, height - ph + 1)), int(self.rng.integers(0, width - pw + 1))
         patch = src[sy : sy + ph, sx : sx + pw]
         mean = patch.mean()
-        patch = (patch - mean) * self.rng.uniform(0.6, 1.6) + mean + self.rng.uniform(-0.2, 0.2) * span
+        # Gradients weaker or stronger than the source's (never about the same): blending keeps them.
+        gain = self.rng.uniform(0.4, 0.75) if self.rng.uniform() < 0.5 else self.rng.uniform(1.4, 2.2)
+        patch = (patch - mean) * gain + mean + self.rng.uniform(-0.2, 0.2) * span
         # Poisson blending only sees the destination on the patch's border: clone into a window
         # around it (4-pixel margin, which OpenCV needs) instead of the whole image.
         y0, x0 = int(self.rng.integers(0, height - ph - 7)), int(self.rng.integers(0, width - pw - 7))
