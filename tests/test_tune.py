@@ -75,7 +75,7 @@ def test_tie_break_by_aupro_then_grid_order() -> None:
     assert _choose([{"synthetic_auroc": None, "synthetic_aupro": None, "error": "x"}, rows[0]]) == 1
 
 
-def test_grid_parsing_and_errors() -> None:
+def test_grid_parsing_and_errors(texture) -> None:
     assert parse_grid(["top_k=1,10", "layers=2+3,1+2+3"]) == {
         "top_k": ["1", "10"],
         "layers": ["2,3", "1,2,3"],
@@ -85,6 +85,8 @@ def test_grid_parsing_and_errors() -> None:
         parse_grid(["top_k"])
     with pytest.raises(ValueError, match="has no option"):
         candidates("patchcore", {"depth": ["1"]})
+    with pytest.raises(ValueError, match="holdout"):
+        tune(texture, "patchcore", GRID, holdout=1.5)
 
 
 def test_cli_writes_the_chosen_model_and_table(texture_root, tmp_path) -> None:

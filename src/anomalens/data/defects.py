@@ -189,6 +189,7 @@ class DefectSynthesizer:
         self.perlin_scale, self.perlin_threshold = perlin_scale, perlin_threshold
         self.textures = textures
         self.rng = np.random.default_rng(seed)
+        self._bounds = (0.0, 1.0)  # the current image's value range, set by make
 
     def make(
         self, image: np.ndarray, source: np.ndarray | None = None, kind: str | None = None

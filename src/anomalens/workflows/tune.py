@@ -129,6 +129,8 @@ def _real_comparison(rows: list[dict[str, Any]], chosen: int, test: list[Sample]
         row["real_auroc"] = None if scores is None else _auroc(labels, scores)
     ok = [r for r in rows if r["real_auroc"] is not None and r["synthetic_auroc"] is not None]
     real = rows[chosen]["real_auroc"]
+    if real is None:
+        return None
     best = max(r["real_auroc"] for r in ok)
     rho = (
         spearmanr([r["synthetic_auroc"] for r in ok], [r["real_auroc"] for r in ok]).statistic
@@ -169,11 +171,20 @@ def tune(
     ``real``: after the choice, compare on the labelled test images when there are some. ``on_row``
     is called with each candidate's row as it finishes (for printing)."""
     pool = candidates(model, grid)
+    if (
+        not 0 < holdout < 1
+        or max_holdout < 2
+        or defects_per_good < 1
+        or (max_train is not None and max_train < 2)
+    ):
+        raise ValueError(
+            f"tune needs 0 < holdout < 1, max_holdout >= 2, defects >= 1 and max_train >= 2; got {holdout}, "
+            f"{max_holdout}, {defects_per_good}, {max_train}"
+        )
     if len(dataset.train) < 4:
         raise ValueError(f"tune needs at least 4 training goods, '{dataset.name}' has {len(dataset.train)}")
     n_hold = min(max_holdout, max(2, round(holdout * len(dataset.train))))
     fit_goods, held = calibration_split(dataset.train, n_hold / len(dataset.train), seed, min_calibration=2)
-    held = held[:max_holdout]
     if max_train is not None and len(fit_goods) > max_train:
         fit_goods, _ = calibration_split(fit_goods, 1 - max_train / len(fit_goods), seed + 1)
     images, labels, masks = _synthetic_set([read_image(s.path) for s in held], defects_per_good, seed, kinds)
