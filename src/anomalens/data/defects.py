@@ -148,10 +148,11 @@ class DefectSynthesizer:
     ``kinds``: which recipes to draw from (uniformly, one per image; see the module docstring).
     ``area``: (min, max) fraction of the image covered by a cutpaste/nsa patch or a spot.
     ``contrast``: (min, max) change of a scratch or spot, as a fraction of the image's value span.
-    ``scratch_width``: (min, max) scratch width in pixels; ``scratch_length``: (min, max) length as a
-    fraction of the image's shorter side. ``perlin_scale``/``perlin_threshold``: DRAEM's mask
-    parameters. ``textures``: where a perlin defect's texture comes from, "source" (another good image;
-    the image itself when none is given) and/or "noise".
+    ``scratch_width``: (min, max) scratch width in pixels (an even width is drawn one pixel wider);
+    ``scratch_length``: (min, max) length as a fraction of the image's shorter side.
+    ``perlin_scale``/``perlin_threshold``: DRAEM's mask parameters. ``textures``: where a perlin
+    defect's texture comes from, "source" (another good image; the image itself when none is given)
+    and/or "noise".
     """
 
     def __init__(
@@ -367,8 +368,9 @@ class DefectSynthesizer:
         room = np.array([width - 1, height - 1]) - (high - low)
         path += self.rng.uniform(0, np.maximum(room, 0)) - low
         thickness = int(self.rng.integers(self.scratch_width[0], self.scratch_width[1] + 1))
-        # OpenCV draws a line of thickness t about t + 1 pixels wide for t >= 2; its box is padded so.
-        t = thickness if thickness == 1 else thickness - 1
+        # OpenCV's lines across pixel centres are 1, 3, 3, 5, 5, ... px wide for thickness 1, 2, 3, 4, 5:
+        # an odd width w is thickness w - 1 (w = 1: 1); an even one is drawn one pixel wider.
+        t = 1 if thickness == 1 else (thickness - 1 if thickness % 2 else thickness)
         pad = thickness + 1
         x0, y0 = np.clip(np.floor(path.min(axis=0)).astype(int) - pad, 0, None)
         x1, y1 = np.minimum(np.ceil(path.max(axis=0)).astype(int) + pad + 1, (width, height))
