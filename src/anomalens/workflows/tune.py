@@ -102,18 +102,18 @@ def _synthetic_set(goods: list[np.ndarray], per_good: int, seed: int, kinds: Seq
     return images, labels, masks
 
 
+def _rank_key(rows: list[dict[str, Any]], i: int) -> tuple:
+    """Smaller is better: highest synthetic AUROC to 3 decimals, then AUPRO, then the earlier candidate."""
+    auroc, pro = rows[i]["synthetic_auroc"], rows[i]["synthetic_aupro"]
+    return (-round(auroc, 3) if auroc is not None else 1.0, -pro if pro is not None else 1.0, i)
+
+
 def _choose(rows: list[dict[str, Any]]) -> int:
-    """Highest synthetic AUROC to 3 decimals, then AUPRO, then the earlier candidate."""
-
-    def key(i: int) -> tuple:
-        row = rows[i]
-        auroc, pro = row["synthetic_auroc"], row["synthetic_aupro"]
-        return (-round(auroc, 3) if auroc is not None else 1.0, -pro if pro is not None else 1.0, i)
-
+    """The best row by `_rank_key` among those that were fitted."""
     scored = [i for i, r in enumerate(rows) if r.get("error") is None]
     if not scored:
         raise RuntimeError("no candidate could be fitted: " + "; ".join(r["error"] for r in rows))
-    return min(scored, key=key)
+    return min(scored, key=lambda i: _rank_key(rows, i))
 
 
 def _real_comparison(rows: list[dict[str, Any]], chosen: int, test: list[Sample]) -> dict[str, Any] | None:
@@ -190,7 +190,7 @@ def tune(
     images, labels, masks = _synthetic_set([read_image(s.path) for s in held], defects_per_good, seed, kinds)
     test = dataset.test if real else []
     rows: list[dict[str, Any]] = []
-    detectors: list[Detector | None] = []
+    best: tuple[int, Detector] | None = None  # only the leading candidate's model stays in memory
     for candidate in pool:
         row: dict[str, Any] = {"candidate": candidate.label, "options": candidate.options}
         detector = None
@@ -211,17 +211,21 @@ def tune(
             row.update(error=str(exc).splitlines()[0], synthetic_auroc=None, synthetic_aupro=None)
             detector = None
         rows.append(row)
-        detectors.append(detector)
+        if detector is not None and (
+            best is None or _rank_key(rows, len(rows) - 1) < _rank_key(rows, best[0])
+        ):
+            best = (len(rows) - 1, detector)
         if on_row is not None:
             on_row({k: v for k, v in row.items() if not k.startswith("_")})
     chosen = _choose(rows)
+    assert best is not None and best[0] == chosen
     comparison = _real_comparison(rows, chosen, test) if test else None
     for row in rows:
         row.pop("_test_scores", None)
     return TuneResult(
         rows,
         chosen,
-        detectors[chosen],
+        best[1],
         comparison,
         config={
             "model": model,
