@@ -98,7 +98,7 @@ def test_user_errors_are_one_line(tmp_path, model_file):
         assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-@pytest.mark.parametrize("verb", ["fit", "predict", "evaluate", "demo", "models"])
+@pytest.mark.parametrize("verb", ["fit", "predict", "evaluate", "demo", "models", "tune"])
 def test_help_says_what_and_shows_an_example(verb):
     proc = run(verb, "--help")
     if verb != "models":

@@ -14,6 +14,7 @@ from anomalens.cli.export import export
 from anomalens.cli.refine import refine
 from anomalens.cli.score import score, threshold
 from anomalens.cli.serve import serve
+from anomalens.cli.tune import tune
 
 app = typer.Typer(
     add_completion=False,
@@ -22,7 +23,7 @@ app = typer.Typer(
     help="Unsupervised visual anomaly detection and localization for industrial inspection.",
 )
 
-for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, refine, export):
+for command in (fit, predict, evaluate, demo, models, benchmark, score, threshold, refine, export, tune):
     app.command()(command)
 app.command("classical-study")(classical_study)
 app.command()(explain)
