@@ -82,7 +82,6 @@ class OnnxFeatureRunner:
         self.exported = graph is None and not self.path.is_file()
         if self.exported:
             _export(extractor, self.path, h, w)
-        self.precision = "fp32" if graph is None else "int8"
 
         self.runtime = runtime
         source = self.path if graph is None else graph
