@@ -22,7 +22,7 @@ class Runtime(str, Enum):
 
 
 RUNTIME_HELP = (
-    "torch; onnx: ONNX Runtime; openvino: OpenVINO's CPU plugin (pip install 'anomalens[openvino]'). "
+    "torch; onnx: ONNX Runtime; openvino: OpenVINO's CPU plugin (an optional extra: pip install openvino). "
     "onnx and openvino take an exported .onnx file, or a model file (exported once and cached)"
 )
 THREADS_HELP = "threads per model call (default: the runtime's choice, one per core)"
