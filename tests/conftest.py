@@ -105,6 +105,18 @@ def fast_options(name: str) -> dict:
     return {**FAST_DEFAULT, **FAST_OPTIONS.get(name, {})}
 
 
+def require_openvino() -> None:
+    """Skip a test of the openvino runtime when OpenVINO is not installed, except in CI, whose
+    `make test` installs it (the dev extra): there it fails."""
+    from anomalens.export import openvino_available
+
+    if not openvino_available():
+        message = "OpenVINO is not installed: pip install 'anomalens[openvino]'"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def texture_root(tmp_path_factory):
     return make_synthetic_dataset(

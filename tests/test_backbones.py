@@ -204,3 +204,27 @@ def test_make_feature_runner(lite0) -> None:
         assert float(np.abs(a - b).max()) < 1e-4
     with pytest.raises(BackboneError):
         make_feature_runner(lite0, 64, engine="tensorrt")
+
+
+def test_auto_checks_the_cached_graph_once(lite0, monkeypatch) -> None:
+    import anomalens.backbones.onnx_runner as runner_module
+
+    first = make_feature_runner(lite0, 64, device="cpu")
+    assert list(first.path.parent.glob(first.path.name + ".agrees-ort*"))
+
+    def fail(*args):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(runner_module, "_check_agreement", fail)
+    assert isinstance(make_feature_runner(lite0, 64, device="cpu"), OnnxFeatureRunner)
+
+
+def test_openvino_engine_matches_torch(lite0) -> None:
+    from conftest import require_openvino
+
+    require_openvino()
+    x = _smooth_batch(2, 64)
+    ov = make_feature_runner(lite0, 64, engine="openvino")
+    assert isinstance(ov, OnnxFeatureRunner) and ov.runtime == "openvino"
+    for a, b in zip(ov(x), make_feature_runner(lite0, 64, engine="torch")(x), strict=True):
+        assert a.shape == b.shape and float(np.abs(a - b).max()) < 1e-3 * max(1.0, float(np.abs(b).max()))

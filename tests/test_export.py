@@ -15,13 +15,19 @@ from anomalens.export import ExportError, NotExportableError, OnnxDetector, expo
 from anomalens.models.base import Detector, ModelFileError
 from anomalens.registry import get_class
 from anomalens.workflows.benchmark import onnx_size
-from conftest import fast_options
+from conftest import fast_options, require_openvino
 
 # methods that implement the export hook; a fitted one returning None is skipped in the test
 EXPORTABLE = [
     n for n in anomalens.available() if get_class(n).inference_module is not Detector.inference_module
 ]
 TOL = 1e-4
+#: OpenVINO's CPU kernels (f32) sum in another order than torch's: up to 1e-3 of max(1, |value|)
+OV_TOL = 1e-3
+
+
+def _close(got: np.ndarray, ref: np.ndarray, tol: float) -> bool:
+    return bool(np.all(np.abs(got - ref) <= tol * np.maximum(1.0, np.abs(ref))))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +68,11 @@ def test_onnx_runtime_gives_the_torch_scores_and_maps(name, texture, tmp_path):
     np.testing.assert_allclose(
         out["normalized_map"], det.calibration.normalize_map(out["anomaly_map"]), rtol=1e-5, atol=1e-5
     )
+    # the same file in OpenVINO's CPU plugin
+    require_openvino()
+    ov = OnnxDetector.load(path, threads=1, runtime="openvino").predict(texture.test)
+    assert ov.keys == ref.keys and _close(ov.scores, ref.scores, OV_TOL)
+    assert all(_close(a, b, OV_TOL) for a, b in zip(ov.maps, ref.maps))
 
 
 def test_batch_of_one_and_intensity_option_match(texture, tmp_path):
@@ -176,7 +187,7 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
     assert "MB" in result.output and "max |score diff|" in result.output
 
     def scores(model_arg, runtime, out):
-        threads = ["--threads", "1"] if runtime == "onnx" else []
+        threads = ["--threads", "1"] if runtime != "torch" else []
         res = runner.invoke(
             app,
             [
@@ -198,11 +209,17 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
         }
 
     torch_rows = scores(model, "torch", tmp_path / "t")
-    for model_arg, out in ((tmp_path / "pc.onnx", "o"), (model, "m")):  # an .onnx file, or a model file
-        onnx_rows = scores(model_arg, "onnx", tmp_path / out)
-        assert onnx_rows.keys() == torch_rows.keys()
+    runs = [(tmp_path / "pc.onnx", "onnx", "o"), (model, "onnx", "m")]  # an .onnx file, or a model file
+    from anomalens.export import openvino_available
+
+    if openvino_available():  # its parity is required in test_onnx_runtime_gives_the_torch_scores_and_maps
+        runs.append((tmp_path / "pc.onnx", "openvino", "v"))
+    for model_arg, runtime, out in runs:
+        rows = scores(model_arg, runtime, tmp_path / out)
+        tol = TOL if runtime == "onnx" else OV_TOL
+        assert rows.keys() == torch_rows.keys()
         for key, (score, flag) in torch_rows.items():
-            assert abs(onnx_rows[key][0] - score) <= TOL * max(1.0, abs(score)) and onnx_rows[key][1] == flag
+            assert abs(rows[key][0] - score) <= tol * max(1.0, abs(score)) and rows[key][1] == flag
     assert (
         len(list((tmp_path / "cache" / "onnx" / "models").glob("*.onnx"))) == 1
     )  # exported once, then cached
@@ -214,3 +231,21 @@ def test_cli_export_and_predict_with_onnx_runtime(patchcore, classical, texture_
         app, ["predict", str(tmp_path / "pc.onnx"), str(texture_root / "test"), "-o", str(tmp_path / "x")]
     )
     assert result.exit_code == 2 and "--runtime onnx" in result.output
+
+
+def test_score_into_the_store_with_the_onnx_runtime(patchcore, texture_root, tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "cache"))
+    model = patchcore.save(tmp_path / "pc.model")
+    stored = {}
+    for runtime in ("torch", "onnx"):
+        db = tmp_path / f"{runtime}.db"
+        args = ["score", str(model), str(texture_root / "test"), "-o", str(db), "--runtime", runtime, "-q"]
+        result = CliRunner().invoke(app, [*args, "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        with sqlite3.connect(db) as con:
+            stored[runtime] = dict(con.execute("select path, score from results"))
+    assert len(stored["torch"]) == 12 and stored["onnx"].keys() == stored["torch"].keys()
+    for key, score in stored["torch"].items():
+        assert abs(stored["onnx"][key] - score) <= TOL * max(1.0, abs(score))

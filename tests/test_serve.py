@@ -12,7 +12,7 @@ from PIL import Image
 import anomalens
 from anomalens.serve import ServeConfig, create_app, load_inferencer
 from anomalens.serve.app import upload_path
-from conftest import fast_options
+from conftest import fast_options, require_openvino
 
 TOKEN = "s3cret-token"
 
@@ -214,12 +214,15 @@ def test_upload_names_cannot_leave_the_folder(tmp_path):
     assert upload_path(tmp_path, "ef" * 32, "a b<c>.png").name == "a_b_c_.png"
 
 
-def test_onnx_runtime_scores_like_torch(model_file, inferencer, texture, tmp_path, monkeypatch):
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_onnx_runtimes_score_like_torch(runtime, model_file, inferencer, texture, tmp_path, monkeypatch):
+    if runtime == "openvino":
+        require_openvino()
     monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "cache"))  # the export is cached there
-    onnx = TestClient(create_app(ServeConfig(model=model_file, runtime="onnx", threads=1)))
-    assert onnx.get("/model").json()["runtime"] == "onnx"
+    client = TestClient(create_app(ServeConfig(model=model_file, runtime=runtime, threads=1)))
+    assert client.get("/model").json()["runtime"] == runtime
     for sample in texture.test[:3]:
-        a = upload(onnx, sample.path).json()
+        a = upload(client, sample.path).json()
         b = inferencer.calibration.normalize(inferencer.model.predict([sample.path]).scores[0])
         assert abs(a["normalized_score"] - b) < 1e-3
 

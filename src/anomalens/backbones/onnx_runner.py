@@ -1,4 +1,4 @@
-"""Run a :class:`FeatureExtractor` through ONNX Runtime (fast on CPU) or torch eager.
+"""Run a :class:`FeatureExtractor` through ONNX Runtime (fast on CPU), OpenVINO or torch eager.
 
 Both runners map a normalized float32 numpy batch (N, 3, H, W) to a list of
 numpy feature maps, so callers do not care which engine is underneath.
@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from .extractor import BackboneError, FeatureExtractor, resolve_device, weights_checksum
+from .runtimes import onnx_session
 
 __all__ = ["OnnxFeatureRunner", "TorchFeatureRunner", "make_feature_runner", "onnx_cache_dir"]
 
 OPSET = 17
+ENGINES = ("auto", "onnx", "openvino", "torch")
 FeatureRunner = Callable[[np.ndarray], list[np.ndarray]]
 _warned: set[str] = set()
 
@@ -48,12 +50,14 @@ def _as_batch(x: np.ndarray) -> np.ndarray:
 
 
 class OnnxFeatureRunner:
-    """ONNX Runtime (CPUExecutionProvider) version of a FeatureExtractor.
+    """ONNX Runtime (CPUExecutionProvider) or, with runtime="openvino", OpenVINO version of a
+    FeatureExtractor.
 
     The graph has a dynamic batch axis and the fixed ``input_size`` (H, W).
     The exported file is cached under :func:`onnx_cache_dir`, keyed by the
     weights checksum, architecture, layers and size; ``exported`` tells
-    whether this instance had to export it.
+    whether this instance had to export it. ``graph``: run these ONNX bytes
+    instead (the INT8 backbone a detector was fitted with, see quantize.py).
     """
 
     def __init__(
@@ -62,9 +66,9 @@ class OnnxFeatureRunner:
         input_size: int | tuple[int, int],
         cache_dir: str | os.PathLike[str] | None = None,
         threads: int | None = None,
+        runtime: str = "onnx",
+        graph: bytes | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.input_size = _hw(input_size)
         h, w = self.input_size
         layers = extractor.spec.layers
@@ -75,26 +79,14 @@ class OnnxFeatureRunner:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", extractor.arch)
         directory = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
         self.path = directory / f"{stem}_l{'-'.join(map(str, layers))}_{h}x{w}_{key}.onnx"
-        self.exported = not self.path.is_file()
+        self.exported = graph is None and not self.path.is_file()
         if self.exported:
             _export(extractor, self.path, h, w)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # ENABLE_ALL adds the NCHWc conv layout: ~2x faster than EXTENDED for Lite0 on CPU.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ORT workers would otherwise spin and steal the cores that torch/faiss
-        # need for the next pipeline step; measured equal or faster on 2 busy cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own non-exported exception types
-            raise BackboneError(
-                f"onnxruntime cannot load {self.path} ({exc}); delete it to re-export"
-            ) from exc
-        self._input_name = self.session.get_inputs()[0].name
+        self.runtime = runtime
+        source = self.path if graph is None else graph
+        self.session = onnx_session(source, runtime, threads or torch.get_num_threads(), BackboneError)
+        self._input_name = "input"  # as _export names it
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = _as_batch(x)
@@ -159,27 +151,46 @@ def make_feature_runner(
     input_size: int | tuple[int, int],
     device: str | torch.device = "cpu",
     engine: str = "auto",
+    int8_graph: bytes | None = None,
 ) -> FeatureRunner:
     """Return a callable: normalized float32 (N, 3, H, W) numpy batch -> list of feature maps.
 
-    engine "onnx": :class:`OnnxFeatureRunner` (CPU only); "torch": eager torch
-    on ``device``; "auto": ONNX on CPU when onnxruntime imports and the
-    exported graph reproduces torch's outputs, otherwise torch (warning once
-    about why).
+    engine "onnx": :class:`OnnxFeatureRunner` (CPU only); "openvino": the same
+    graph in OpenVINO (CPU only); "torch": eager torch on ``device``; "auto":
+    ONNX on CPU when onnxruntime imports and the exported graph reproduces
+    torch's outputs, otherwise torch (warning once about why).
+    ``int8_graph``: the backbone's INT8 ONNX bytes, run by ONNX Runtime
+    ("auto", "onnx") or OpenVINO; torch and CUDA cannot run them.
     """
-    if engine not in ("auto", "onnx", "torch"):
-        raise BackboneError(f"unknown engine {engine!r}: use 'auto', 'onnx' or 'torch'")
+    if engine not in ENGINES:
+        raise BackboneError(f"unknown engine {engine!r}: use one of {', '.join(map(repr, ENGINES))}")
     torch_device = resolve_device(device)
-    if engine == "onnx":
+    if int8_graph is not None:
+        if engine == "torch" or torch_device.type != "cpu":
+            raise BackboneError(
+                "an INT8 backbone (runtime_precision=int8) runs on the CPU in ONNX Runtime or "
+                "OpenVINO: use device=cpu and engine=auto, onnx or openvino"
+            )
+        engine = "onnx" if engine == "auto" else engine
+    if engine in ("onnx", "openvino"):
         if torch_device.type != "cpu":
-            raise BackboneError("engine='onnx' runs on CPU only: use device='cpu' or engine='torch'")
-        return OnnxFeatureRunner(extractor, input_size)
+            raise BackboneError(f"engine={engine!r} runs on CPU only: use device='cpu' or engine='torch'")
+        try:
+            return OnnxFeatureRunner(extractor, input_size, runtime=engine, graph=int8_graph)
+        except ValueError as exc:  # OpenVINO not installed
+            raise BackboneError(str(exc)) from None
     eager = TorchFeatureRunner(extractor, torch_device)
     if engine == "torch" or torch_device.type != "cpu":
         return eager
     try:
+        import onnxruntime
+
         runner = OnnxFeatureRunner(extractor, input_size)
-        _check_agreement(runner, eager, runner.input_size)
+        # a fixed cost of every fit and load: the cached graph is checked once per ONNX Runtime version
+        checked = runner.path.with_name(f"{runner.path.name}.agrees-ort{onnxruntime.__version__}")
+        if not checked.is_file():
+            _check_agreement(runner, eager, runner.input_size)
+            checked.touch()
     except (ImportError, BackboneError) as exc:
         _warn_once(f"ONNX engine unavailable, using torch: {exc}")
         return eager

@@ -18,6 +18,14 @@ class Runtime(str, Enum):
 
     torch = "torch"
     onnx = "onnx"
+    openvino = "openvino"
+
+
+RUNTIME_HELP = (
+    "torch; onnx: ONNX Runtime; openvino: OpenVINO's CPU plugin (an optional extra: pip install openvino). "
+    "onnx and openvino take an exported .onnx file, or a model file (exported once and cached)"
+)
+THREADS_HELP = "threads per model call (default: the runtime's choice, one per core)"
 
 
 def fail(message: str, code: int = 2) -> None:

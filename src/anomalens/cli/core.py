@@ -8,7 +8,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from anomalens.cli.common import SET_HELP, Runtime, err, fail, out, parse_sets, user_errors
+from anomalens.cli.common import (
+    RUNTIME_HELP,
+    SET_HELP,
+    THREADS_HELP,
+    Runtime,
+    err,
+    fail,
+    out,
+    parse_sets,
+    user_errors,
+)
 
 REPORT_HELP = (
     "write a self-contained HTML report: metrics, ROC/PR curves, score histogram with the threshold, "
@@ -192,16 +202,8 @@ def predict(
         help="smallest defect region reported: pixels (16) or a share of the image (0.5%)",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    runtime: Runtime = typer.Option(
-        Runtime.torch,
-        "--runtime",
-        case_sensitive=False,
-        help="torch, or onnx: score through ONNX Runtime (MODEL may then be a .onnx "
-        "file; a model file is exported once and cached)",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="--runtime onnx: ONNX Runtime threads (default: one per core)"
-    ),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", case_sensitive=False, help=RUNTIME_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     max_pixels: float | None = typer.Option(
         None,
         "--max-pixels",
@@ -219,29 +221,18 @@ def predict(
     Example: anomalens predict tile.model new_parts/ -o out/
     """
     from anomalens.data.inputs import as_items
-    from anomalens.models.base import Detector
+    from anomalens.export import ExportError, load_model
     from anomalens.workflows.predict import PredictSummary, predict_to_folder
 
     min_area, min_share = _parse_min_region(str(min_region))
     if max_pixels is not None and max_pixels < 1:
         fail(f"--max-pixels must be a positive number of pixels, got {max_pixels:g}")
     try:
-        if runtime == "onnx":
-            from anomalens.export import ExportError, OnnxDetector
-
-            try:
-                detector = OnnxDetector.load(model_file, threads=threads)
-            except ExportError as e:
-                fail(str(e))
-        else:
-            if model_file.suffix.lower() == ".onnx":
-                fail(f"'{model_file}' is an ONNX file: score it with --runtime onnx")
-            detector = Detector.load(model_file)
-            detector.options["device"] = device
+        detector = load_model(model_file, runtime.value, threads=threads, device=device)
         items = as_items(inputs)
         if not items:
             fail("no images found in " + ", ".join(map(str, inputs)))
-    except user_errors() as e:
+    except (ExportError, *user_errors()) as e:
         fail(str(e))
     summary = PredictSummary(output)
     try:
@@ -390,6 +381,8 @@ def demo(
         report=output / "report.html",
         skip_bad=False,
         pixel_size=None,
+        train_defects=None,
+        seed=0,
         device="auto",
         quiet=quiet,
     )
@@ -401,7 +394,7 @@ def demo(
         skip_bad=False,
         min_region="16",
         device="auto",
-        runtime="torch",
+        runtime=Runtime.torch,
         threads=None,
         max_pixels=None,
         quiet=quiet,

@@ -13,14 +13,21 @@ def export(
     model_file: Path = typer.Argument(..., metavar="MODEL", help="model file written by `anomalens fit`"),
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version"),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="require the INT8 graph: the model must be fitted with --set runtime_precision=int8 "
+        "(its backbone quantized on its training goods); the export scores with that very backbone",
+    ),
 ) -> None:
     """Export a fitted model to one ONNX file that scores like the torch model.
 
     The graph takes float32 images in [0, 1], (batch, channels, S, S) at the model resolution S,
     and returns the raw and normalized image scores and maps; normalization, the detector and the
     calibration are inside, and its metadata (JSON under "anomalens") describes the model. The
-    export is checked against torch on a random batch and fails beyond 1e-4. Score with it via
-    `anomalens predict MODEL.onnx ... --runtime onnx`.
+    export is checked against torch on a random batch and fails beyond 1e-4. A model fitted with
+    --set runtime_precision=int8 exports its INT8 backbone (checked against the model the same way).
+    Score with it via `anomalens predict MODEL.onnx ... --runtime onnx` (or openvino).
 
     Example: anomalens export tile.model -o tile.onnx
     """
@@ -28,13 +35,20 @@ def export(
     from anomalens.models.base import Detector
 
     try:
-        path = export_onnx(Detector.load(model_file), output, opset=opset)
+        detector = Detector.load(model_file)
+        if int8 and getattr(detector, "int8_backbone", None) is None:
+            fail(
+                f"--int8: '{model_file}' was fitted in fp32; refit it with --set runtime_precision=int8 "
+                "(PatchCore, PaDiM): the memory bank and threshold must come from the INT8 features"
+            )
+        path = export_onnx(detector, output, opset=opset)
     except (ExportError, *user_errors()) as e:
         fail(str(e))
-    parity = OnnxDetector.load(path).metadata["parity"]
+    meta = OnnxDetector.load(path).metadata
+    parity = meta["parity"]
     out.print(
-        f"wrote {path} ({path.stat().st_size / 2**20:.2f} MB); parity with torch on {parity['n_images']} "
-        f"random images: max |score diff| {parity['max_score_diff']:.2g}, "
+        f"wrote {path} ({path.stat().st_size / 2**20:.2f} MB, {meta['precision']}); parity with the model "
+        f"on {parity['n_images']} random images: max |score diff| {parity['max_score_diff']:.2g}, "
         f"max |map diff| {parity['max_map_diff']:.2g}",
         highlight=False,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from anomalens.cli.common import err, fail, out, user_errors
+from anomalens.cli.common import RUNTIME_HELP, THREADS_HELP, Runtime, err, fail, out, user_errors
 
 RULE_HELP = (
     "recall: highest threshold reaching --target recall (1.0 = no missed defect); fpr: lowest threshold "
@@ -68,6 +68,8 @@ def score(
     ),
     ray_workers: int = typer.Option(1, "--ray-workers", help="ray: scoring actors (one model copy each)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", case_sensitive=False, help=RUNTIME_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Score a production archive into a result store; rerunning resumes where it stopped.
@@ -81,9 +83,10 @@ def score(
       anomalens score tile.model /archive/2026-11 -o results.db --csv results.csv --top 50
       find /archive -name '*.png' | anomalens score tile.model - -o results.db
       anomalens score tile.model --watch /camera/out -o results.db
+      anomalens score tile.model /archive/2026-11 -o results.db --runtime openvino
       anomalens score tile.model /shared/archive -o results.db --engine ray --address auto --ray-workers 8
     """
-    from anomalens.models.base import Detector
+    from anomalens.export import ExportError, load_model
     from anomalens.store import ResultStore, StoreError
     from anomalens.workflows.scoring import (
         Scorer,
@@ -106,12 +109,13 @@ def score(
     if max_pixels is not None and max_pixels < 1:
         fail(f"--max-pixels must be a positive number of pixels, got {max_pixels:g}")
     limit = None if max_pixels is None else int(max_pixels)
+    if engine == "ray" and runtime != Runtime.torch:
+        fail("--engine ray scores with torch: drop --runtime")
     try:
-        detector = Detector.load(model_file)
-        detector.options["device"] = device
+        detector = load_model(model_file, runtime.value, threads=threads, device=device)
         model_id, digest = model_id_for(model_file, detector.name)
         store = ResultStore(output)
-    except (*user_errors(), StoreError) as e:
+    except (ExportError, *user_errors(), StoreError) as e:
         fail(str(e))
     batch = batch_size or detector.options["batch_size"]
     with store:

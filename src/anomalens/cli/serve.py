@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from anomalens.cli.common import Runtime, err, fail, user_errors
+from anomalens.cli.common import RUNTIME_HELP, THREADS_HELP, Runtime, err, fail, user_errors
 
 
 def serve(
@@ -40,12 +40,9 @@ def serve(
         help="images decoded and scored at once; further requests wait their turn",
     ),
     runtime: Runtime = typer.Option(
-        Runtime.onnx,
-        help="inference engine: ONNX Runtime (the model file is exported once and cached) or torch",
+        Runtime.onnx, "--runtime", case_sensitive=False, help=RUNTIME_HELP + " (default here: onnx)"
     ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="threads per inference (default: the runtime's choice)"
-    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     max_upload_mb: float = typer.Option(
         20.0, "--max-upload-mb", help="largest request body; bigger uploads get 413"
     ),

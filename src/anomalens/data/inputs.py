@@ -47,6 +47,7 @@ class Batch:
     pixels: torch.Tensor  # (N, C, H, W) float32, normalized: each image's canvases in turn
     placements: list[Placement] = field(default_factory=list)  # where each image's canvases sit
     stats: list[dict] = field(default_factory=list)  # each image's drift statistics, when asked for
+    images: list[np.ndarray] = field(default_factory=list)  # the decoded images, when asked for
 
 
 @dataclass
@@ -246,9 +247,11 @@ def iter_batches(
     progress: tqdm | None = None,
     statistics: bool = False,
     max_pixels: int | None = None,
+    keep_images: bool = False,
 ) -> Iterator[Batch]:
     """Read and preprocess in a background thread so decoding overlaps the model's compute.
-    statistics=True also measures each image for the drift check (`data.drift.image_statistics`).
+    statistics=True also measures each image for the drift check (`data.drift.image_statistics`);
+    keep_images=True keeps the decoded images in `Batch.images` (for overlays: no second decode).
     Whatever fails for one image (reading, preprocessing, measuring) is that image's
     `ImageReadError`: skipped and logged with on_error='skip', else raised once the images before
     it are scored."""
@@ -256,7 +259,7 @@ def iter_batches(
         raise ValueError("on_error must be 'raise' or 'skip'")
 
     def prepare(chunk: Sequence[InputItem]) -> tuple[Batch, ImageReadError | None]:
-        keys, shapes, tensors, placements, stats = [], [], [], [], []
+        keys, shapes, tensors, placements, stats, kept = [], [], [], [], [], []
         error = None
         for item in chunk:
             try:
@@ -276,10 +279,12 @@ def iter_batches(
             placements.append(placement)
             if statistics:
                 stats.append(measured)
+            if keep_images:
+                kept.append(image)
         pixels = (
             torch.cat(tensors) if tensors else torch.empty(0, preprocess.channels, *preprocess.input_size)
         )
-        return Batch(keys, shapes, pixels, placements, stats), error
+        return Batch(keys, shapes, pixels, placements, stats, kept), error
 
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:

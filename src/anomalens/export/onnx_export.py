@@ -48,10 +48,14 @@ class NotExportableError(ExportError):
 
 
 class ExportGraph(nn.Module):
-    """[0, 1] image batch -> raw and calibrated image scores and maps, in one graph."""
+    """[0, 1] image batch -> raw and calibrated image scores and maps, in one graph; with
+    features=True the core is a detector's head and the graph takes the backbone's feature maps."""
 
-    def __init__(self, core: nn.Module, preprocess: Preprocess, calibration: Calibration | None) -> None:
+    def __init__(
+        self, core: nn.Module, preprocess: Preprocess, calibration: Calibration | None, features: bool = False
+    ) -> None:
         super().__init__()
+        self.features = features
         c = preprocess.channels
         self.core = core
         self.register_buffer("mean", torch.tensor(preprocess.mean[:c]).view(1, c, 1, 1))
@@ -63,8 +67,11 @@ class ExportGraph(nn.Module):
         self.center, self.scale = cal.center, _scale(cal.threshold, cal.center)
         self.pixel_center, self.pixel_scale = cal.pixel_center, _scale(cal.pixel_threshold, cal.pixel_center)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        scores, maps = self.core((image - self.mean) / self.std)  # the same arithmetic as Preprocess
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.features:
+            scores, maps = self.core(list(inputs))
+        else:  # the same arithmetic as Preprocess
+            scores, maps = self.core((inputs[0] - self.mean) / self.std)
         return (
             scores,
             (scores - self.center) / self.scale,
@@ -91,31 +98,25 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
             "network graph (classical detectors run scikit-learn/PyOD models)"
         )
     pre = detector.preprocess()
-    graph = ExportGraph(core, pre, detector.decision_calibration).eval()
     example = torch.rand(
         2, pre.channels, *pre.input_size, generator=torch.Generator().manual_seed(0)
     )  # batch 2: no shape fixed to 1
-    with torch.no_grad():
-        graph(example)  # an eager call first builds cached constants (smoothing matrices) outside the trace
+    int8 = getattr(detector, "int8_backbone", None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                # TracerWarnings about Python ints taken from shapes are expected: S is fixed by design
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    graph,
+            if int8 is None:
+                _trace(
+                    ExportGraph(core, pre, detector.decision_calibration).eval(),
                     (example,),
-                    str(tmp),
-                    dynamo=False,  # dynamo needs onnxscript
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
-                    dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
-                    do_constant_folding=True,
+                    [INPUT_NAME],
+                    tmp,
+                    opset,
                 )
+            else:
+                _compose_int8(core, int8, pre, detector.decision_calibration, example, tmp, opset)
         except Exception as exc:  # the exporter fails with many error types
             # e.g. "kernel of unknown shape": a kernel or channel count built from a tensor's size
             # is unknown along the dynamic batch axis; int(...) sizes or a buffer avoid it
@@ -129,16 +130,93 @@ def export_onnx(detector, path: str | Path, opset: int = 17) -> Path:
                 f"ONNX export of {detector.name} does not reproduce its scores: max |score diff| "
                 f"{parity['max_score_diff']:.3g}, max |map diff| {parity['max_map_diff']:.3g}"
             )
+        meta = export_metadata(detector, pre, opset, parity)
+        if int8 is not None:
+            meta["precision"] = "int8"
         model = onnx.load(str(tmp))
         model.producer_name, model.producer_version = "anomalens", __version__
         model.doc_string = f"anomalens {detector.name} detector; see the '{METADATA_KEY}' metadata entry"
         entry = model.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(export_metadata(detector, pre, opset, parity))
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         onnx.save(model, str(tmp))
         os.replace(tmp, path)  # a failed export never leaves a half file under the real name
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _trace(
+    graph: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    path: Path,
+    opset: int,
+    outputs: tuple[str, ...] = OUTPUT_NAMES,
+) -> None:
+    """torch.onnx.export of `graph` with a dynamic batch axis on every input and output."""
+    with torch.no_grad():
+        graph(*example)  # an eager call first builds cached constants (smoothing matrices) outside the trace
+    with torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings about Python ints taken from shapes are expected: S is fixed by design
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            dynamo=False,  # dynamo needs onnxscript
+            opset_version=opset,
+            input_names=inputs,
+            output_names=list(outputs),
+            dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)},
+            do_constant_folding=True,
+        )
+
+
+class _Normalize(nn.Module):
+    """The mean/std normalization of a [0, 1] image batch, as Preprocess does it."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        super().__init__()
+        c = preprocess.channels
+        self.register_buffer("mean", torch.tensor(preprocess.mean[:c]).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess.std[:c]).view(1, c, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
+def _compose_int8(
+    core: nn.Module, int8: bytes, pre: Preprocess, calibration, example: torch.Tensor, path: Path, opset: int
+) -> None:
+    """One graph from three: the normalization, the INT8 backbone the detector was fitted with
+    (its own quantized ONNX, so the export scores with the very same INT8 features) and the
+    detector's head (core = Sequential(backbone, head)) with the calibration."""
+    import onnx
+    from onnx import compose
+
+    backbone = onnx.load_from_string(int8)
+    names = [o.name for o in backbone.graph.output]
+    normalize = _Normalize(pre).eval()
+    feats = ort_session(int8).run(names, {"input": normalize(example).numpy()})
+    head = ExportGraph(core[1], pre, calibration, features=True).eval()
+    part = path.with_name(path.name + ".part")
+    parts = {"b_": backbone}
+    try:
+        for prefix, module, inputs, example_in, outputs in (
+            ("n_", normalize, [INPUT_NAME], (example,), ("input",)),
+            ("h_", head, names, tuple(map(torch.from_numpy, feats)), OUTPUT_NAMES),
+        ):
+            _trace(module, example_in, inputs, part, opset, outputs)
+            parts[prefix] = onnx.load(str(part))
+    finally:
+        part.unlink(missing_ok=True)
+    ir = max(m.ir_version for m in parts.values())
+    for prefix, model in parts.items():
+        model.ir_version = ir
+        # unique node, edge and initializer names; the graphs' own inputs and outputs keep theirs
+        compose.add_prefix(model, prefix, rename_inputs=False, rename_outputs=False, inplace=True)
+    merged = compose.merge_models(parts["n_"], parts["b_"], io_map=[("input", "input")])
+    onnx.save(compose.merge_models(merged, parts["h_"], io_map=[(n, n) for n in names]), str(path))
 
 
 def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +234,7 @@ def export_metadata(detector, preprocess: Preprocess, opset: int, parity: dict[s
         "threshold": decision.threshold if decision else None,  # the image score that flags, as normalized
         "fit_info": detector.fit_info,
         "opset": opset,
+        "precision": "fp32",  # "int8": quantized convolutions, see the "int8" entry
         "input": {
             "name": INPUT_NAME,
             "layout": "NCHW",

@@ -1,4 +1,5 @@
-"""Score images with an exported ONNX file through ONNX Runtime, as the torch detector does."""
+"""Score images with an exported ONNX file through ONNX Runtime or OpenVINO, as the torch detector does;
+`load_model` opens a model for any of the three runtimes."""
 
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ from PIL import Image
 from anomalens.data.drift import DriftProfile
 from anomalens.data.inputs import Preprocess
 from anomalens.export.onnx_export import FORMAT_VERSION, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, cached_export
-from anomalens.export.session import ort_session
-from anomalens.models.base import ModelFileError, Prediction, Scored, check_model_path, iter_predict, predict
+from anomalens.export.session import onnx_session
+from anomalens.models.base import (
+    Detector,
+    Inferencer,
+    ModelFileError,
+    Prediction,
+    Scored,
+    check_model_path,
+    iter_predict,
+    predict,
+)
 from anomalens.models.refine import Refiner
 from anomalens.registry import available, get_class
 from anomalens.thresholds import Calibration, check_operating_point, decision_calibration
@@ -30,17 +40,34 @@ def _arrays_from_json(part: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+RUNTIMES = ("torch", "onnx", "openvino")
+
+
+def _onnx_metadata(path: Path, session) -> str | None:
+    if hasattr(session, "get_modelmeta"):  # ONNX Runtime reads it with the graph
+        return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    import onnx
+
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception:  # noqa: BLE001 - a file OpenVINO read but onnx cannot is not an anomalens export
+        return None
+    return {p.key: p.value for p in props}.get(METADATA_KEY)
+
+
 class OnnxDetector:
-    """A fitted detector running from its exported ONNX file: `predict` and `iter_predict` return
-    what the torch detector's do (raw scores, maps at each image's own size, its calibration).
+    """A fitted detector running from its exported ONNX file, in ONNX Runtime (runtime="onnx") or
+    OpenVINO's CPU plugin ("openvino"): `predict` and `iter_predict` return what the torch
+    detector's do (raw scores, maps at each image's own size, its calibration).
 
         det = OnnxDetector.load("tile.onnx", threads=2)   # or a model file: exported once, cached
         result = det.predict(["part.png"])                 # result.normalized_scores, result.maps
     """
 
-    def __init__(self, path: Path, session, metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, session, metadata: dict[str, Any], runtime: str = "onnx") -> None:
         self.path = path
         self.session = session
+        self.runtime = runtime
         self.metadata = metadata
         self.name: str = metadata["detector"]
         self.options: dict[str, Any] = dict(metadata["options"])
@@ -66,14 +93,19 @@ class OnnxDetector:
 
     @classmethod
     def load(
-        cls, path: str | Path, threads: int | None = None, batch_size: int | None = None
+        cls,
+        path: str | Path,
+        threads: int | None = None,
+        batch_size: int | None = None,
+        runtime: str = "onnx",
     ) -> OnnxDetector:
-        """Open an exported .onnx file, or a model file (exported on first use and cached)."""
+        """Open an exported .onnx file, or a model file (exported on first use and cached), in
+        ONNX Runtime (runtime="onnx") or OpenVINO ("openvino")."""
         path = check_model_path(path)
         if path.suffix.lower() != ".onnx":
             path = cached_export(path)
-        session = ort_session(path, threads)
-        raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        session = onnx_session(path, runtime, threads)
+        raw = _onnx_metadata(path, session)
         try:
             metadata = json.loads(raw)
         except (TypeError, json.JSONDecodeError):
@@ -87,13 +119,13 @@ class OnnxDetector:
                 f"'{path}' has ONNX export format {metadata.get('format_version')!r:.40}, "
                 f"this anomalens reads format {FORMAT_VERSION}"
             )
-        detector = cls._checked(path, session, metadata)
+        detector = cls._checked(path, session, metadata, runtime)
         if batch_size:
             detector.options["batch_size"] = int(batch_size)
         return detector
 
     @classmethod
-    def _checked(cls, path: Path, session, metadata: dict[str, Any]) -> OnnxDetector:
+    def _checked(cls, path: Path, session, metadata: dict[str, Any], runtime: str) -> OnnxDetector:
         """The detector of an export whose metadata passes the model file's checks (known detector
         and options, finite calibration and operating point); ModelFileError otherwise."""
         name = metadata.get("detector")
@@ -102,7 +134,7 @@ class OnnxDetector:
         get_class(name).check_file_options(metadata.get("options"), path)
         try:
             check_operating_point(metadata.get("operating_point"))
-            return cls(path, session, metadata)
+            return cls(path, session, metadata, runtime)
         except Exception as err:  # the file is what failed: one line, whatever broke
             raise ModelFileError(f"'{path}' does not hold a usable {name} export: {err}") from None
 
@@ -145,4 +177,31 @@ class OnnxDetector:
         return predict(self, images, **options)
 
     def __repr__(self) -> str:
-        return f"OnnxDetector({self.name!r}, path='{self.path}')"
+        return f"OnnxDetector({self.name!r}, path='{self.path}', runtime={self.runtime!r})"
+
+
+def load_model(
+    path: str | Path,
+    runtime: str = "torch",
+    *,
+    threads: int | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> Inferencer:
+    """A model file (or, for onnx and openvino, an exported .onnx file) ready to score in `runtime`:
+    the torch `Detector` on `device`, or its ONNX export (made once and cached) in ONNX Runtime or
+    OpenVINO. `threads` caps the runtime's threads for one call."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    path = Path(path)
+    if runtime != "torch":
+        return OnnxDetector.load(path, threads=threads, batch_size=batch_size, runtime=runtime)
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"'{path}' is an ONNX file: score it with --runtime onnx or --runtime openvino")
+    detector = Detector.load(path)
+    detector.options["device"] = device
+    if batch_size:
+        detector.options["batch_size"] = int(batch_size)
+    if threads:
+        torch.set_num_threads(threads)
+    return detector

@@ -102,6 +102,7 @@ class Scored(NamedTuple):
     map: np.ndarray
     drift: list[DriftFlag]  # statistics out of the training goods' range (empty without a drift profile)
     stats: dict | None  # the image's drift statistics, when measured
+    image: np.ndarray | None = None  # the decoded image, with keep_images=True
 
 
 @runtime_checkable
@@ -224,11 +225,13 @@ def iter_predict(
     skip_log: SkipLog | None = None,
     statistics: bool = False,
     max_pixels: int | None = None,
+    keep_images: bool = False,
 ) -> Iterator[Scored]:
     """Yield each image's `Scored` (raw score, map at its own resolution, drift flags) as each batch
     is scored, so batch jobs can write results as they go and keep them if a later image fails.
-    Images are measured for the drift check when the model has a profile, or when `statistics`.
-    max_pixels: the decode limit (default: `data.io.max_pixels_limit()`)."""
+    Images are measured for the drift check when the model has a profile, or when `statistics`;
+    keep_images=True hands each decoded image on in `Scored.image`. max_pixels: the decode limit
+    (default: `data.io.max_pixels_limit()`)."""
     items = as_items(images)
     preprocess, profile = model.preprocess(), model.drift_profile
     measure = statistics or profile is not None
@@ -242,11 +245,13 @@ def iter_predict(
             progress=bar,
             statistics=measure,
             max_pixels=max_pixels,
+            keep_images=keep_images,
         ):
             results = score_canvases(model, batch.pixels, batch.placements)
             for i, (key, (score, amap)) in enumerate(zip(batch.keys, results)):
                 stats = batch.stats[i] if measure else None
-                yield Scored(key, score, amap, profile.check(stats) if profile is not None else [], stats)
+                drift = profile.check(stats) if profile is not None else []
+                yield Scored(key, score, amap, drift, stats, batch.images[i] if keep_images else None)
 
 
 def predict(
@@ -484,6 +489,7 @@ class Detector(ABC):
             raise ValueError("fit got no images")
         self.fit_info = {}
         fit_items = self._hold_out_validation(fit_items)
+        self._prepare_fit(fit_items)
         torch.manual_seed(self.options["seed"])
         shapes = [_item_shape(it) for it in fit_items]
         if self.options["resize"] == "native" and not self.options["tile"]:
@@ -599,6 +605,10 @@ class Detector(ABC):
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a model file first")
+
+    def _prepare_fit(self, items: list[InputItem]) -> None:  # noqa: B027 - optional hook, most need nothing
+        """Anything a method sets up from the goods it fits on before their features are taken
+        (an INT8 backbone's calibration, see feature_base.py); nothing by default."""
 
     def _hold_out_validation(self, items: list[InputItem]) -> list[InputItem]:
         """The goods to fit on, after a method has set aside what it validates on (trained methods:

@@ -60,13 +60,20 @@ class PadimModel(nn.Module):
 @register
 class Padim(BackboneDetector):
     """PaDiM. Options: n_features (random channel subset size), regularization (added to each
-    covariance's diagonal), sigma (map smoothing)."""
+    covariance's diagonal), sigma (map smoothing), runtime_precision (int8: an INT8 backbone
+    calibrated on the training goods; see BackboneDetector)."""
 
     name = "padim"
     square_input = False  # fully convolutional; the statistics are per position of the (H, W) grid
     stochastic = True  # the random channel subset
     position_dependent = True  # one Gaussian per position
-    defaults = {"layers": (1, 2, 3), "n_features": 100, "regularization": 0.01, "sigma": 4.0}
+    defaults = {
+        "layers": (1, 2, 3),
+        "n_features": 100,
+        "regularization": 0.01,
+        "sigma": 4.0,
+        "runtime_precision": "fp32",  # int8: INT8 backbone, calibrated on the training goods
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

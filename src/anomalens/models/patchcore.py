@@ -126,7 +126,8 @@ class PatchCore(BackboneDetector):
     (the paper's score reweighting, used when top_k=0), top_k (default 10: the image score is
     the mean of the 10 highest patch distances, which scored higher than the paper's reweighted
     maximum on both development sets; 0 restores the paper), projection_dim (coreset distances),
-    chunk_patches (memory bound of the streaming coreset), sigma (map smoothing).
+    chunk_patches (memory bound of the streaming coreset), sigma (map smoothing), runtime_precision
+    (int8: an INT8 backbone calibrated on the training goods; see BackboneDetector).
     """
 
     name = "patchcore"
@@ -142,6 +143,7 @@ class PatchCore(BackboneDetector):
         "chunk_patches": 16384,
         "chunk_oversample": 4.0,
         "sigma": 4.0,
+        "runtime_precision": "fp32",  # int8: INT8 backbone, calibrated on the training goods
     }
 
     def __init__(self, **options: Any) -> None:

@@ -47,7 +47,7 @@ class ServeConfig:
     """Everything `create_app` needs; `anomalens serve` fills it from its options."""
 
     model: Path
-    runtime: str = "onnx"  # onnx (ONNX Runtime) or torch
+    runtime: str = "onnx"  # onnx (ONNX Runtime), openvino or torch
     threads: int | None = None  # intra-op threads of the model; None = the runtime's default
     store: Path | None = None  # SQLite result store: predictions are written there, the review page reads it
     token: str | None = None  # when set, every route but /health needs it (see TokenGate)

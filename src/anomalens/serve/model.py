@@ -14,8 +14,6 @@ from anomalens.inference import MIN_REGION_AREA, Verdict, decide
 from anomalens.models.base import Inferencer
 from anomalens.thresholds import Calibration
 
-RUNTIMES = ("onnx", "torch")
-
 
 @dataclass
 class ServedModel:
@@ -53,28 +51,19 @@ class ServedModel:
 
 
 def load_inferencer(path: Path, runtime: str = "onnx", threads: int | None = None) -> ServedModel:
-    """Load a model for serving through ONNX Runtime (default; a model file is exported once and
-    cached, an exported .onnx file is used as it is) or torch."""
+    """Load a model for serving through ONNX Runtime (default), OpenVINO or torch on the CPU (see
+    `anomalens.export.load_model`: a model file is exported once and cached, an exported .onnx
+    file is used as it is)."""
+    from anomalens.export import RUNTIMES, ExportError, load_model
+
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
-    if runtime == "onnx":
-        from anomalens.export import ExportError, OnnxDetector
-
-        try:
-            model = OnnxDetector.load(path, threads=threads)
-        except ExportError as err:
-            raise ValueError(f"{err}; serve this model with --runtime torch") from None
-        fit_info = model.metadata.get("fit_info", {})
-    else:
-        import torch
-
-        from anomalens.models.base import Detector
-
-        model = Detector.load(path)
-        model.options["device"] = "cpu"  # the service is the CPU path; batch jobs use `score`
-        if threads:
-            torch.set_num_threads(threads)
-        fit_info = model.fit_info
+    try:
+        # the service is the CPU path; batch jobs use `score`
+        model = load_model(path, runtime, threads=threads, device="cpu")
+    except ExportError as err:
+        raise ValueError(f"{err}; serve this model with --runtime torch") from None
+    fit_info = model.metadata.get("fit_info", {}) if runtime != "torch" else model.fit_info
     calibration = model.decision_calibration
     if calibration is None:
         raise ValueError(

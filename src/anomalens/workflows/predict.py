@@ -7,15 +7,18 @@ far; `PredictSummary` counts them while the run goes, for the caller's message w
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from anomalens.data import csv_writer, read_image
-from anomalens.data.inputs import SkipLog, as_items
-from anomalens.inference import MIN_REGION_AREA, decide, verdict_overlay
+from anomalens.data import csv_writer
+from anomalens.data.inputs import SkipLog
+from anomalens.inference import MIN_REGION_AREA, Verdict, decide, verdict_overlay
+from anomalens.inference.overlay import PNG_LEVEL
 from anomalens.models.base import Inferencer
 
 CSV_COLUMNS = [
@@ -60,6 +63,14 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name + ".png"
 
 
+#: overlays waiting for the writer thread at most (each holds an image and its map)
+PENDING_OVERLAYS = 8
+
+
+def _write_overlay(image: np.ndarray, verdict: Verdict, name: str, path: Path) -> None:
+    verdict_overlay(image, verdict, name).save(path, compress_level=PNG_LEVEL)
+
+
 def predict_to_folder(
     model: Inferencer,
     images: Iterable | np.ndarray,
@@ -91,19 +102,27 @@ def predict_to_folder(
         (output / "overlays").mkdir(exist_ok=True)
     summary.skipped_txt.unlink(missing_ok=True)  # a rerun's list starts afresh, as scores.csv does
     skip_log = SkipLog(path=summary.skipped_txt)
-    items = as_items(images)
-    sources = {item.key: item.path for item in items if item.path is not None}
     used: set[str] = set()
+    # overlays (drawing and PNG encoding, which releases the GIL) are written by a thread of their
+    # own while the model scores the next batch; the decoded image is reused, not read again
+    pending: deque[Future] = deque()
     try:
         with (
             open(summary.scores_csv, "w", newline="", encoding="utf-8") as f_csv,
             open(output / "regions.jsonl", "w", encoding="utf-8") as f_reg,
+            ThreadPoolExecutor(max_workers=1) as drawer,
         ):
             writer = csv_writer(f_csv)
             writer.writerow(CSV_COLUMNS)
-            for scored in model.iter_predict(
-                items, progress=progress, on_error=on_error, skip_log=skip_log, max_pixels=max_pixels
-            ):
+            scored_images = model.iter_predict(
+                images,
+                progress=progress,
+                on_error=on_error,
+                skip_log=skip_log,
+                max_pixels=max_pixels,
+                keep_images=overlays,
+            )
+            for scored in scored_images:
                 key = scored.key
                 verdict = decide(
                     scored.score,
@@ -118,8 +137,11 @@ def predict_to_folder(
                 name = ""
                 if overlays:
                     name = "overlays/" + overlay_name(Path(key), used)
-                    image = read_image(sources.get(key, key), max_pixels=max_pixels)
-                    verdict_overlay(image, verdict, Path(key).name).save(output / name)
+                    pending.append(
+                        drawer.submit(_write_overlay, scored.image, verdict, Path(key).name, output / name)
+                    )
+                    while len(pending) > PENDING_OVERLAYS or (pending and pending[0].done()):
+                        pending.popleft().result()  # a failed write stops the run, as before
                 box = (
                     " ".join(map(str, (regions[0].x0, regions[0].y0, regions[0].x1, regions[0].y1)))
                     if regions
@@ -145,6 +167,8 @@ def predict_to_folder(
                 summary.n_scored += 1
                 summary.n_flagged += verdict.anomalous
                 summary.n_drift += bool(verdict.drift)
+            while pending:
+                pending.popleft().result()
     finally:
         summary.skipped = skip_log.skipped
     return summary
