@@ -53,13 +53,15 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 
 def _notes(metrics: dict) -> list[str]:
     """What evaluate says beside its table: where the threshold came from (and whether it saw these
-    images), drift examples and a batch shift of the test goods."""
+    images), an image score that misses what the map finds, drift examples and a batch shift of the test goods."""
     source = metrics.get("threshold_source") or {}
     lines = [f"  threshold: {source['text']}"] if source else []
     if source.get("warning"):
         lines.append(
             f"  warning: the threshold was {source['warning']} (its precision and recall here are not a test)"
         )
+    if metrics.get("score_warning"):
+        lines.append(f"  warning: {metrics['score_warning']}")
     drift = metrics.get("drift") or {}
     lines += [f"  outside the training range: {example}" for example in drift.get("examples", [])]
     lines += [f"  drift: the test goods are {shift}" for shift in drift.get("goods_batch_shift", [])]

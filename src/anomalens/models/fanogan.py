@@ -86,6 +86,7 @@ class FAnoGan(TrainableDetector):
     paper's raw sum)."""
 
     name = "fanogan"
+    map_max_setting = "score=residual"
     defaults = {
         "channels": 3,
         "latent": 128,
