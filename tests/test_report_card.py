@@ -61,3 +61,13 @@ def test_card_ranks_by_image_auroc_and_lists_failures():
     rows = [line for line in text.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
     assert rows[0].startswith("| b | 1 (1 failed) | 0.900 |") and rows[1].startswith("| a | 1 | 0.600 |")
     assert "- b options: `max_minutes=1`" in text and "| b | c | 1 | out of memory |" in text
+
+
+def test_models_command_links_the_card():
+    from typer.testing import CliRunner
+
+    from anomalens.cli import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0 and "docs/report_card.md" in " ".join(result.output.split())
+    assert (SCRIPT.parents[1] / "docs" / "report_card.md").is_file()

@@ -378,7 +378,11 @@ def demo(
 
 
 def models() -> None:
-    """List the detectors and their options with defaults (pass them with --set key=value)."""
+    """List the detectors and their options with defaults (pass them with --set key=value).
+
+    Which trained method suits which kind of part (image and pixel AUROC, AUPRO, fit time and their
+    spread over seeds, per data set): docs/report_card.md, written by benchmarks/report_card.py.
+    """
     from anomalens.registry import available, get_class
 
     table = Table(title="detectors")
@@ -389,3 +393,8 @@ def models() -> None:
         opts = {**cls.base_defaults, **cls.defaults}
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in opts.items()))
     out.print(table)
+    out.print(
+        "which trained method suits which kind of part (accuracy, fit time, spread over seeds): "
+        "docs/report_card.md (regenerate it with benchmarks/report_card.py)",
+        highlight=False,
+    )
