@@ -133,7 +133,7 @@ def test_score_guard_bounds_and_setting():
     assert text.startswith("the image score does not follow the map") and text.endswith(
         "try --set score=residual"
     )
-    assert "already the map's maximum" in score_guard({"image_auroc": 0.5, "pixel_auroc": 0.9}, None)
+    assert score_guard({"image_auroc": 0.5, "pixel_auroc": 0.9}, None).endswith("pixel AUROC 0.900 > 0.85)")
 
 
 def test_guard_in_evaluate_cli_notes_and_report(evaluation, detector, texture, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import anomalens
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.models.training import StepContext
 from anomalens.models.utrad import UTransformer, from_windows, multiscale_error, to_windows
-from anomalens.models.vtadl import MixtureDensity, VTADLNet
+from anomalens.models.vtadl import MixtureDensity, VtadlModel, VTADLNet
 from anomalens.workflows.evaluate import evaluate
 from conftest import fast_options
 
@@ -93,6 +93,19 @@ def test_vtadl_net_shapes():
     z, recon = net(torch.randn(2, 3, 32, 32))
     assert z.shape == (2, 16, 16) and recon.shape == (2, 3, 32, 32)
     assert net.mdn.nll(z).shape == (2, 16)
+    # the image score: the reconstruction error by default, the likelihood map's maximum with score=map
+    model = VtadlModel(net, 32, 4.0, 5.0, 0.5, 1.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        recon, nll = model.terms(x)
+        scores, maps = model(x)
+        torch.testing.assert_close(scores, recon)
+        model.score = "map"
+        scores, maps = model(x)
+        torch.testing.assert_close(scores, maps.amax(dim=(1, 2)))
+    assert anomalens.create("vtadl", score="map").map_max_setting == "score=map"
+    with pytest.raises(ValueError, match="score='mean'; use one of reconstruction, map"):
+        anomalens.create("vtadl", score="mean")
 
 
 @pytest.mark.parametrize("name", NAMES)

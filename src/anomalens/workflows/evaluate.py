@@ -32,9 +32,8 @@ def score_guard(metrics: dict[str, Any], map_max_setting: str | None) -> str | N
         f"image AUROC {image:.3f} < {SCORE_GUARD_IMAGE_AUROC} "
         f"while pixel AUROC {pixel:.3f} > {SCORE_GUARD_PIXEL_AUROC}"
     )
-    if map_max_setting is None:
-        return f"the image score does not follow the map ({where}); the score is already the map's maximum"
-    return f"the image score does not follow the map ({where}): try --set {map_max_setting}"
+    tip = f": try --set {map_max_setting}" if map_max_setting else ""
+    return f"the image score does not follow the map ({where}){tip}"
 
 
 @dataclass
