@@ -117,6 +117,19 @@ def finished_cells(models: list[str], data: Path, out: Path, seeds: int, sets: d
     return BenchmarkResult(cells=records, summary=summarize(records), config=config)
 
 
+def _run_arguments(argv: list[str]) -> list[str]:
+    """The command line that runs the cells: without --note (printed apart) and --write-only."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif arg != "--write-only" and not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", "-o", type=Path, default=Path("report_card_run"))
@@ -164,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = result.config.get("n_missing", 0)
     if missing:
         note += f" Partial card: {missing} planned cells had not run yet."
-    command = "python benchmarks/report_card.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/report_card.py " + " ".join(
+        _run_arguments(argv if argv is not None else sys.argv[1:])
+    )
     note = f"Command: `{command.strip()}` ({os.cpu_count()} CPU cores seen). {note}".strip()
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(
