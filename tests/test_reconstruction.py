@@ -97,6 +97,28 @@ def test_fanogan_feature_residual_is_scaled_by_the_goods_features(fitted, textur
     assert float(raw.modules["feature_scale"].value) == 1.0  # the paper's unscaled A(x)
 
 
+def test_fanogan_scores_by_default_the_maps_mean_and_izi_f_on_request(fitted, texture):
+    det = fitted["fanogan"]
+    assert det.options["score"] == "mean" and det.map_max_setting == "score=residual"
+    pixels = next(iter_batches(as_items(texture.test), det._preprocess(), 6)).pixels
+    with torch.no_grad():
+        scores, maps = det._scorer()(pixels)
+        torch.testing.assert_close(scores, maps.mean(dim=(1, 2)))
+        # A(x) by hand: mean squared pixel residual + kappa * feature residual / the goods' feature scale
+        m = det._scorer()
+        recon = m.generator(m.encoder(pixels)[0])
+        f_x, f_r = m.critic(pixels)[1], m.critic(recon)[1]
+        a_x = (pixels - recon).pow(2).flatten(1).mean(1) + det.options["kappa"] * (f_x - f_r).pow(2).mean(
+            1
+        ) / float(det.modules["feature_scale"].value)
+        for score, expected in (("izi_f", a_x), ("residual", maps.amax(dim=(1, 2)))):
+            det.options["score"] = score
+            try:
+                torch.testing.assert_close(det._scorer()(pixels)[0], expected)
+            finally:
+                det.options["score"] = "mean"
+
+
 class _Crash(Exception):
     pass
 

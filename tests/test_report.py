@@ -121,3 +121,45 @@ def test_cli_piece_writes_the_report(evaluation, detector, tmp_path, capsys):
 
     path = write_report(evaluation, detector, tmp_path / "report.html", n_gallery=1)
     assert path.is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_score_guard_bounds_and_setting():
+    from anomalens.workflows.evaluate import score_guard
+
+    assert score_guard({"image_auroc": 0.6, "pixel_auroc": 0.99}, "score=residual") is None
+    assert score_guard({"image_auroc": 0.3, "pixel_auroc": 0.85}, "score=residual") is None
+    assert score_guard({"image_auroc": 0.3, "pixel_auroc": None}, "score=residual") is None
+    text = score_guard({"image_auroc": 0.59, "pixel_auroc": 0.86}, "score=residual")
+    assert text.startswith("the image score does not follow the map") and text.endswith(
+        "try --set score=residual"
+    )
+    assert score_guard({"image_auroc": 0.5, "pixel_auroc": 0.9}, None).endswith("pixel AUROC 0.900 > 0.85)")
+
+
+def test_guard_in_evaluate_cli_notes_and_report(evaluation, detector, texture, tmp_path, monkeypatch):
+    from anomalens.cli.core import _notes
+    from anomalens.workflows.evaluate import _map_max_setting
+
+    assert evaluation.metrics["score_warning"] is None  # PatchCore on the texture: the score follows the map
+    assert not any("does not follow" in line for line in _notes(evaluation.metrics))
+    assert _map_max_setting(anomalens.create("fanogan", score="residual")) is None
+    assert _map_max_setting(anomalens.create("fanogan", score="izi_f")) == "score=residual"
+    # the same maps with the image scores reversed: the map still localizes, the score ranks defects last
+    predict = detector.predict
+
+    def reversed_scores(*args, **kwargs):
+        pred = predict(*args, **kwargs)
+        return dataclasses.replace(pred, scores=-pred.scores)
+
+    monkeypatch.setattr(detector, "predict", reversed_scores)
+    monkeypatch.setattr(detector, "map_max_setting", "score=residual")
+    bad = evaluate(detector, texture)
+    m = bad.metrics
+    assert m["image_auroc"] < 0.6 and m["pixel_auroc"] > 0.85
+    assert m["score_warning"].startswith("the image score does not follow the map")
+    assert m["score_warning"].endswith("try --set score=residual")
+    assert any("does not follow the map" in line for line in _notes(m))
+    text = write_evaluation_report(bad, detector, tmp_path / "r.html", n_gallery=1).read_text()
+    assert "the image score does not follow the map" in text and "try --set score=residual" in text
+    clean = write_evaluation_report(evaluation, detector, tmp_path / "c.html", n_gallery=1).read_text()
+    assert "does not follow the map" not in clean

@@ -67,7 +67,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 
 def _notes(metrics: dict) -> list[str]:
     """What evaluate says beside its table: where the threshold came from (and whether it saw these
-    images), drift examples and a batch shift of the test goods."""
+    images), an image score that misses what the map finds, drift examples and a batch shift of the test goods."""
     source = metrics.get("threshold_source") or {}
     lines = [f"  threshold: {source['text']}"] if source else []
     if source.get("warning"):
@@ -78,6 +78,8 @@ def _notes(metrics: dict) -> list[str]:
         lines.append(
             f"  left out: {metrics['n_left_out_trained_on']} test images the refine stage trained on"
         )
+    if metrics.get("score_warning"):
+        lines.append(f"  warning: {metrics['score_warning']}")
     drift = metrics.get("drift") or {}
     lines += [f"  outside the training range: {example}" for example in drift.get("examples", [])]
     lines += [f"  drift: the test goods are {shift}" for shift in drift.get("goods_batch_shift", [])]
@@ -402,7 +404,11 @@ def demo(
 
 
 def models() -> None:
-    """List the detectors and their options with defaults (pass them with --set key=value)."""
+    """List the detectors and their options with defaults (pass them with --set key=value).
+
+    Which trained method suits which kind of part (image and pixel AUROC, AUPRO, fit time and their
+    spread over seeds, per data set): docs/report_card.md, written by benchmarks/report_card.py.
+    """
     from anomalens.registry import available, get_class
 
     table = Table(title="detectors")
@@ -413,3 +419,8 @@ def models() -> None:
         opts = {**cls.base_defaults, **cls.defaults}
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in opts.items()))
     out.print(table)
+    out.print(
+        "which trained method suits which kind of part (accuracy, fit time, spread over seeds): "
+        "docs/report_card.md (regenerate it with benchmarks/report_card.py)",
+        highlight=False,
+    )

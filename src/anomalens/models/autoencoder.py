@@ -116,6 +116,7 @@ class Autoencoder(TrainableDetector):
     (max or mean of the map)."""
 
     name = "autoencoder"
+    map_max_setting = "score=max"
     defaults = {
         "preset": "",
         "channels": 3,

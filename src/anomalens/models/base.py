@@ -386,6 +386,10 @@ class Detector(ABC):
     square_input: ClassVar[bool] = True
     #: True for methods that model each canvas position apart (PaDiM): padding must sit alike in every image
     position_dependent: ClassVar[bool] = False
+    #: the --set option=value that makes the image score the anomaly map's maximum, for methods
+    #: whose default image score is computed apart from their map (evaluate suggests it when the
+    #: image score misses what the map finds); None where the score is the map's already
+    map_max_setting: ClassVar[str | None] = None
     #: True when the fitted model depends on `seed` (a random projection, subset, initialisation or
     #: shuffling): `anomalens benchmark` then repeats it over seeds and reports mean and spread
     stochastic: ClassVar[bool] = False

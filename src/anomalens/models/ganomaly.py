@@ -55,6 +55,7 @@ class Ganomaly(TrainableDetector):
     "residual": the residual map's maximum)."""
 
     name = "ganomaly"
+    map_max_setting = "score=residual"
     defaults = {
         "channels": 3,
         "latent": 100,

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from anomalens.models.components.layers import SmoothUpsample
-from anomalens.models.trainable import TrainableDetector
+from anomalens.models.trainable import TrainableDetector, check_choice
 from anomalens.models.training import Phase
 from anomalens.registry import register
 
@@ -148,6 +148,7 @@ class VtadlModel(nn.Module):
         # the module form of SSIM builds its Gaussian window once: the functional form builds it
         # from the input's shape, a convolution kernel of unknown shape for the ONNX exporter
         self.ssim = SSIM(data_range=2.0, size_average=False, channel=net.channels)
+        self.score = "reconstruction"  # or "map": the likelihood map's maximum
 
     def terms(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted reconstruction error (B,), patch negative log-likelihoods (B, g, g))."""
@@ -161,15 +162,17 @@ class VtadlModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         recon, nll = self.terms(pixels)
-        return recon, self.upsample @ nll @ self.upsample.T
+        maps = self.upsample @ nll @ self.upsample.T
+        return (maps.amax(dim=(1, 2)) if self.score == "map" else recon), maps
 
 
 @register
 class Vtadl(TrainableDetector):
     """VT-ADL. Options: patch_size (power of two dividing image_size), dim, depth, heads,
     mlp_ratio, dropout (ViT encoder), n_gaussians and mdn_hidden (mixture density network),
-    mse_weight, ssim_weight (loss and image score), nll_weight (loss), sigma (map smoothing), channels, and
-    the training options of every trainable detector.
+    mse_weight, ssim_weight (loss and image score), nll_weight (loss), sigma (map smoothing), score
+    ("reconstruction": the paper's reconstruction error; "map": the likelihood map's maximum), channels,
+    and the training options of every trainable detector.
 
     CPU defaults: the paper encodes 512 px images in 64 px patches (an 8 x 8 map) with a 512-wide,
     6-block ViT; here 128 px images in 8 px patches (a 16 x 16 map) with a 128-wide, 4-block ViT:
@@ -177,6 +180,7 @@ class Vtadl(TrainableDetector):
     """
 
     name = "vtadl"
+    map_max_setting = "score=map"
     defaults = {
         "image_size": 128,
         "batch_size": 8,
@@ -193,6 +197,7 @@ class Vtadl(TrainableDetector):
         "ssim_weight": 0.5,
         "nll_weight": 1.0,
         "sigma": 4.0,
+        "score": "reconstruction",
         "epochs": 30,
         "min_steps": 2500,
         "lr": 5e-4,
@@ -210,6 +215,7 @@ class Vtadl(TrainableDetector):
             )
         if o["dim"] % o["heads"]:
             raise ValueError(f"vtadl: dim={o['dim']} must be a multiple of heads={o['heads']}")
+        check_choice(self.name, "score", o["score"], ("reconstruction", "map"))
         if o["channels"] not in (1, 3):
             raise ValueError(f"vtadl: channels={o['channels']} must be 1 or 3")
         self._model: VtadlModel | None = None
@@ -242,6 +248,7 @@ class Vtadl(TrainableDetector):
                 .to(self.device)
                 .eval()
             )
+        self._model.score = self.options["score"]
         return self._model
 
     def _phases(self) -> list[Phase]:

@@ -295,9 +295,11 @@ def _metrics_section(
     if m.get("images_per_second"):
         extra.append(f"predicted {m.get('n_images')} test images at {m['images_per_second']:.1f} images/s")
     note = " · ".join(extra)
+    guard = m.get("score_warning")
     html_ = (
         f"<section id=metrics><h2>Metrics</h2><p class=note>{_e(note) if note else ''}</p>"
-        f"<div class=row><div>{overall}</div><div>{right}</div></div>"
+        + (f"<p class=warn-note>Warning: {_e(guard)}.</p>" if guard else "")
+        + f"<div class=row><div>{overall}</div><div>{right}</div></div>"
     )
     html_ += _per_type_table(evaluation, normalized)
     return html_ + _drift_table(m.get("drift")) + "</section>"

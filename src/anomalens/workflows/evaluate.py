@@ -15,6 +15,26 @@ from anomalens.metrics.pixel import pixel_f1_at_threshold
 from anomalens.models.base import Detector, Prediction, resize_map, resize_mask
 from anomalens.thresholds import image_digests, threshold_source
 
+#: the guard's bounds: an image score near chance while the map localizes well
+SCORE_GUARD_IMAGE_AUROC = 0.6
+SCORE_GUARD_PIXEL_AUROC = 0.85
+
+
+def score_guard(metrics: dict[str, Any], map_max_setting: str | None) -> str | None:
+    """A warning when the image score does not follow the map (image AUROC below 0.6 while the
+    pixel AUROC is above 0.85), naming the setting that scores by the map where the method has one."""
+    image, pixel = metrics.get("image_auroc"), metrics.get("pixel_auroc")
+    if image is None or pixel is None:
+        return None
+    if image >= SCORE_GUARD_IMAGE_AUROC or pixel <= SCORE_GUARD_PIXEL_AUROC:
+        return None
+    where = (
+        f"image AUROC {image:.3f} < {SCORE_GUARD_IMAGE_AUROC} "
+        f"while pixel AUROC {pixel:.3f} > {SCORE_GUARD_PIXEL_AUROC}"
+    )
+    tip = f": try --set {map_max_setting}" if map_max_setting else ""
+    return f"the image score does not follow the map ({where}){tip}"
+
 
 @dataclass
 class Evaluation:
@@ -126,6 +146,7 @@ def evaluate(
         predict_seconds=round(seconds, 3),
         images_per_second=round(len(samples) / seconds, 2) if seconds > 0 else None,
     )
+    metrics["score_warning"] = score_guard(metrics, _map_max_setting(detector))
     metrics["threshold_source"] = threshold_source(
         detector.calibration, detector.operating_point, prediction.keys
     )
@@ -149,6 +170,15 @@ def evaluate(
                 k: m[k] for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "aupimo")
             } | {"n": len(idx) - len(goods)}
     return Evaluation(metrics, samples, prediction, masks)
+
+
+def _map_max_setting(detector: Detector) -> str | None:
+    """The detector's map-max setting, None when it is in force already (or there is none)."""
+    setting = getattr(detector, "map_max_setting", None)
+    if setting is None:
+        return None
+    key, _, value = setting.partition("=")
+    return None if str(getattr(detector, "options", {}).get(key)) == value else setting
 
 
 def drift_summary(profile: DriftProfile, samples: list[Sample], prediction: Prediction) -> dict[str, Any]:
