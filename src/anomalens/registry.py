@@ -21,6 +21,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.utrad",
     "anomalens.models.vtadl",
     "anomalens.models.simplenet",
+    "anomalens.models.draem",
 )
 
 
