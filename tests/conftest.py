@@ -55,6 +55,18 @@ FAST_OPTIONS = {
         "epochs": 20,
         "lr": 2e-3,
     },
+    # the discriminator separates strongly noised features in ~100 steps on the tiny set
+    "simplenet": {"epochs": 60, "noise_std": 0.2, "hidden": 256, "lr": 1e-3, "adaptor_lr": 1e-3},
+    "draem": {
+        "image_size": 32,
+        "recon_width": 8,
+        "seg_width": 8,
+        "depth": 2,
+        "score_window": 3,
+        "epochs": 100,
+        "lr": 2e-3,
+        "validation_fraction": 0,
+    },
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {
@@ -96,6 +108,8 @@ TRAINED = (
     "efficientad",
     "utrad",
     "vtadl",
+    "simplenet",
+    "draem",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +207,17 @@ class TrainableDetector(Detector):
 
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         train = torch.cat([b.pixels for b in batches])
+        val_batches = [b.pixels for b in self._validation_batches()]
+        self._train(train, torch.cat(val_batches) if val_batches else None)
+
+    def _validation_batches(self) -> Iterator[Batch]:
+        """The held-out validation goods, preprocessed, in batches."""
+        return iter_batches(self._validation_items, self.preprocess(), self.options["batch_size"])
+
+    def _train(self, train: torch.Tensor, val: torch.Tensor | None) -> None:
+        """Fresh modules trained by the engine on `train` (what the phases' steps take: pixels, or
+        cached features), `val` feeding the validation loss."""
         self._n_train = len(train)
-        val_batches = [
-            b.pixels
-            for b in iter_batches(self._validation_items, self.preprocess(), self.options["batch_size"])
-        ]
-        val = torch.cat(val_batches) if val_batches else None
         self._set_modules(self._build_modules())
         config = TrainConfig(
             batch_size=self.options["batch_size"],
