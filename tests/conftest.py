@@ -64,6 +64,7 @@ FAST_OPTIONS = {
         "depth": 2,
         "score_window": 3,
         "epochs": 100,
+        "min_steps": 400,
         "lr": 2e-3,
         "validation_fraction": 0,
     },
