@@ -165,23 +165,21 @@ def is_stochastic(model: str) -> bool:
     return get_class(model).stochastic
 
 
-def _is_category(folder: Path) -> bool:
-    return (folder / "train" / "good").is_dir()
-
-
 def find_categories(data: str | Path) -> list[tuple[str, Path]]:
-    """(display name, folder) of every MVTec-layout category under `data`, or `data` itself when it is one."""
-    from anomalens.data import DatasetError, find_mvtec_categories
+    """(display name, folder) of every MVTec- or BTAD-layout category under `data`, or `data` itself
+    when it is one."""
+    from anomalens.data import DatasetError, find_mvtec_categories, is_category
 
     data = Path(data)
     if not data.is_dir():
         raise DatasetError(f"folder not found: '{data}'")
-    if _is_category(data):
+    if is_category(data):
         return [(data.resolve().name, data)]
     found = find_mvtec_categories(data)
     if not found:
         raise DatasetError(
-            f"no MVTec-layout category (a folder with train/good) in '{data}' or its subfolders"
+            f"no MVTec- or BTAD-layout category (a folder with train/good or train/ok) in '{data}' "
+            "or its subfolders"
         )
     return [(p.relative_to(data).as_posix(), p) for p in found]
 
