@@ -55,6 +55,27 @@ FAST_OPTIONS = {
         "epochs": 20,
         "lr": 2e-3,
     },
+    # pyramids of 2 levels onto an 8x8 grid, perceptual loss on the backbone's first two stages
+    "pyramid_ae": {
+        "levels": 2,
+        "depth": 3,
+        "width": 16,
+        "code": 16,
+        "latent": 16,
+        "layers": (1, 2),
+        "epochs": 20,
+    },
+    "piade": {
+        "levels": 2,
+        "depth": 3,
+        "width": 16,
+        "code": 16,
+        "capsules": 4,
+        "capsule_dim": 4,
+        "layers": (1, 2),
+        "epochs": 20,
+        "lr": 2e-3,
+    },
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {
@@ -96,6 +117,8 @@ TRAINED = (
     "efficientad",
     "utrad",
     "vtadl",
+    "pyramid_ae",
+    "piade",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0

@@ -20,6 +20,8 @@ _BUILTIN_MODULES = (
     "anomalens.models.efficientad",
     "anomalens.models.utrad",
     "anomalens.models.vtadl",
+    "anomalens.models.pyramid_ae",
+    "anomalens.models.piade",
 )
 
 
