@@ -24,7 +24,7 @@ def _perceptual_term(det, images) -> float:
     return total / n
 
 
-# PIADE learns slower over 8 epochs (measured: perceptual term down 17 %, against > 30 % without routing)
+# PIADE's perceptual term falls more slowly over these 8 epochs than pyramid_ae's: a smaller drop asked
 @pytest.mark.parametrize(("name", "ratio"), [("pyramid_ae", 0.7), ("piade", 0.9)])
 def test_perceptual_loss_decreases_on_goods(name, ratio, texture):
     det = anomalens.create(name, **{**fast_options(name), "epochs": 8}).fit(texture.train)
