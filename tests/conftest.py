@@ -64,9 +64,29 @@ FAST_OPTIONS = {
         "depth": 2,
         "score_window": 3,
         "epochs": 100,
-        "min_steps": 400,
         "lr": 2e-3,
         "validation_fraction": 0,
+    },
+    # pyramids of 2 levels onto an 8x8 grid, perceptual loss on the backbone's first two stages
+    "pyramid_ae": {
+        "levels": 2,
+        "depth": 3,
+        "width": 16,
+        "code": 16,
+        "latent": 16,
+        "layers": (1, 2),
+        "epochs": 20,
+    },
+    "piade": {
+        "levels": 2,
+        "depth": 3,
+        "width": 16,
+        "code": 16,
+        "capsules": 4,
+        "capsule_dim": 4,
+        "layers": (1, 2),
+        "epochs": 20,
+        "lr": 2e-3,
     },
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
@@ -111,6 +131,8 @@ TRAINED = (
     "vtadl",
     "simplenet",
     "draem",
+    "pyramid_ae",
+    "piade",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0

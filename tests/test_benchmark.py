@@ -6,9 +6,13 @@ import json
 import re
 import statistics
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from anomalens.data import DatasetError
+from anomalens.data.inputs import Preprocess
 from anomalens.report.benchmark_report import write_outputs
 from anomalens.workflows.benchmark import (
     CellError,
@@ -18,6 +22,7 @@ from anomalens.workflows.benchmark import (
     find_categories,
     is_stochastic,
     load_cells,
+    network_size,
     parse_child_output,
     parse_model_sets,
     plan_cells,
@@ -49,6 +54,9 @@ class FakeRunner:
             "peak_rss_mb": 500.0,
             "model_mb": 2.0,
             "onnx_mb": None,
+            **(
+                {"params_m": 2.5, "forward_mb": 40.0, "backward_mb": 0.0} if spec.model == "patchcore" else {}
+            ),
         }
 
 
@@ -78,6 +86,14 @@ def test_parse_model_sets_applies_options_to_their_model_only():
         parse_model_sets(["other.k=1"], ["patchcore"])
     with pytest.raises(ValueError, match="model.option=value"):
         parse_model_sets(["patchcore.coreset_ratio"], ["patchcore"])
+
+
+def test_btad_products_are_categories(tmp_path):
+    for product in ("01", "02"):
+        (tmp_path / product / "train" / "ok").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / product / "train" / "ok" / "0.bmp")
+    assert [name for name, _ in find_categories(tmp_path)] == ["01", "02"]
+    assert find_categories(tmp_path / "01") == [("01", tmp_path / "01")]
 
 
 def test_plan_seeds_categories_and_validation(two_categories, texture_root):
@@ -202,11 +218,16 @@ def test_outputs_json_markdown_html(two_categories, tmp_path):
     md = paths["markdown"].read_text()
     assert "| bottle | patchcore | 3 | 0.950 ± 0.050 |" in md
     row = next(line for line in md.splitlines() if line.startswith("| bottle | patchcore"))
-    assert row.rstrip(" |").endswith("n/a")  # ONNX size: no export yet
+    # model MB, ONNX MB (no export yet), params, forward and backward MB
+    assert row.endswith("| 2.0 ± 0.0 | n/a | 2.50 ± 0.00 | 40 ± 0 | 0 ± 0 |")
+    row = next(line for line in md.splitlines() if line.startswith("| bottle | padim"))
+    assert row.endswith("| n/a | n/a | n/a | n/a |")  # no network sizes measured
     html = paths["html"].read_text()
     targets = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", html)
-    assert len(targets) == 2 and all(t.startswith("data:image/png;base64,") for t in targets)  # scatter, bars
+    # scatter, bars, network size
+    assert len(targets) == 3 and all(t.startswith("data:image/png;base64,") for t in targets)
     assert "Accuracy vs latency" in html and "Per category" in html and "0.950" in html
+    assert "Network size" in html
 
 
 def test_one_real_cell_as_the_child_runs_it(texture_root, capsys):
@@ -218,9 +239,41 @@ def test_one_real_cell_as_the_child_runs_it(texture_root, capsys):
     assert 0.5 <= m["image_auroc"] <= 1.0 and m["pixel_auroc"] is not None and m["aupro"] is not None
     assert m["fit_s"] > 0 and m["predict_img_s"] > 0 and m["latency_ms"] > 0
     assert m["peak_rss_mb"] > 50 and m["model_mb"] > 0 and m["onnx_mb"] > 0
+    # PatchCore's frozen backbone and memory bank: a forward pass, nothing saved for a backward one
+    assert m["params_m"] > 0.1 and m["forward_mb"] > 0 and m["backward_mb"] == 0
     assert m["per_defect_type"] and all("image_auroc" in d for d in m["per_defect_type"].values())
     with pytest.raises(CellError, match="killed by signal 9"):
         parse_child_output(-9, "", "")
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x * self.w).relu()
+
+
+def test_network_size_measures_activations():
+    """x * w, then relu: the forward peak holds both results (2 x-sized tensors); backward keeps x
+    (for w's gradient) and the relu output, never the weight."""
+
+    class Fake:
+        options = {"batch_size": 4}
+
+        def inference_module(self):
+            return _Scaled()
+
+        def preprocess(self):
+            return Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3)
+
+    x_mb = 4 * 3 * 32 * 32 * 4 / 2**20
+    sizes = network_size(Fake())
+    assert sizes["params_m"] == pytest.approx(3e-6)
+    assert sizes["forward_mb"] == pytest.approx(2 * x_mb, abs=0.01)
+    assert sizes["backward_mb"] == pytest.approx(2 * x_mb, abs=0.01)
+    assert network_size(Fake(), batch_size=8)["backward_mb"] == pytest.approx(4 * x_mb, abs=0.01)
 
 
 def test_child_process_reports_its_error_in_one_line(tmp_path):

@@ -83,7 +83,7 @@ def test_load_mvtec_without_test_and_with_empty_type(tmp_path: Path) -> None:
 
 def test_load_mvtec_rejects_other_layouts(tmp_path: Path) -> None:
     _image(tmp_path / "a.png")
-    with pytest.raises(DatasetError, match="no train/good"):
+    with pytest.raises(DatasetError, match="no train/good or train/ok"):
         load_mvtec(tmp_path)
 
 
@@ -269,3 +269,42 @@ def test_dataset_properties_on_empty_test() -> None:
     dataset = Dataset(name="x", root=Path("."), train=_goods(2), test=[])
     assert dataset.test_good == [] and dataset.defect_types == []
     assert dataset.summary() == "x: 2 train, 0 test (0 good, 0 defective)"
+
+
+def _btad_copy(mvtec: Path, root: Path) -> Path:
+    """BTAD's layout from a synthetic MVTec category: train/ok, test/ok, test/ko with .bmp images,
+    ground_truth/ko with .png masks named like their image (one defective image left without)."""
+    for src, dst in (("train/good", "train/ok"), ("test/good", "test/ok")):
+        (root / dst).mkdir(parents=True)
+        for p in sorted((mvtec / src).iterdir()):
+            Image.open(p).save(root / dst / f"{p.stem}.bmp")
+    (root / "test" / "ko").mkdir()
+    (root / "ground_truth" / "ko").mkdir(parents=True)
+    for type_dir in sorted((mvtec / "test").iterdir()):
+        if type_dir.name == "good":
+            continue
+        for p in sorted(type_dir.iterdir()):
+            name = f"{type_dir.name}_{p.stem}"
+            Image.open(p).save(root / "test" / "ko" / f"{name}.bmp")
+            mask = mvtec / "ground_truth" / type_dir.name / f"{p.stem}_mask.png"
+            if name != "scratch_001":
+                Image.open(mask).save(root / "ground_truth" / "ko" / f"{name}.png")
+    return root
+
+
+def test_load_btad_layout(tmp_path: Path) -> None:
+    mvtec = _small_category(tmp_path / "mvtec")
+    root = _btad_copy(mvtec, tmp_path / "btad" / "01")
+    dataset = load_dataset(root)
+    assert dataset.summary() == "01: 6 train, 8 test (2 good, 6 defective: ko 6)"
+    assert all(s.path.suffix == ".bmp" for s in dataset.train + dataset.test)
+    by_name = {s.path.stem: s for s in dataset.test_defective}
+    assert by_name["scratch_001"].mask_path is None
+    crack = by_name["crack_000"]
+    assert crack.mask_path == root / "ground_truth" / "ko" / "crack_000.png"
+    np.testing.assert_array_equal(
+        read_mask(crack.mask_path), read_mask(mvtec / "ground_truth" / "crack" / "000_mask.png")
+    )
+    assert [p.name for p in find_mvtec_categories(tmp_path / "btad")] == ["01"]
+    with pytest.raises(DatasetError, match="folder of MVTec categories"):
+        load_dataset(tmp_path / "btad")

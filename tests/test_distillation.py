@@ -17,7 +17,7 @@ from anomalens.export import export_onnx, ort_session
 from anomalens.metrics import image_metrics
 from anomalens.models import ModelFileError
 from anomalens.models.base import read_model_file
-from anomalens.models.components.features import locally_aware_embedding
+from anomalens.models.components.features import locally_aware_embedding, normalized_sq_distance
 from anomalens.models.efficientad import (
     EfficientAd,
     EfficientAdAutoencoder,
@@ -28,7 +28,6 @@ from anomalens.models.efficientad import (
     penalty_textures,
 )
 from anomalens.models.reverse_distillation import OneClassBottleneck, ReverseDistillation, StudentDecoder
-from anomalens.models.stfpm import normalized_sq_distance
 from anomalens.models.training import StepContext
 from conftest import fast_options
 

@@ -22,6 +22,8 @@ _BUILTIN_MODULES = (
     "anomalens.models.vtadl",
     "anomalens.models.simplenet",
     "anomalens.models.draem",
+    "anomalens.models.pyramid_ae",
+    "anomalens.models.piade",
 )
 
 

@@ -14,7 +14,7 @@ def benchmark(
     data: Path = typer.Option(
         ...,
         "--data",
-        help="folder of MVTec-layout categories (searched 2 levels deep), or one category folder",
+        help="folder of MVTec- or BTAD-layout categories (searched 2 levels deep), or one category folder",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="folder for cells.jsonl, benchmark.json/.md/.html"

@@ -87,7 +87,9 @@ def _notes(metrics: dict) -> list[str]:
 
 
 def fit(
-    data: Path = typer.Argument(..., help="MVTec-layout category folder, folder of good images, or CSV list"),
+    data: Path = typer.Argument(
+        ..., help="MVTec- or BTAD-layout category folder, folder of good images, or CSV list"
+    ),
     model: str = typer.Option("patchcore", "--model", "-m", help="detector name (see `anomalens models`)"),
     output: Path = typer.Option(..., "--output", "-o", help="model file to write"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),

@@ -1,4 +1,4 @@
-"""Dataset descriptions (lists of samples) and loaders for MVTec, folder and CSV layouts."""
+"""Dataset descriptions (lists of samples) and loaders for MVTec (and BTAD), folder and CSV layouts."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = [
     "Sample",
     "calibration_split",
     "find_mvtec_categories",
+    "is_category",
     "load_csv",
     "load_dataset",
     "load_folder",
@@ -25,7 +26,8 @@ __all__ = [
 ]
 
 GOOD = "good"
-_MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+# the good folders' names: MVTec's train/good and test/good, BTAD's train/ok and test/ok
+_GOOD_FOLDERS = (GOOD, "ok")
 _GOOD_LABELS = {"good", "ok", "normal", "0"}
 _DEFECT_LABELS = {"1", "defect", "bad", "anomaly"}
 _CSV_COLUMNS = ("path", "label", "mask", "split")
@@ -78,33 +80,44 @@ def _goods(paths: Sequence[Path]) -> list[Sample]:
 
 
 def _mask_index(folder: Path) -> dict[str, Path]:
-    """Lower-cased file name -> path for the mask files of one defect type."""
+    """Lower-cased file stem -> path for the mask files of one defect type (any image extension;
+    of two masks with one stem, the first by name)."""
     if not folder.is_dir():
         return {}
-    return {p.name.lower(): p for p in folder.iterdir() if p.suffix.lower() in _MASK_EXTENSIONS}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    index: dict[str, Path] = {}
+    for p in files:
+        index.setdefault(p.stem.lower(), p)
+    return index
 
 
 def _find_mask(index: Mapping[str, Path], stem: str) -> Path | None:
-    # MVTec names masks "<stem>_mask.png"; VisA/BTAD conversions reuse the image stem.
+    # MVTec names masks "<stem>_mask.png"; VisA/BTAD reuse the image stem (BTAD: .bmp images, .png masks)
     for name in (f"{stem}_mask", stem):
-        for ext in _MASK_EXTENSIONS:
-            found = index.get(f"{name}{ext}".lower())
-            if found is not None:
-                return found
+        found = index.get(name.lower())
+        if found is not None:
+            return found
     return None
 
 
-def load_mvtec(root: str | Path) -> Dataset:
-    """Load an MVTec-AD style category: train/good, test/<type>, ground_truth/<type>.
+def _good_folder(root: Path) -> str | None:
+    """The category's name for good images (MVTec's `good`, BTAD's `ok`), None if neither."""
+    return next((g for g in _GOOD_FOLDERS if (root / "train" / g).is_dir()), None)
 
-    Masks are ``<stem>_mask.<ext>`` or ``<stem>.<ext>`` (png/bmp/tif/tiff); a defective
-    image without a mask gets ``mask_path=None``. A missing ``test`` folder gives an empty
-    test set; empty defect-type folders are skipped with a warning.
+
+def load_mvtec(root: str | Path) -> Dataset:
+    """Load an MVTec-AD style category: train/good, test/<type>, ground_truth/<type>; or a BTAD
+    product: train/ok, test/ok, test/ko, ground_truth/ko (`ok` is good, `ko` a defect type).
+
+    Masks are matched by name whatever their extension: ``<stem>_mask.<ext>`` or ``<stem>.<ext>``;
+    a defective image without a mask gets ``mask_path=None``. A missing ``test`` folder gives an
+    empty test set; empty defect-type folders are skipped with a warning.
     """
     root = Path(root)
-    if not (root / "train" / GOOD).is_dir():
-        raise DatasetError(f"not an MVTec category (no train/good folder): '{root}'")
-    train = _goods(list_images(root / "train" / GOOD))
+    good = _good_folder(root)
+    if good is None:
+        raise DatasetError(f"not an MVTec or BTAD category (no train/good or train/ok folder): '{root}'")
+    train = _goods(list_images(root / "train" / good))
     test: list[Sample] = []
     test_dir = root / "test"
     type_dirs = (
@@ -119,7 +132,7 @@ def load_mvtec(root: str | Path) -> Dataset:
             warnings.warn(f"skipping empty test folder '{type_dir}'", stacklevel=2)
             continue
         defect_type = type_dir.name
-        if defect_type == GOOD:
+        if defect_type == good:
             test.extend(_goods(images))
             continue
         masks = _mask_index(root / "ground_truth" / defect_type)
@@ -226,8 +239,9 @@ def load_csv(csv_path: str | Path) -> Dataset:
     return Dataset(name=csv_path.stem, root=base, train=train, test=test)
 
 
-def _is_category(folder: Path) -> bool:
-    return (folder / "train" / GOOD).is_dir()
+def is_category(folder: str | Path) -> bool:
+    """Whether `folder` is one MVTec (train/good) or BTAD (train/ok) category."""
+    return _good_folder(folder) is not None
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -235,7 +249,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def find_mvtec_categories(root: str | Path) -> list[Path]:
-    """Folders at depth 1 or 2 below ``root`` that hold train/good, in natural order.
+    """Folders at depth 1 or 2 below ``root`` that hold train/good (or BTAD's train/ok), in natural order.
 
     The search does not descend into a category found at depth 1.
     """
@@ -244,15 +258,15 @@ def find_mvtec_categories(root: str | Path) -> list[Path]:
         raise DatasetError(f"folder not found: '{root}'")
     found: list[Path] = []
     for child in _subdirs(root):
-        if _is_category(child):
+        if is_category(child):
             found.append(child)
         else:
-            found.extend(d for d in _subdirs(child) if _is_category(d))
+            found.extend(d for d in _subdirs(child) if is_category(d))
     return natural_sorted(found, root)
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Load a dataset, detecting its layout: CSV file, MVTec category or folder of images."""
+    """Load a dataset, detecting its layout: CSV file, MVTec or BTAD category, or folder of images."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset not found: '{path}'")
@@ -260,7 +274,7 @@ def load_dataset(path: str | Path) -> Dataset:
         if path.suffix.lower() == ".csv":
             return load_csv(path)
         raise DatasetError(f"not a dataset (expected a .csv file or a folder): '{path}'")
-    if _is_category(path):
+    if is_category(path):
         return load_mvtec(path)
     if any(p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") for p in path.iterdir()):
         return load_folder(path)
@@ -271,7 +285,7 @@ def load_dataset(path: str | Path) -> Dataset:
             f"'{path}' is a folder of MVTec categories, not one dataset; "
             f"pass one of them, e.g. '{categories[0]}' (found: {names})"
         )
-    raise DatasetError(f"no images, CSV or MVTec layout (train/good) found in '{path}'")
+    raise DatasetError(f"no images, CSV, MVTec (train/good) or BTAD (train/ok) layout found in '{path}'")
 
 
 def _stable_hash(seed: int, sample: Sample) -> tuple[str, str]:

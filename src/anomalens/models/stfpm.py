@@ -22,14 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import FeatureExtractor
+from anomalens.models.components.features import normalized_sq_distance
 from anomalens.models.trainable import BackboneTrainableDetector
 from anomalens.models.training import Phase
 from anomalens.registry import register
-
-
-def normalized_sq_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Per-position 1/2 ||t/|t| - s/|s| ||^2 over channels: (B, C, h, w) -> (B, h, w) (paper's eq. 1)."""
-    return 0.5 * (F.normalize(teacher, dim=1) - F.normalize(student, dim=1)).pow(2).sum(dim=1)
 
 
 def random_student(teacher: FeatureExtractor) -> nn.Module:

@@ -42,6 +42,9 @@ TABLE_KEYS = [
     "peak_rss_mb",
     "model_mb",
     "onnx_mb",
+    "params_m",
+    "forward_mb",
+    "backward_mb",
 ]
 _FORMATS = {k: f for k, _, f in SUMMARY_KEYS}
 _TITLES = {k: t for k, t, _ in SUMMARY_KEYS}
@@ -298,6 +301,45 @@ def _bars_figure(summary: list[dict], models: list[str]) -> str | None:
     return figure_data_uri(fig)
 
 
+#: the stacked parts of the network-size figure: (summary key, legend label, colour)
+_SIZE_PARTS = [
+    ("forward_mb", "forward pass (activations)", "#2b7bba"),
+    ("backward_mb", "backward pass (saved activations)", "#e08a1e"),
+    ("model_mb", "model file", "#2e8b57"),
+    ("onnx_mb", "ONNX file", "#7d4fb3"),
+]
+
+
+def _network_size_figure(summary: list[dict]) -> str | None:
+    """One stacked bar per deep model (and category when there are several): forward- and
+    backward-pass activation memory at the batch size used, model-file and ONNX sizes in MB, with
+    the parameter count above the bar."""
+    rows = [r for r in summary if r.get("params_m") is not None]
+    if not rows:
+        return None
+    several = len({r["category"] for r in rows}) > 1
+    labels = [f"{r['model']}\n{r['category'].split('/')[-1]}" if several else r["model"] for r in rows]
+    fig = new_figure(min(16.0, max(6.5, 1.0 + 0.9 * len(rows))), 4.2)
+    ax = fig.subplots()
+    bottoms = [0.0] * len(rows)
+    for key, label, color in _SIZE_PARTS:
+        values = [(r.get(key) or {}).get("mean", 0.0) for r in rows]
+        ax.bar(range(len(rows)), values, 0.7, bottom=bottoms, color=color, alpha=0.85, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, (r, top) in enumerate(zip(rows, bottoms)):
+        ax.text(
+            i, top, f"{r['params_m']['mean']:.2f} M", ha="center", va="bottom", fontsize=8, color="#3a4356"
+        )
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=30 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center")
+    ax.set_ylabel("MB")
+    style_axes(ax)
+    ax.grid(False, axis="x")
+    ax.legend(fontsize=8.5, frameon=False, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return figure_data_uri(fig)
+
+
 def render_html(config: Mapping[str, Any], summary: list[dict], cells: list[dict]) -> str:
     e = html.escape
     models = list(config["models"])
@@ -363,6 +405,7 @@ def render_html(config: Mapping[str, Any], summary: list[dict], cells: list[dict
     )
     scatter = _scatter_figure(summary, models)
     bars = _bars_figure(summary, models)
+    sizes = _network_size_figure(summary)
     if scatter:
         body += (
             "<section id=tradeoff><h2>Accuracy vs latency</h2><p class=note>One point per model × category "
@@ -373,6 +416,14 @@ def render_html(config: Mapping[str, Any], summary: list[dict], cells: list[dict
         body += (
             "<section id=categories><h2>Per category</h2><p class=note>Image and pixel AUROC per model "
             f"(error bars: std over seeds).</p><img class=plot alt='AUROC per category' src='{bars}'></section>"
+        )
+    if sizes:
+        body += (
+            "<section id=network-size><h2>Network size</h2><p class=note>Per deep model: activation memory "
+            "of the forward pass (peak, no gradients) and what its forward pass saves for the backward pass, "
+            "at the batch size used, measured on the CPU; model-file and ONNX sizes; parameters above each "
+            "bar (the frozen backbone's included). Classical models have no network and no bar.</p>"
+            f"<img class=plot alt='network size' src='{sizes}'></section>"
         )
     failed = [c for c in cells if c.get("status") != "ok"]
     if failed:

@@ -50,6 +50,7 @@ __all__ = [
     "find_categories",
     "is_stochastic",
     "load_cells",
+    "network_size",
     "onnx_size",
     "parse_child_output",
     "parse_model_sets",
@@ -81,7 +82,12 @@ SUMMARY_KEYS: list[tuple[str, str, str]] = [
     ("peak_rss_mb", "peak RSS MB", ".0f"),
     ("model_mb", "model MB", ".1f"),
     ("onnx_mb", "ONNX MB", ".1f"),
+    ("params_m", "params M", ".2f"),
+    ("forward_mb", "forward MB", ".0f"),
+    ("backward_mb", "backward MB", ".0f"),
 ]
+#: the network-size numbers measured on a deep model's inference graph (`network_size`)
+NETWORK_KEYS = ("params_m", "forward_mb", "backward_mb")
 
 
 @dataclass(frozen=True)
@@ -166,23 +172,21 @@ def is_stochastic(model: str) -> bool:
     return get_class(model).stochastic
 
 
-def _is_category(folder: Path) -> bool:
-    return (folder / "train" / "good").is_dir()
-
-
 def find_categories(data: str | Path) -> list[tuple[str, Path]]:
-    """(display name, folder) of every MVTec-layout category under `data`, or `data` itself when it is one."""
-    from anomalens.data import DatasetError, find_mvtec_categories
+    """(display name, folder) of every MVTec- or BTAD-layout category under `data`, or `data` itself
+    when it is one."""
+    from anomalens.data import DatasetError, find_mvtec_categories, is_category
 
     data = Path(data)
     if not data.is_dir():
         raise DatasetError(f"folder not found: '{data}'")
-    if _is_category(data):
+    if is_category(data):
         return [(data.resolve().name, data)]
     found = find_mvtec_categories(data)
     if not found:
         raise DatasetError(
-            f"no MVTec-layout category (a folder with train/good) in '{data}' or its subfolders"
+            f"no MVTec- or BTAD-layout category (a folder with train/good or train/ok) in '{data}' "
+            "or its subfolders"
         )
     return [(p.relative_to(data).as_posix(), p) for p in found]
 
@@ -237,6 +241,64 @@ def onnx_size(detector) -> float | None:
         except ExportError as exc:
             print(f"ONNX export failed, size not reported: {exc}", file=sys.stderr)
             return None
+
+
+def _forward_peak_bytes(module, x) -> int:
+    """Peak CPU memory the inference forward pass allocates beyond its input (no gradients):
+    torch.profiler's allocation and free events, replayed in time order."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module(x)
+    level = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        level += event.self_cpu_memory_usage  # self: each allocation or free counted once
+        peak = max(peak, level)
+    return peak
+
+
+def _saved_for_backward_bytes(module, x) -> int:
+    """Activations the forward pass keeps for the backward pass when its parameters train: the
+    distinct storages that autograd saves (saved-tensor hooks), weights and buffers left out."""
+    import torch
+
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(saved.values())
+
+
+def network_size(detector, batch_size: int | None = None) -> dict[str, float] | None:
+    """Parameters (millions) of a deep detector's inference graph and its activation memory (MB) at
+    `batch_size` (default: the detector's batch_size option) on the CPU: `forward_mb`, the forward
+    pass's peak; `backward_mb`, what it saves for the backward pass (0 where nothing in it trains).
+    None for detectors without an inference graph (classical ones)."""
+    import torch
+
+    from anomalens.data.geometry import parse_size
+
+    module = detector.inference_module()
+    if module is None:
+        return None
+    pre = detector.preprocess()
+    h, w = parse_size(pre.image_size)
+    batch = batch_size or int(detector.options.get("batch_size", 1))
+    x = torch.randn(batch, pre.channels, h, w, generator=torch.Generator().manual_seed(0))
+    params = {id(p): p.numel() for p in module.parameters()}
+    return {
+        "params_m": sum(params.values()) / 1e6,
+        "forward_mb": round(_forward_peak_bytes(module, x) / 2**20, 2),
+        "backward_mb": round(_saved_for_backward_bytes(module, x) / 2**20, 2),
+    }
 
 
 def _peak_rss_mb() -> float | None:
@@ -294,6 +356,7 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
             times.append(time.perf_counter() - t)
     at = m.get("at_threshold") or {}
     onnx = onnx_size(det)
+    sizes = network_size(det) or {}
     return {
         "image_auroc": m.get("image_auroc"),
         "image_ap": m.get("image_ap"),
@@ -314,6 +377,8 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
         "peak_rss_mb": _peak_rss_mb(),
         "model_mb": round(model_mb, 3),
         "onnx_mb": None if onnx is None else round(onnx, 3),
+        **{k: sizes.get(k) for k in NETWORK_KEYS},
+        "batch_size": det.options.get("batch_size"),
         "n_train": len(dataset.train),
         "n_test": m.get("n_images"),
         "per_defect_type": m.get("per_defect_type"),

@@ -1,5 +1,6 @@
 """Reductions of a backbone's stage features, shared by PatchCore, EfficientAD and the classical
-detectors' `deep` / `patch` representations."""
+detectors' `deep` / `patch` representations, and the normalized feature distance of STFPM and the
+pyramidal autoencoders' perceptual loss."""
 
 from __future__ import annotations
 
@@ -27,3 +28,8 @@ def pooled_features(features: list[torch.Tensor]) -> torch.Tensor:
 def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
     """PatchCore's locally aware embedding on the first stage's grid, channels last: (B, h, w, D)."""
     return locally_aware_embedding(features).permute(0, 2, 3, 1).contiguous()
+
+
+def normalized_sq_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-position 1/2 ||a/|a| - b/|b| ||^2 over channels: (B, C, h, w) -> (B, h, w) (STFPM's eq. 1)."""
+    return 0.5 * (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1)
