@@ -45,7 +45,7 @@ class BackboneDetector(Detector):
     @property
     def extractor(self):
         if self._extractor is None:
-            self._extractor = build_backbone(self.backbone_spec, device=self.device)
+            self._extractor = build_backbone(self.backbone_spec, device=self.device, input_size=self.input_size)
             checksum = weights_checksum(self._extractor)
             if self._backbone_checksum is not None and checksum != self._backbone_checksum:
                 raise BackboneError(
