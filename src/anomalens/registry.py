@@ -20,6 +20,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.efficientad",
     "anomalens.models.utrad",
     "anomalens.models.vtadl",
+    "anomalens.models.multi",
 )
 
 

@@ -9,6 +9,7 @@ from anomalens.data.datasets import (
     load_dataset,
     load_folder,
     load_mvtec,
+    load_products,
 )
 from anomalens.data.io import (
     IMAGE_EXTENSIONS,
@@ -34,6 +35,7 @@ __all__ = [
     "load_dataset",
     "load_folder",
     "load_mvtec",
+    "load_products",
     "make_synthetic_dataset",
     "read_image",
     "read_mask",

@@ -45,7 +45,9 @@ class BackboneDetector(Detector):
     @property
     def extractor(self):
         if self._extractor is None:
-            self._extractor = build_backbone(self.backbone_spec, device=self.device, input_size=self.input_size)
+            self._extractor = build_backbone(
+                self.backbone_spec, device=self.device, input_size=self.input_size
+            )
             checksum = weights_checksum(self._extractor)
             if self._backbone_checksum is not None and checksum != self._backbone_checksum:
                 raise BackboneError(
@@ -59,13 +61,24 @@ class BackboneDetector(Detector):
         ex = self.extractor
         return Preprocess(self.input_size, 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"])
 
-    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
+    @property
+    def feature_runner(self):
+        """What runs the backbone: ONNX Runtime when that is faster, else torch (built once)."""
         if self._runner is None:
             self._runner = make_feature_runner(
                 self.extractor, self.input_size, self.device, engine=self.options["engine"]
             )
-        outs = self._runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
+        return self._runner
+
+    def share_backbone(self, other: BackboneDetector) -> None:
+        """Use `other`'s extractor and runner (same backbone options): one backbone in memory for
+        the detectors of a multi-product model."""
+        self._extractor, self._runner = other.extractor, other.feature_runner
+        self._backbone_checksum = other._backbone_checksum
+
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
+        outs = self.feature_runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
 
     def _backbone_state(self) -> dict[str, Any]:
