@@ -22,13 +22,20 @@ def export(
     export is checked against torch on a random batch and fails beyond 1e-4. Score with it via
     `anomalens predict MODEL.onnx ... --runtime onnx`.
 
+    A multi-product model exports one ONNX file per product (OUTPUT-<product>.onnx, one file under
+    routing=shared), each scoring with its product's own calibration; the router is not exported:
+    the caller picks the file by product.
+
     Example: anomalens export tile.model -o tile.onnx
     """
     from anomalens.export import ExportError, OnnxDetector, export_onnx
     from anomalens.models.base import Detector
 
     try:
-        path = export_onnx(Detector.load(model_file), output, opset=opset)
+        detector = Detector.load(model_file)
+        if detector.name == "multi":
+            return _export_products(detector, output, opset)
+        path = export_onnx(detector, output, opset=opset)
     except (ExportError, *user_errors()) as e:
         fail(str(e))
     parity = OnnxDetector.load(path).metadata["parity"]
@@ -38,3 +45,16 @@ def export(
         f"max |map diff| {parity['max_map_diff']:.2g}",
         highlight=False,
     )
+
+
+def _export_products(detector, output: Path, opset: int) -> None:
+    from anomalens.export import export_onnx
+
+    names = ["shared"] if detector.options["routing"] == "shared" else detector.products
+    for name in names:
+        product = detector.products[0] if name == "shared" else name
+        path = output.with_name(f"{output.stem}-{name.replace('/', '_')}{output.suffix or '.onnx'}")
+        export_onnx(detector.product_detector(product), path, opset=opset)
+        out.print(
+            f"wrote {path} ({name}: scores with its own calibration; no router inside)", highlight=False
+        )

@@ -412,8 +412,8 @@ class Detector(ABC):
         if roi is not None:
             self.set_roi(roi)
         o = self.options
-        items = self._pick_shots(as_items(images))
         self.fit_info = {}
+        items = self._pick_shots(as_items(images))
         loo = None
         if calibration is None and round(o["calibration_fraction"] * len(items)) == 0:
             fit_items, cal_items = items, []
@@ -482,7 +482,7 @@ class Detector(ABC):
         if not 0 < k <= len(items):
             raise ValueError(f"option shots={k}: got {len(items)} good images; give 1 to {len(items)}")
         chosen = np.random.default_rng(self.options["seed"]).choice(len(items), size=k, replace=False)
-        self.fit_info = {"shots": [items[i].key for i in sorted(chosen)]}
+        self.fit_info["shots"] = [items[i].key for i in sorted(chosen)]
         return [items[i] for i in sorted(chosen)]
 
     def _augmented(self, items: list[InputItem], n: int, seed: int) -> list[InputItem]:
@@ -506,7 +506,7 @@ class Detector(ABC):
         for i, it in enumerate(items):
             others = [x for j, x in enumerate(items) if j != i] or [it]
             views = self._augmented([it], n_views, o["seed"] + 1000 + i)[1:]  # seeds apart from the fit's
-            clone = type(self)(**clone_options)
+            clone = self._sibling(**clone_options)
             clone._roi = self._roi
             clone._fit_on(self._augmented(others, max(o["augment"], 1 if len(items) == 1 else 0), o["seed"]))
             pred = clone.predict(views, calibrated=False)
@@ -521,6 +521,10 @@ class Detector(ABC):
             "or refit with more goods"
         )
         return Prediction([f"loo[{i}]" for i in range(len(scores))], scores, maps)
+
+    def _sibling(self, **options: Any) -> Detector:
+        """A new unfitted detector of this method (a leave-one-out model); methods share what they can."""
+        return type(self)(**options)
 
     def _fit_on(self, items: list[InputItem]) -> None:
         """Fit the method on items without calibrating (the leave-one-out models)."""

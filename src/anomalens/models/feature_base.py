@@ -76,6 +76,11 @@ class BackboneDetector(Detector):
         self._extractor, self._runner = other.extractor, other.feature_runner
         self._backbone_checksum = other._backbone_checksum
 
+    def _sibling(self, **options: Any) -> BackboneDetector:
+        sibling = type(self)(**options)
+        sibling.share_backbone(self)  # the same frozen backbone: no second copy or ONNX session
+        return sibling
+
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
         outs = self.feature_runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())

@@ -3,8 +3,8 @@
 `MultiProduct` keeps one PatchCore or PaDiM per product (its memory bank or statistics and its
 own calibration) on one shared backbone, and a router: the nearest product centroid of each
 image's global embedding (the backbone's stages average-pooled, L2-normalized). Scores leave the
-model normalized by the product's own calibration (threshold 1.0), so products with different
-raw scales share one decision rule. An image farther from its nearest centroid than that
+model divided by the product's own threshold (flagged at 1.0), so products with different raw
+scales share one decision rule. An image farther from its nearest centroid than that
 product's goods are (`route_quantile` of their distances times `route_margin`) matches no product
 and scores at least its distance ratio: flagged, with `route()` saying why. With routing=shared
 one detector learns every product's goods together (for products too alike to route), and the
@@ -55,6 +55,14 @@ class Route:
             f"matches no product: the nearest, {self.product!r}, is at routing distance "
             f"{self.distance:.3g}, beyond its goods' {self.limit:.3g}"
         )
+
+
+def threshold_ratio(scores: np.ndarray, maps: np.ndarray, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps over their product's thresholds: every product flags at 1. Distances start at
+    0, so the ratio needs no center; (score - median) / (threshold - median) would blow up the
+    scores of a product whose few calibration goods happen to score alike."""
+    eps = np.finfo(np.float32).tiny
+    return scores / max(cal.threshold, eps), maps / max(cal.pixel_threshold, eps)
 
 
 def global_embedding(features: list[torch.Tensor]) -> torch.Tensor:
@@ -162,7 +170,7 @@ class MultiProduct(BackboneDetector):
                 self.detectors[product], embeddings[product] = self._fit_one(items, progress)
         self.products = list(groups)
         self._fit_router(embeddings)
-        # scores leave normalized by each product's calibration: threshold 1, center 0
+        # scores leave as ratios to each product's threshold: flagged at 1
         n = self._sum_info()
         self.calibration = Calibration(1.0, 0.0, 1.0, 0.0, self.options["calibration_quantile"], n)
         self.operating_point = None
@@ -260,8 +268,7 @@ class MultiProduct(BackboneDetector):
             if len(rows):
                 det = self.detectors[name]
                 s, m = det.score_features([f[torch.from_numpy(rows).to(f.device)] for f in feats])
-                scores[rows] = det.calibration.normalize(s)
-                maps[rows] = det.calibration.normalize_map(m)
+                scores[rows], maps[rows] = threshold_ratio(s, m, det.calibration)
         ratio = dist / self._limits[idx]
         off = ratio > 1.0  # no product matches: at least the distance ratio, on every pixel
         scores[off] = np.maximum(scores[off], ratio[off])
