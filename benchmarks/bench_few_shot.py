@@ -43,7 +43,7 @@ def main() -> None:
         runs = []
         for seed in range(args.seeds):
             start = time.perf_counter()
-            det = anomalens.create(args.model, shots=k, seed=seed, augment=args.augment, **extra)
+            det = anomalens.create(args.model, shots=k, seed=seed, augment_copies=args.augment, **extra)
             det.fit(data.train)
             pred = det.predict(data.test)
             flagged = pred.is_anomalous
@@ -62,7 +62,7 @@ def main() -> None:
             row[key] = (float(np.mean(values)), float(np.std(values)))
         rows.append(row)
     print(
-        f"{data.name}, {args.model}, augment={args.augment}, {args.seeds} seeds, load {os.getloadavg()[0]:.1f}"
+        f"{data.name}, {args.model}, augment_copies={args.augment}, {args.seeds} seeds, load {os.getloadavg()[0]:.1f}"
     )
     print("| K | image AUROC | test goods flagged | defects caught | s per fit+predict |")
     print("|---:|---:|---:|---:|---:|")

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--method", default="patchcore")
     parser.add_argument("--routing", default="product")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -48,7 +49,7 @@ def main() -> None:
     separate_bytes = 0
     for name, data in datasets.items():
         start = time.perf_counter()
-        det = anomalens.create(args.method, seed=args.seed).fit(data.train)
+        det = anomalens.create(args.method, seed=args.seed, image_size=args.image_size).fit(data.train)
         fit_s = time.perf_counter() - start
         separate_bytes += det.save(tmp / f"{name}.model").stat().st_size
         m = evaluate(det, data).metrics
@@ -59,7 +60,9 @@ def main() -> None:
         }
         print(name, "separate", round(m["image_auroc"], 4), f"{fit_s:.0f} s", flush=True)
     start = time.perf_counter()
-    multi = anomalens.create("multi", method=args.method, routing=args.routing, seed=args.seed)
+    multi = anomalens.create(
+        "multi", method=args.method, routing=args.routing, seed=args.seed, image_size=args.image_size
+    )
     multi.fit({name: data.train for name, data in datasets.items()})
     multi_fit_s = time.perf_counter() - start
     multi_bytes = multi.save(tmp / "multi.model").stat().st_size
@@ -72,7 +75,12 @@ def main() -> None:
         for name, r in routing["per_product"].items()
     )
     result = {
-        "settings": {"method": args.method, "routing": args.routing, "seed": args.seed},
+        "settings": {
+            "method": args.method,
+            "routing": args.routing,
+            "seed": args.seed,
+            "size": args.image_size,
+        },
         "load_average": os.getloadavg(),
         "rows": rows,
         "overall_multi_image_auroc": metrics["overall"]["image_auroc"],

@@ -178,7 +178,7 @@ def test_cli_fit_evaluate_export_and_the_service(line_root, tmp_path):
 
 
 def test_one_shot_fit_predict_save_load(texture, tmp_path):
-    det = anomalens.create("patchcore", **fast_options("patchcore"), shots=1, augment=3, seed=3)
+    det = anomalens.create("patchcore", **fast_options("patchcore"), shots=1, augment_copies=3, seed=3)
     det.fit(texture.train)
     info = det.fit_info
     assert len(info["shots"]) == 1 and info["n_fit"] == 4  # the good and its 3 augmented copies

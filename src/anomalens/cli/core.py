@@ -115,7 +115,7 @@ def fit(
     or Ctrl-C, rerun the same command with --resume. Example:
     anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
 
-    Few goods: --set shots=4 fits on 4 seeded goods, --set augment=8 adds 8 flipped, rotated and
+    Few goods: --set shots=4 fits on 4 seeded goods, --set augment_copies=8 adds 8 flipped, rotated and
     shifted copies of each; below 5 goods the threshold comes from augmented leave-one-out scores
     (with a warning: it is uncertain).
 

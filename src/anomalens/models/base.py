@@ -310,7 +310,7 @@ class Detector(ABC):
         "calibration_quantile": 0.99,
         "seed": 0,
         "shots": 0,  # few-shot: fit on this many seeded goods (0: all of them)
-        "augment": 0,  # few-shot: this many augmented copies of each good join the fit
+        "augment_copies": 0,  # few-shot: this many augmented copies of each good join the fit
         "augment_flips": True,  # augmentation may flip (off for parts with a handedness)
     }
     defaults: ClassVar[dict[str, Any]] = {}
@@ -405,7 +405,7 @@ class Detector(ABC):
         Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
         for it (never test images); when that rounds to none (fewer than 5 goods at 0.1), the
         threshold comes from augmented leave-one-out scores instead (see `_leave_one_out`).
-        `shots`: fit on that many seeded goods; `augment`: add augmented copies of each good.
+        `shots`: fit on that many seeded goods; `augment_copies`: add augmented copies of each good.
         `roi`: see `set_roi`. With resize=native and no tiles, the canvas is sized here to hold
         every training image at `scale`.
         """
@@ -424,7 +424,7 @@ class Detector(ABC):
             fit_items, cal_items = items, as_items(calibration)
         if not fit_items:
             raise ValueError("fit got no images")
-        fit_items = self._augmented(self._hold_out_validation(fit_items), o["augment"], o["seed"])
+        fit_items = self._augmented(self._hold_out_validation(fit_items), o["augment_copies"], o["seed"])
         torch.manual_seed(self.options["seed"])
         shapes = [_item_shape(it) for it in fit_items]
         if self.options["resize"] == "native" and not self.options["tile"]:
@@ -500,7 +500,7 @@ class Detector(ABC):
         (never in the bank) scored by a model fitted on the other goods (and their augmentations);
         with a single good, by a model of its own other augmented views. Warns how uncertain that is."""
         o = self.options
-        n_views = max(o["augment"], LOO_VIEWS)
+        n_views = max(o["augment_copies"], LOO_VIEWS)
         clone_options = {**o, "shots": 0, "drift_check": False}
         scores, maps = [], []
         for i, it in enumerate(items):
@@ -508,7 +508,9 @@ class Detector(ABC):
             views = self._augmented([it], n_views, o["seed"] + 1000 + i)[1:]  # seeds apart from the fit's
             clone = self._sibling(**clone_options)
             clone._roi = self._roi
-            clone._fit_on(self._augmented(others, max(o["augment"], 1 if len(items) == 1 else 0), o["seed"]))
+            clone._fit_on(
+                self._augmented(others, max(o["augment_copies"], 1 if len(items) == 1 else 0), o["seed"])
+            )
             pred = clone.predict(views, calibrated=False)
             scores.append(pred.scores)
             maps += pred.maps
