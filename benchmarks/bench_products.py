@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import anomalens
@@ -38,12 +39,22 @@ def main() -> None:
     parser.add_argument("--routing", default="product")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--max-train", type=int, default=0, help="at most N seeded goods per product (0: all)"
+    )
+    parser.add_argument("--test-every", type=int, default=1, help="every k-th test image (1: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     datasets = {name: load_mvtec(args.data / rel) for name, rel in PRODUCTS.items()}
+    rng = np.random.default_rng(args.seed)
     for name, data in datasets.items():
         data.name = name
+        if args.max_train and len(data.train) > args.max_train:  # a shared machine's budget, not a method
+            data.train = [
+                data.train[i] for i in sorted(rng.choice(len(data.train), args.max_train, replace=False))
+            ]
+        data.test = data.test[:: args.test_every]
     rows: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp())
     separate_bytes = 0
