@@ -3,7 +3,7 @@
 Usage: python benchmarks/bench_few_shot.py [--data ../shared/datasets/lookout_cookies/cookie]
        [--shots 1 2 4 8 16] [--seeds 5] [--augment 0] [--set key=value ...] [--json out.json]
 Each seed picks other goods (`shots=K`, `seed=s`); the threshold comes from the calibration the fit
-chose (held-out goods, or augmented leave-one-out below 5 goods), and the share of test goods it
+chose (held-out goods, or augmented leave-one-out with 5 goods or fewer), and the share of test goods it
 flags and of defects it catches are reported beside AUROC, since a few-shot threshold is the
 uncertain part.
 """

@@ -116,7 +116,7 @@ def fit(
     anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
 
     Few goods: --set shots=4 fits on 4 seeded goods, --set augment_copies=8 adds 8 flipped, rotated and
-    shifted copies of each; below 5 goods the threshold comes from augmented leave-one-out scores
+    shifted copies of each; with 5 goods or fewer the threshold comes from augmented leave-one-out scores
     (with a warning: it is uncertain).
 
     Several products: anomalens fit line/ --multi -o line.model (line/<product>/train/good/...);

@@ -403,7 +403,7 @@ class Detector(ABC):
         """Learn normality from good images and calibrate the threshold.
 
         Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
-        for it (never test images); when that rounds to none (fewer than 5 goods at 0.1), the
+        for it (never test images); when that rounds to none (5 goods or fewer at 0.1), the
         threshold comes from augmented leave-one-out scores instead (see `_leave_one_out`).
         `shots`: fit on that many seeded goods; `augment_copies`: add augmented copies of each good.
         `roi`: see `set_roi`. With resize=native and no tiles, the canvas is sized here to hold
@@ -414,6 +414,8 @@ class Detector(ABC):
         o = self.options
         self.fit_info = {}
         items = self._pick_shots(as_items(images))
+        if not items:
+            raise ValueError("fit got no images")
         loo = None
         if calibration is None and round(o["calibration_fraction"] * len(items)) == 0:
             fit_items, cal_items = items, []
