@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="patchcore")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--augment", type=int, default=0)
     parser.add_argument("--set", dest="sets", nargs="*", default=[])
     parser.add_argument("--json", type=Path)
@@ -41,7 +42,7 @@ def main() -> None:
     rows = []
     for k in args.shots:
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             start = time.perf_counter()
             det = anomalens.create(args.model, shots=k, seed=seed, augment_copies=args.augment, **extra)
             det.fit(data.train)

@@ -86,12 +86,8 @@ def main() -> None:
         for name, r in routing["per_product"].items()
     )
     result = {
-        "settings": {
-            "method": args.method,
-            "routing": args.routing,
-            "seed": args.seed,
-            "size": args.image_size,
-        },
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "sizes": {name: (len(d.train), len(d.test)) for name, d in datasets.items()},
         "load_average": os.getloadavg(),
         "rows": rows,
         "overall_multi_image_auroc": metrics["overall"]["image_auroc"],
