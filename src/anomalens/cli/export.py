@@ -29,6 +29,10 @@ def export(
     --set runtime_precision=int8 exports its INT8 backbone (checked against the model the same way).
     Score with it via `anomalens predict MODEL.onnx ... --runtime onnx` (or openvino).
 
+    A multi-product model exports one ONNX file per product (OUTPUT-<product>.onnx, one file under
+    routing=shared), each scoring with its product's own calibration; the router is not exported:
+    the caller picks the file by product.
+
     Example: anomalens export tile.model -o tile.onnx
     """
     from anomalens.export import ExportError, OnnxDetector, export_onnx
@@ -36,6 +40,8 @@ def export(
 
     try:
         detector = Detector.load(model_file)
+        if detector.name == "multi":
+            return _export_products(detector, output, opset)
         if int8 and getattr(detector, "int8_backbone", None) is None:
             fail(
                 f"--int8: '{model_file}' was fitted in fp32; refit it with --set runtime_precision=int8 "
@@ -52,3 +58,16 @@ def export(
         f"max |map diff| {parity['max_map_diff']:.2g}",
         highlight=False,
     )
+
+
+def _export_products(detector, output: Path, opset: int) -> None:
+    from anomalens.export import export_onnx
+
+    names = ["shared"] if detector.options["routing"] == "shared" else detector.products
+    for name in names:
+        product = detector.products[0] if name == "shared" else name
+        path = output.with_name(f"{output.stem}-{name.replace('/', '_')}{output.suffix or '.onnx'}")
+        export_onnx(detector.product_detector(product), path, opset=opset)
+        out.print(
+            f"wrote {path} ({name}: scores with its own calibration; no router inside)", highlight=False
+        )

@@ -11,6 +11,7 @@ from anomalens.data.datasets import (
     load_dataset,
     load_folder,
     load_mvtec,
+    load_products,
 )
 from anomalens.data.io import (
     DEFAULT_MAX_PIXELS,
@@ -50,6 +51,7 @@ __all__ = [
     "load_dataset",
     "load_folder",
     "load_mvtec",
+    "load_products",
     "make_synthetic_dataset",
     "max_pixels_limit",
     "read_header",

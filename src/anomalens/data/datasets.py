@@ -30,7 +30,7 @@ GOOD = "good"
 _GOOD_FOLDERS = (GOOD, "ok")
 _GOOD_LABELS = {"good", "ok", "normal", "0"}
 _DEFECT_LABELS = {"1", "defect", "bad", "anomaly"}
-_CSV_COLUMNS = ("path", "label", "mask", "split")
+_CSV_COLUMNS = ("path", "label", "mask", "split", "product")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Sample:
     label: int
     defect_type: str = GOOD
     mask_path: Path | None = None
+    product: str = ""  # a multi-product CSV's product column (empty elsewhere)
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _parse_label(value: str) -> tuple[int, str] | None:
 
 
 def load_csv(csv_path: str | Path) -> Dataset:
-    """Load a CSV with header ``path,label[,mask][,split]``; relative paths are CSV-relative.
+    """Load a CSV with header ``path,label[,mask][,split][,product]``; relative paths are CSV-relative.
 
     Labels good/ok/normal/0 are good, 1/defect/bad/anomaly are defective of type "defect",
     and any other label is a defective image of that defect type. Without a ``split``
@@ -198,7 +199,7 @@ def load_csv(csv_path: str | Path) -> Dataset:
             header = [h.strip().lower() for h in next(reader, [])]
             unknown = [h for h in header if h not in _CSV_COLUMNS]
             if "path" not in header or "label" not in header or unknown or len(set(header)) != len(header):
-                raise fail(1, f"bad header {header}: expected columns path,label[,mask][,split]")
+                raise fail(1, f"bad header {header}: expected columns path,label[,mask][,split][,product]")
             rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"cannot read CSV '{csv_path}': {exc}") from exc
@@ -228,7 +229,7 @@ def load_csv(csv_path: str | Path) -> Dataset:
             raise fail(line, f"split must be 'train' or 'test', got '{row['split'].strip()}'")
         if split == "train" and label == 1:
             raise fail(line, f"defective image in the train split: '{path}'")
-        sample = Sample(path=path, label=label, defect_type=defect_type, mask_path=mask_path)
+        sample = Sample(path, label, defect_type, mask_path, row.get("product", "").strip())
         (train if split == "train" else test).append(sample)
     if not has_split:
         warnings.warn(
@@ -286,6 +287,39 @@ def load_dataset(path: str | Path) -> Dataset:
             f"pass one of them, e.g. '{categories[0]}' (found: {names})"
         )
     raise DatasetError(f"no images, CSV, MVTec (train/good) or BTAD (train/ok) layout found in '{path}'")
+
+
+def load_products(path: str | Path) -> dict[str, Dataset]:
+    """One dataset per product: the MVTec categories under a folder (named by their path below it),
+    or a CSV's rows grouped by its ``product`` column."""
+    path = Path(path)
+    if path.is_file():
+        data = load_csv(path)
+        products = sorted({s.product for s in data.train + data.test})
+        if products == [""]:
+            raise DatasetError(f"'{path}' has no product column: add one to fit a multi-product model")
+        if "" in products:
+            raise DatasetError(f"'{path}': some rows have an empty product")
+        return {
+            p: Dataset(
+                name=p,
+                root=data.root,
+                train=[s for s in data.train if s.product == p],
+                test=[s for s in data.test if s.product == p],
+            )
+            for p in products
+        }
+    if path.is_dir() and is_category(path):
+        raise DatasetError(f"'{path}' is one category: give the folder above several categories")
+    categories = find_mvtec_categories(path)
+    if not categories:
+        raise DatasetError(f"no MVTec categories (<product>/train/good) found under '{path}'")
+    out = {}
+    for c in categories:
+        data = load_mvtec(c)
+        data.name = c.relative_to(path).as_posix()
+        out[data.name] = data
+    return out
 
 
 def _stable_hash(seed: int, sample: Sample) -> tuple[str, str]:

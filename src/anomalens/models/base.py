@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from anomalens._version import __version__
 from anomalens.data import Sample, calibration_split
+from anomalens.data.augment import augment
 from anomalens.data.drift import DriftFlag, DriftProfile
 from anomalens.data.geometry import (
     Geometry,
@@ -50,6 +51,7 @@ from anomalens.models.refine import Refiner
 from anomalens.thresholds import Calibration, calibrate, check_operating_point, decision_calibration
 
 FORMAT_VERSION = 1
+LOO_VIEWS = 4  # augmented views of each good scored for a leave-one-out calibration
 ROI_KEY = "anomalens.roi"  # the region of interest's array in a model file, beside the method's own
 DRIFT_PREFIX = "anomalens.drift."  # the drift profile's arrays
 REFINE_PREFIX = "anomalens.refine."  # the supervised stage's arrays (`anomalens refine`)
@@ -365,6 +367,9 @@ class Detector(ABC):
         "calibration_fraction": 0.1,
         "calibration_quantile": 0.99,
         "seed": 0,
+        "shots": 0,  # few-shot: fit on this many seeded goods (0: all of them)
+        "augment_copies": 0,  # few-shot: this many augmented copies of each good join the fit
+        "augment_flips": True,  # augmentation may flip (off for parts with a handedness)
     }
     defaults: ClassVar[dict[str, Any]] = {}
     #: (low, high) of numeric options, checked when a model file is loaded; others get the generic
@@ -475,24 +480,30 @@ class Detector(ABC):
         """Learn normality from good images and calibrate the threshold.
 
         Without `calibration`, a deterministic `calibration_fraction` of the goods is held out
-        for it (never test images). `roi`: see `set_roi`. With resize=native and no tiles, the
-        canvas is sized here to hold every training image at `scale`.
+        for it (never test images); when that rounds to none (5 goods or fewer at 0.1), the
+        threshold comes from augmented leave-one-out scores instead (see `_leave_one_out`).
+        `shots`: fit on that many seeded goods; `augment_copies`: add augmented copies of each good.
+        `roi`: see `set_roi`. With resize=native and no tiles, the canvas is sized here to hold
+        every training image at `scale`.
         """
         if roi is not None:
             self.set_roi(roi)
-        items = as_items(images)
-        if calibration is None:
-            if len(items) < 2:
-                raise ValueError("fit needs at least 2 good images (one is held out for calibration)")
-            fit_items, cal_items = split_items(
-                items, self.options["calibration_fraction"], self.options["seed"]
-            )
+        o = self.options
+        self.fit_info = {}
+        items = self._pick_shots(as_items(images))
+        if not items:
+            raise ValueError("fit got no images")
+        loo = None
+        if calibration is None and round(o["calibration_fraction"] * len(items)) == 0:
+            fit_items, cal_items = items, []
+            loo = self._leave_one_out(items)
+        elif calibration is None:
+            fit_items, cal_items = split_items(items, o["calibration_fraction"], o["seed"])
         else:
             fit_items, cal_items = items, as_items(calibration)
         if not fit_items:
             raise ValueError("fit got no images")
-        self.fit_info = {}
-        fit_items = self._hold_out_validation(fit_items)
+        fit_items = self._augmented(self._hold_out_validation(fit_items), o["augment_copies"], o["seed"])
         self._prepare_fit(fit_items)
         torch.manual_seed(self.options["seed"])
         shapes = [_item_shape(it) for it in fit_items]
@@ -528,11 +539,13 @@ class Detector(ABC):
             self._fit_batches(fit_batches(bar), n_inputs)
         self._fitted = True
         fit_seconds = time.perf_counter() - start
-        cal = self.predict(cal_items, progress=progress, calibrated=False, statistics=measure)
+        cal = loo or self.predict(cal_items, progress=progress, calibrated=False, statistics=measure)
         self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
         if measure and fit_stats + cal.stats:
             self._drift_profile = DriftProfile.fit(fit_stats + cal.stats, seed=self.options["seed"])
         self.operating_point = None  # chosen for the old fit: no longer valid
+        if loo is not None:
+            self.fit_info["calibration"] = f"augmented leave-one-out ({len(loo)} scores)"
         self.fit_info.update(
             n_fit=len(fit_items),
             n_calibration=len(cal_items),
@@ -541,6 +554,74 @@ class Detector(ABC):
             anomalens_version=__version__,
         )
         return self
+
+    def _pick_shots(self, items: list[InputItem]) -> list[InputItem]:
+        """`shots` seeded goods (all when 0), in input order."""
+        k = self.options["shots"]
+        if not k:
+            return items
+        if not 0 < k <= len(items):
+            raise ValueError(f"option shots={k}: got {len(items)} good images; give 1 to {len(items)}")
+        chosen = np.random.default_rng(self.options["seed"]).choice(len(items), size=k, replace=False)
+        self.fit_info["shots"] = [items[i].key for i in sorted(chosen)]
+        return [items[i] for i in sorted(chosen)]
+
+    def _augmented(self, items: list[InputItem], n: int, seed: int) -> list[InputItem]:
+        """The items, then `n` augmented copies of each (held in memory: meant for few goods)."""
+        if n <= 0:
+            return items
+        extra = []
+        for i, it in enumerate(items):
+            views = augment(load_item(it), n, seed * 7919 + i, flips=self.options["augment_flips"])
+            extra += [InputItem(f"{it.key}#aug{j}", array=v) for j, v in enumerate(views)]
+        return items + extra
+
+    def _leave_one_out(self, items: list[InputItem]) -> Prediction:
+        """Calibration scores when too few goods to hold any out: each good's augmented views
+        (never in the bank) scored by a model fitted on the other goods (and their augmentations);
+        with a single good, by a model of its own other augmented views. Warns how uncertain that is."""
+        o = self.options
+        n_views = max(o["augment_copies"], LOO_VIEWS)
+        clone_options = {**o, "shots": 0, "drift_check": False}
+        scores, maps = [], []
+        for i, it in enumerate(items):
+            others = [x for j, x in enumerate(items) if j != i] or [it]
+            views = self._augmented([it], n_views, o["seed"] + 1000 + i)[1:]  # seeds apart from the fit's
+            clone = self._sibling(**clone_options)
+            clone._roi = self._roi
+            clone._fit_on(
+                self._augmented(others, max(o["augment_copies"], 1 if len(items) == 1 else 0), o["seed"])
+            )
+            pred = clone.predict(views, calibrated=False)
+            scores.append(pred.scores)
+            maps += pred.maps
+        scores = np.concatenate(scores)
+        alone = " of the one good against its own other copies" if len(items) == 1 else ""
+        self.fit_info.setdefault("warnings", []).append(
+            f"only {len(items)} good image(s): the threshold is a {o['calibration_quantile']} quantile of "
+            f"{len(scores)} augmented leave-one-out scores{alone}, an uncertain estimate (their spread: "
+            f"{scores.min():.4g} to {scores.max():.4g}); set it on labelled parts with `anomalens threshold` "
+            "or refit with more goods"
+        )
+        return Prediction([f"loo[{i}]" for i in range(len(scores))], scores, maps)
+
+    def _sibling(self, **options: Any) -> Detector:
+        """A new unfitted detector of this method (a leave-one-out model); methods share what they can."""
+        return type(self)(**options)
+
+    def _fit_on(self, items: list[InputItem]) -> None:
+        """Fit the method on items without calibrating (the leave-one-out models)."""
+        placements = [self.geometry.place(*_item_shape(it)) for it in items]
+        step = self.options["batch_size"]
+
+        def batches() -> Iterator[Batch]:
+            for batch in iter_batches(items, self.preprocess(), step):
+                for i in range(0, len(batch.pixels), step):
+                    yield replace(batch, pixels=batch.pixels[i : i + step])
+
+        torch.manual_seed(self.options["seed"])
+        self._fit_batches(batches(), sum(len(p.windows) for p in placements))
+        self._fitted = True
 
     @property
     def geometry(self) -> Geometry:

@@ -60,7 +60,9 @@ class BackboneDetector(Detector):
     @property
     def extractor(self):
         if self._extractor is None:
-            self._extractor = build_backbone(self.backbone_spec, device=self.device)
+            self._extractor = build_backbone(
+                self.backbone_spec, device=self.device, input_size=self.input_size
+            )
             checksum = weights_checksum(self._extractor)
             if self._backbone_checksum is not None and checksum != self._backbone_checksum:
                 raise BackboneError(
@@ -74,8 +76,9 @@ class BackboneDetector(Detector):
         ex = self.extractor
         return Preprocess(self.input_size, 3, tuple(ex.mean), tuple(ex.std), self.options["intensity"])
 
-    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
+    @property
+    def feature_runner(self):
+        """What runs the backbone: ONNX Runtime when that is faster, else torch (built once)."""
         if self._runner is None:
             self._runner = make_feature_runner(
                 self.extractor,
@@ -84,7 +87,22 @@ class BackboneDetector(Detector):
                 engine=self.options["engine"],
                 int8_graph=self._int8_graph,
             )
-        outs = self._runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
+        return self._runner
+
+    def share_backbone(self, other: BackboneDetector) -> None:
+        """Use `other`'s extractor and runner (same backbone options): one backbone in memory for
+        the detectors of a multi-product model."""
+        self._extractor, self._runner = other.extractor, other.feature_runner
+        self._backbone_checksum = other._backbone_checksum
+
+    def _sibling(self, **options: Any) -> BackboneDetector:
+        sibling = type(self)(**options)
+        sibling.share_backbone(self)  # the same frozen backbone: no second copy or ONNX session
+        return sibling
+
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of a normalized batch, through ONNX Runtime when that is faster."""
+        outs = self.feature_runner(pixels.numpy() if pixels.device.type == "cpu" else pixels.cpu().numpy())
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outs]
 
     @property

@@ -140,7 +140,11 @@ class Padim(BackboneDetector):
 
     @torch.inference_mode()
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = self.model(self.features(pixels.to(self.device)))
+        return self.score_features(self.features(pixels.to(self.device)))
+
+    def score_features(self, features: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps from backbone features (a multi-product model extracts them once)."""
+        scores, maps = self.model(features)
         return scores.cpu().numpy(), maps.cpu().numpy()
 
     def inference_module(self) -> nn.Module:

@@ -225,9 +225,13 @@ class PatchCore(BackboneDetector):
             .eval()
         )
 
-    @torch.inference_mode()
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        emb = self._embed(pixels)
+        return self.score_features(self.features(pixels.to(self.device)))
+
+    @torch.inference_mode()
+    def score_features(self, features: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps from backbone features (a multi-product model extracts them once)."""
+        emb = locally_aware_embedding(features)
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).contiguous()
         _, idx = self._index.search(flat.cpu().numpy(), 1)
         nn_idx = torch.from_numpy(idx[:, 0]).to(self.device)

@@ -219,3 +219,70 @@ def gallery_indices(evaluation: Evaluation, n: int) -> dict[str, list[int]]:
     caught = [i for i in down if labels[i] == 1 and (flagged is None or flagged[i])]
     caught = [i for i in caught if i not in set(defects_low)][:n] or caught[:n]
     return {"goods": goods, "defects_low": defects_low, "caught": caught}
+
+
+def evaluate_products(
+    detector: Detector,
+    datasets: dict[str, Dataset],
+    *,
+    progress: bool = False,
+    on_error: str = "raise",
+    pixel_size: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Evaluation]]:
+    """A multi-product model on each product's test split: every metric per product and over all
+    products together (its scores share one scale: each product's calibration puts its threshold at
+    1), and, for a model with a router, where each test image was routed (accuracy, unmatched goods)."""
+    per: dict[str, Evaluation] = {
+        name: evaluate(detector, data, progress=progress, on_error=on_error, pixel_size=pixel_size)
+        for name, data in datasets.items()
+    }
+    evals = list(per.values())
+    samples = [s for e in evals for s in e.samples]
+    prediction = Prediction(
+        keys=[k for e in evals for k in e.prediction.keys],
+        scores=np.concatenate([e.prediction.scores for e in evals]),
+        maps=[m for e in evals for m in e.prediction.maps],
+        calibration=evals[0].prediction.calibration,
+    )
+    overall = compute_metrics(samples, prediction, [m for e in evals for m in e.masks], detector.localizes)
+    overall.pop("aupimo_detail", None)
+    metrics: dict[str, Any] = {
+        "model": detector.name,
+        "products": {name: e.metrics for name, e in per.items()},
+        "overall": overall | {"n_images": len(samples)},
+    }
+    if hasattr(detector, "route"):
+        metrics["routing"] = routing_summary(detector, {n: e.samples for n, e in per.items()})
+    return metrics, per
+
+
+def routing_summary(detector, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+    """Where a multi-product model routes each product's test images: the share sent to their own
+    product (all images, and the goods alone) and the goods that match no product."""
+    rows = {name: (s, detector.route(s)) for name, s in samples.items()}
+    out: dict[str, Any] = {"per_product": {}}
+    hits = goods = good_hits = unmatched_goods = 0
+    for name, (ss, routes) in rows.items():
+        ok = [r.product == name for r in routes]
+        good = [s.label == 0 for s in ss]
+        miss = sum(g and not r.matched for g, r in zip(good, routes))
+        out["per_product"][name] = {
+            "accuracy": float(np.mean(ok)),
+            "routed_to": {
+                p: sum(r.product == p for r in routes) for p in sorted({r.product for r in routes})
+            },
+            "goods_matching_no_product": miss,
+            "defects_matching_no_product": sum(not g and not r.matched for g, r in zip(good, routes)),
+        }
+        hits += sum(ok)
+        goods += sum(good)
+        good_hits += sum(o and g for o, g in zip(ok, good))
+        unmatched_goods += miss
+    n = sum(len(ss) for ss, _ in rows.values())
+    out.update(
+        accuracy=hits / n,
+        goods_accuracy=good_hits / goods if goods else None,
+        goods_matching_no_product=unmatched_goods,
+        n_images=n,
+    )
+    return out
