@@ -77,7 +77,8 @@ class OpenVinoSession:
             raise error(f"OpenVINO cannot load {_where(path)} ({first_line})") from None
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self._request = self.compiled.create_infer_request()
-        self._outputs = {o.get_any_name(): o for o in self.compiled.outputs}
+        # every name of every output: OpenVINO merges outputs that are one tensor under several names
+        self._outputs = {name: o for o in self.compiled.outputs for name in o.get_names()}
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

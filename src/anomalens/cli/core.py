@@ -483,6 +483,7 @@ def demo(
         max_minutes=None,
         checkpoint_dir=None,
         roi=None,
+        multi=False,
     )
     evaluate(
         output / "demo.model",

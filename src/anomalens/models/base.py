@@ -398,6 +398,9 @@ class Detector(ABC):
     #: True when the fitted model depends on `seed` (a random projection, subset, initialisation or
     #: shuffling): `anomalens benchmark` then repeats it over seeds and reports mean and spread
     stochastic: ClassVar[bool] = False
+    #: True when a fit takes seconds (no training): with too few goods to hold any out, the threshold
+    #: then comes from leave-one-out refits; trained methods hold one good out instead
+    refits_cheaply: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         allowed = {**self.base_defaults, **self.defaults}
@@ -494,7 +497,7 @@ class Detector(ABC):
         if not items:
             raise ValueError("fit got no images")
         loo = None
-        if calibration is None and round(o["calibration_fraction"] * len(items)) == 0:
+        if calibration is None and self.refits_cheaply and round(o["calibration_fraction"] * len(items)) == 0:
             fit_items, cal_items = items, []
             loo = self._leave_one_out(items)
         elif calibration is None:

@@ -73,6 +73,7 @@ class TrainableDetector(Detector):
     """Detector whose model is learned by the shared training engine."""
 
     stochastic = True  # initialisation and shuffling follow `seed`: benchmarks repeat seeds
+    refits_cheaply = False  # a leave-one-out calibration would train once per good
     base_defaults = {
         **Detector.base_defaults,
         "image_size": 128,

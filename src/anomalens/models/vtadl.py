@@ -58,7 +58,11 @@ class MixtureDensity(nn.Module):
         logvar = F.softplus(self.logvar(h)).view(shape)
         log_normal = -0.5 * ((z.unsqueeze(-2) - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi))
         log_mix = torch.log_softmax(self.logits(h), dim=-1) + log_normal.sum(-1)
-        return -torch.logsumexp(log_mix, dim=-1) / z.shape[-1]
+        # logsumexp written out (as torch computes it): OpenVINO's ONNX reader takes the exported
+        # ReduceLogSumExp for a reduction over every axis and cannot convert the graph
+        peak = log_mix.amax(dim=-1, keepdim=True)
+        lse = peak.squeeze(-1) + torch.log(torch.exp(log_mix - peak).sum(dim=-1))
+        return -lse / z.shape[-1]
 
 
 def deconv_decoder(dim: int, channels: int, patch_size: int) -> nn.Sequential:
