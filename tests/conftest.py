@@ -139,6 +139,19 @@ for _name in TRAINED:  # the tiny sets train for the epochs given, not the defau
     FAST_OPTIONS[_name]["min_steps"] = 0
 
 
+# the smallest real model: an autoencoder of a few hundred weights, one epoch on a few 32 px images
+TINY_AUTOENCODER = {
+    "image_size": 32,
+    "depth": 2,
+    "width": 4,
+    "latent": 8,
+    "channels": 1,
+    "epochs": 1,
+    "min_steps": 0,
+    "loss": "l2",
+}
+
+
 def fast_options(name: str) -> dict:
     return {**FAST_DEFAULT, **FAST_OPTIONS.get(name, {})}
 

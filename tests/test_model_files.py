@@ -17,18 +17,7 @@ from anomalens.data import synthetic_image
 from anomalens.inference import decide
 from anomalens.models.base import Detector, ModelFileError
 from anomalens.thresholds import Calibration, NonFiniteScoreError
-
-# the smallest real model: an autoencoder of a few hundred weights, one epoch on six 32 px images
-TINY = {
-    "image_size": 32,
-    "depth": 2,
-    "width": 4,
-    "latent": 8,
-    "channels": 1,
-    "epochs": 1,
-    "min_steps": 0,
-    "loss": "l2",
-}
+from conftest import TINY_AUTOENCODER as TINY
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,9 @@ import anomalens
 from anomalens.cli import app as cli
 from anomalens.data import synthetic_image
 from anomalens.store import ResultStore
+from conftest import TINY_AUTOENCODER
 
-TINY = {
-    "image_size": 32,
-    "depth": 2,
-    "width": 4,
-    "latent": 8,
-    "channels": 1,
-    "epochs": 1,
-    "min_steps": 0,
-    "loss": "l2",
-    "batch_size": 2,
-}
+TINY = {**TINY_AUTOENCODER, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
