@@ -32,30 +32,10 @@ CLASSIFIERS = ("extra_trees", "logistic")
 _LEAF = -1  # scikit-learn's TREE_LEAF
 
 
-@dataclass(frozen=True)
-class Normalization:
-    """The base detector's calibrated units, kept with the refiner (the refined model's own
-    calibration is in probability units)."""
-
-    center: float
-    scale: float
-    pixel_center: float
-    pixel_scale: float
-
-    @classmethod
-    def of(cls, calibration: Calibration) -> Normalization:
-        def spread(threshold: float, center: float) -> float:
-            return threshold - center if threshold > center else 1.0
-
-        c = calibration
-        return cls(
-            c.center, spread(c.threshold, c.center), c.pixel_center, spread(c.pixel_threshold, c.pixel_center)
-        )
-
-
-def image_features(score: float, anomaly_map: np.ndarray, norm: Normalization) -> np.ndarray:
-    """The FEATURES of one image from its raw score and raw map at its own size."""
-    m = (np.asarray(anomaly_map, dtype=np.float32) - norm.pixel_center) / norm.pixel_scale
+def image_features(score: float, anomaly_map: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """The FEATURES of one image from its raw score and raw map at its own size, in the units of
+    the base detector's `calibration`."""
+    m = calibration.normalize_map(np.asarray(anomaly_map, dtype=np.float32))
     above = m >= 1.0
     labeled, count = ndimage.label(above, structure=np.ones((3, 3), bool))
     largest = np.bincount(labeled.ravel())[1:].max() / m.size if count else 0.0
@@ -63,7 +43,7 @@ def image_features(score: float, anomaly_map: np.ndarray, norm: Normalization) -
     p99 = np.partition(flat, int(0.99 * (flat.size - 1)))[int(0.99 * (flat.size - 1))]
     return np.array(
         [
-            (score - norm.center) / norm.scale,
+            float(calibration.normalize(score)),
             flat.max(),
             flat.mean(),
             flat.std(),
@@ -150,13 +130,14 @@ class Refiner:
     """The fitted supervised stage a refined model carries: features, classifier, provenance."""
 
     kind: str
-    norm: Normalization
+    # the base detector's calibration: the features' units (the refined model's own is in probabilities)
+    calibration: Calibration
     arrays: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)  # labels' source, counts, digests, CV report
 
     def score(self, raw_score: float, anomaly_map: np.ndarray) -> float:
         return float(
-            probability(self.kind, self.arrays, image_features(raw_score, anomaly_map, self.norm))[0]
+            probability(self.kind, self.arrays, image_features(raw_score, anomaly_map, self.calibration))[0]
         )
 
     @property
@@ -165,11 +146,16 @@ class Refiner:
         return set(self.info.get("image_digests", []))
 
     def to_arrays_and_meta(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        meta = {"kind": self.kind, "features": list(FEATURES), "norm": self.norm.__dict__, "info": self.info}
+        meta = {
+            "kind": self.kind,
+            "features": list(FEATURES),
+            "calibration": self.calibration.to_dict(),
+            "info": self.info,
+        }
         return dict(self.arrays), meta
 
     @classmethod
     def from_arrays_and_meta(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Refiner:
         if meta.get("features") != list(FEATURES) or meta.get("kind") not in CLASSIFIERS:
             raise ValueError("the refine stage was written by another anomalens version")
-        return cls(meta["kind"], Normalization(**meta["norm"]), arrays, meta.get("info", {}))
+        return cls(meta["kind"], Calibration.from_dict(meta["calibration"]), arrays, meta.get("info", {}))

@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedKFold
 from anomalens.data import Sample
 from anomalens.data.labels import load_labelled
 from anomalens.models.base import Detector
-from anomalens.models.refine import Normalization, Refiner, fit_classifier, image_features, probability
+from anomalens.models.refine import Refiner, fit_classifier, image_features, probability
 from anomalens.store import ResultStore, utc_now
 from anomalens.thresholds import Calibration, image_digests
 from anomalens.thresholds.operating import point_at
@@ -69,12 +69,6 @@ def _full_recall_threshold(scores: np.ndarray, y: np.ndarray) -> float:
     return float(scores[y].min())
 
 
-def _rates(scores: np.ndarray, y: np.ndarray, threshold: float) -> tuple[int, int]:
-    """(defects caught, goods flagged) at `threshold`."""
-    flagged = scores >= threshold
-    return int((flagged & y).sum()), int((flagged & ~y).sum())
-
-
 def _summary(caught: int, false_alarms: int, n_defect: int, n_good: int) -> dict[str, float]:
     n = n_defect + n_good
     return {
@@ -117,11 +111,10 @@ def refine(
         raise ValueError(f"{detector.name} is not calibrated: refine a fitted model")
     base = copy.copy(detector)
     base.refiner = None  # refining a refined model starts again from its detector
-    norm = Normalization.of(base.calibration)
     prediction = base.predict(labelled, progress=progress, calibrated=False)
     by_key = {str(s.path): s for s in labelled}
     y = np.array([by_key[k].label == 1 for k in prediction.keys])
-    x = np.stack([image_features(s, m, norm) for s, m in zip(prediction.scores, prediction.maps)])
+    x = np.stack([image_features(s, m, base.calibration) for s, m in zip(prediction.scores, prediction.maps)])
     raw = np.asarray(prediction.scores, dtype=np.float64)
 
     # outer folds: a threshold chosen on the training folds, applied to the held-out fold
@@ -130,13 +123,13 @@ def refine(
     splitter = _folds(y, seed)
     for train, test in splitter.split(x, y):
         t_before = _full_recall_threshold(raw[train], y[train])
-        caught, alarms = _rates(raw[test], y[test], t_before)
-        before = [before[0] + caught, before[1] + alarms]
+        point = point_at(y[test], raw[test], t_before, "recall", 1.0)
+        before = [before[0] + point.tp, before[1] + point.fp]
         inner = _oof_probability(x[train], y[train], classifier, seed)
         t_after = _full_recall_threshold(inner, y[train])
         p_test = probability(classifier, fit_classifier(x[train], y[train], classifier, seed), x[test])
-        caught, alarms = _rates(p_test, y[test], t_after)
-        after = [after[0] + caught, after[1] + alarms]
+        point = point_at(y[test], p_test, t_after, "recall", 1.0)
+        after = [after[0] + point.tp, after[1] + point.fp]
     n_defect, n_good = int(y.sum()), int((~y).sum())
     report = RefineReport(
         n_good,
@@ -153,7 +146,7 @@ def refine(
     refined = copy.copy(base)
     refined.refiner = Refiner(
         classifier,
-        norm,
+        base.calibration,
         fit_classifier(x, y, classifier, seed),
         {
             "source": source,
