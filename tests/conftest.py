@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail fast, never hang
 
+import anomalens  # noqa: E402
 from anomalens.data import load_mvtec, make_synthetic_dataset  # noqa: E402
 
 # per-detector options that keep every test fast; methods not listed use FAST_DEFAULT
@@ -156,6 +157,18 @@ def fast_options(name: str) -> dict:
     return {**FAST_DEFAULT, **FAST_OPTIONS.get(name, {})}
 
 
+def fit_fast(name: str, dataset, labelled=None, **options):
+    """A detector of `name` with fast_options (and `options`) fitted on `dataset`'s training goods;
+    methods that learn from labelled defects also get `labelled`'s test defects and masks (another
+    synthetic set: never the images the test scores)."""
+    det = anomalens.create(name, **{**fast_options(name), **options})
+    kwargs = {}
+    if det.uses_defects != "none" and labelled is not None:
+        defects = labelled.test_defective
+        kwargs = {"defects": [s.path for s in defects], "defect_masks": [s.mask_path for s in defects]}
+    return det.fit(dataset.train, **kwargs)
+
+
 def require_openvino() -> None:
     """Skip a test of the openvino runtime when OpenVINO is not installed, except in CI, whose
     `make test` installs it (the dev extra): there it fails."""
@@ -184,3 +197,19 @@ def texture_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def texture(texture_root):
     return load_mvtec(texture_root)
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory):
+    """Labelled defects (with masks) of the texture's kind for the methods that learn from them:
+    another seed, so no image the tests score."""
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("labelled") / "tex",
+        kind="texture",
+        n_train=1,
+        n_test_good=1,
+        n_test_defect=8,
+        size=64,
+        seed=11,
+    )
+    return load_mvtec(root)

@@ -76,7 +76,7 @@ def _notes(metrics: dict) -> list[str]:
         )
     if metrics.get("n_left_out_trained_on"):
         lines.append(
-            f"  left out: {metrics['n_left_out_trained_on']} test images the refine stage trained on"
+            f"  left out: {metrics['n_left_out_trained_on']} labelled test images the model learnt from"
         )
     if metrics.get("score_warning"):
         lines.append(f"  warning: {metrics['score_warning']}")
@@ -120,6 +120,20 @@ def fit(
         help="one model for several products: DATA is a folder of MVTec categories or a CSV with a product "
         "column; --model (patchcore or padim) is fitted per product, with a router (see docs/products.md)",
     ),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        help="labelled images for the methods that learn from defects (vqganodip, cyclegan_ad, capsnet, "
+        "unet): a CSV (path,label[,mask]), a folder with good/ beside <defect>/ folders, or a result store "
+        "labelled on the review page (its defects are used; the goods come from DATA)",
+    ),
+    train_defects: int | None = typer.Option(
+        None,
+        "--train-defects",
+        help="MVTec layout: K seeded test defects per type join the training; "
+        "`evaluate --train-defects K --seed S` then leaves exactly those out",
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of --train-defects"),
 ) -> None:
     """Learn normality from the training good images and calibrate the threshold.
 
@@ -143,31 +157,61 @@ def fit(
 
     Several products: anomalens fit line/ --multi -o line.model (line/<product>/train/good/...);
     --set routing=shared learns one bank for products too alike to route.
+
+    A few confirmed defects: the methods that learn from them take --labels SOURCE, or on an MVTec-layout
+    benchmark --train-defects K (evaluate with the same K and --seed). Example:
+    anomalens fit tile/ -m capsnet --train-defects 5 -o caps.model, then
+    anomalens evaluate caps.model tile/ --train-defects 5
     """
     if multi:
         return _fit_multi(
-            data, model, output, set_, device, quiet, resume or max_minutes or checkpoint_dir or roi
+            data,
+            model,
+            output,
+            set_,
+            device,
+            quiet,
+            resume or max_minutes or checkpoint_dir or roi or labels or train_defects is not None,
         )
     from anomalens.data import load_dataset
+    from anomalens.data.labels import split_train_defects
     from anomalens.models.trainable import TrainableDetector
     from anomalens.registry import create
+    from anomalens.workflows.refine import read_labels
 
+    if labels is not None and train_defects is not None:
+        fail("give --labels SOURCE or --train-defects K, not both")
     try:
         dataset = load_dataset(data)
         if not dataset.train:
             fail(f"'{data}' has no training images")
+        labelled = []
+        if train_defects is not None:
+            dataset, labelled = split_train_defects(dataset, train_defects, seed)
+        elif labels is not None:
+            labelled = read_labels(labels)
+        defect_samples = [s for s in labelled if s.label == 1]
+        goods = dataset.train
+        fit_labels = (
+            {"defects": defect_samples, "defect_masks": [s.mask_path for s in defect_samples]}
+            if labelled
+            else {}
+        )
         sets = parse_sets(set_)
         if max_minutes is not None:
             sets["max_minutes"] = str(max_minutes)
         detector = create(model, device=device, **sets)
         detector.set_roi(roi)
         err.print(f"{dataset.summary()}")
+        if labelled:
+            err.print(f"labelled: {len(defect_samples)} defects learnt from")
         if isinstance(detector, TrainableDetector):
             detector.fit(
-                dataset.train,
+                goods,
                 progress=not quiet,
                 resume=resume,
                 checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"),
+                **fit_labels,
             )
         elif resume or max_minutes is not None or checkpoint_dir is not None:
             fail(
@@ -175,7 +219,7 @@ def fit(
                 "do not apply to it"
             )
         else:
-            detector.fit(dataset.train, progress=not quiet)
+            detector.fit(goods, progress=not quiet, **fit_labels)
         detector.save(output)
     except user_errors() as e:
         fail(str(e))

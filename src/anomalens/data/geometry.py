@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from anomalens.data.io import ImageReadError
 
@@ -214,3 +215,15 @@ def stitch(maps: np.ndarray, placement: Placement) -> np.ndarray:
         )
         weight[win.y0 : win.y0 + win.height, win.x0 : win.x0 + win.width] += w2
     return total / weight
+
+
+def place_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
+    """A pixel mask (H, W) of the image on its canvases (n, h, w) as uint8 0/1: resized by nearest
+    neighbour like the image was resized, padding 0 (the inverse of `stitch` for labels)."""
+    rh, rw = placement.resized_shape
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
+    ch, cw = placement.canvas
+    out = np.zeros((len(placement.windows), ch, cw), np.uint8)
+    for i, win in enumerate(placement.windows):
+        out[i, : win.height, : win.width] = resized[win.y0 : win.y0 + win.height, win.x0 : win.x0 + win.width]
+    return out

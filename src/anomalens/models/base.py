@@ -11,7 +11,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -32,6 +32,7 @@ from anomalens.data.geometry import (
     Placement,
     native_canvas,
     parse_size,
+    place_mask,
     size_option,
     stitch,
 )
@@ -48,7 +49,13 @@ from anomalens.data.inputs import (
 from anomalens.data.io import ImageReadError, image_shape, read_mask
 from anomalens.data.progress import progress_bar
 from anomalens.models.refine import Refiner
-from anomalens.thresholds import Calibration, calibrate, check_operating_point, decision_calibration
+from anomalens.thresholds import (
+    Calibration,
+    calibrate,
+    check_operating_point,
+    decision_calibration,
+    image_digests,
+)
 
 FORMAT_VERSION = 1
 LOO_VIEWS = 4  # augmented views of each good scored for a leave-one-out calibration
@@ -401,6 +408,12 @@ class Detector(ABC):
     #: True when a fit takes seconds (no training): with too few goods to hold any out, the threshold
     #: then comes from leave-one-out refits; trained methods hold one good out instead
     refits_cheaply: ClassVar[bool] = True
+    #: how the method uses labelled defects at fit (`fit(..., defects=)`, `fit --labels`): "none"
+    #: (goods only; the supervised stage on top of any method is `anomalens refine`), "optional"
+    #: (a stage that learns from them when given) or "required"
+    uses_defects: ClassVar[str] = "none"
+    #: True when each labelled defect must come with its pixel mask (segmentation methods)
+    needs_defect_masks: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         allowed = {**self.base_defaults, **self.defaults}
@@ -431,6 +444,9 @@ class Detector(ABC):
         #: score is its defect probability and `calibration` is in those units
         self.refiner: Refiner | None = None
         self.fit_info: dict[str, Any] = {}
+        #: the labelled defects of the running fit (and their masks, aligned; None where none)
+        self._defects: list[InputItem] = []
+        self._defect_masks: list[Any] = []
         self._fitted = False
         self._show_progress = False
 
@@ -479,6 +495,8 @@ class Detector(ABC):
         *,
         progress: bool = False,
         roi: str | Path | np.ndarray | None = None,
+        defects: Iterable | np.ndarray | None = None,
+        defect_masks: Sequence | None = None,
     ) -> Detector:
         """Learn normality from good images and calibrate the threshold.
 
@@ -488,11 +506,16 @@ class Detector(ABC):
         `shots`: fit on that many seeded goods; `augment_copies`: add augmented copies of each good.
         `roi`: see `set_roi`. With resize=native and no tiles, the canvas is sized here to hold
         every training image at `scale`.
+        `defects`: labelled defective images for methods that learn from them (`uses_defects`), with
+        `defect_masks` (paths, arrays or None, aligned) where the method needs masks. Their path
+        digests are kept in `fit_info` so `evaluate` never counts them. The threshold still comes
+        from held-out goods.
         """
         if roi is not None:
             self.set_roi(roi)
         o = self.options
         self.fit_info = {}
+        self._set_defects(defects, defect_masks)
         items = self._pick_shots(as_items(images))
         if not items:
             raise ValueError("fit got no images")
@@ -541,6 +564,7 @@ class Detector(ABC):
         with progress_bar(len(fit_items), f"{self.name}: features", enabled=progress) as bar:
             self._fit_batches(fit_batches(bar), n_inputs)
         self._fitted = True
+        self._defects, self._defect_masks = [], []  # learnt from: not kept in memory
         fit_seconds = time.perf_counter() - start
         cal = loo or self.predict(cal_items, progress=progress, calibrated=False, statistics=measure)
         self.calibration = calibrate(cal.scores, cal.maps, quantile=self.options["calibration_quantile"])
@@ -557,6 +581,66 @@ class Detector(ABC):
             anomalens_version=__version__,
         )
         return self
+
+    def _set_defects(self, defects: Iterable | np.ndarray | None, masks: Sequence | None) -> None:
+        """Check the labelled defects against the method's `uses_defects` and keep them for the fit."""
+        items = as_items(defects) if defects is not None else []
+        masks = list(masks) if masks is not None else [None] * len(items)
+        if len(masks) != len(items):
+            raise ValueError(f"{len(items)} labelled defects but {len(masks)} defect masks")
+        if items and self.uses_defects == "none":
+            raise ValueError(
+                f"{self.name} learns from goods only: it takes no labelled defects (to learn from them on "
+                "top of it, use `anomalens refine MODEL --labels SOURCE`)"
+            )
+        if not items and self.uses_defects == "required":
+            raise ValueError(
+                f"{self.name} learns from labelled defects: give some (fit --labels SOURCE, or "
+                "--train-defects K for an MVTec-layout dataset; Python: fit(goods, defects=...))"
+            )
+        if self.needs_defect_masks:
+            missing = [it.key for it, m in zip(items, masks) if m is None]
+            if missing:
+                raise ValueError(
+                    f"{self.name} needs a pixel mask for each labelled defect; none for "
+                    f"{len(missing)} of {len(items)}, e.g. '{missing[0]}'"
+                )
+        self._defects, self._defect_masks = items, masks
+        if items:
+            self.fit_info["defects"] = {
+                "n": len(items),
+                "image_digests": image_digests(it.key for it in items if it.path is not None),
+            }
+
+    def defect_batches(
+        self, batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The running fit's labelled defects as the model sees them: (pixels (B, C, H, W), masks
+        (B, H, W) float 0/1 on the same canvases, or None where no defect of the batch has a mask).
+        Masks follow the images through the geometry (resize, padding, tiles), by nearest neighbour."""
+        step = batch_size or self.options["batch_size"]
+        pre = self.preprocess()
+        by_key = {it.key: m for it, m in zip(self._defects, self._defect_masks)}
+        for batch in iter_batches(self._defects, pre, step):
+            masks = []
+            for key, shape, placement in zip(batch.keys, batch.shapes, batch.placements):
+                given = by_key[key]
+                if given is None:
+                    masks = None
+                    break
+                mask = read_mask(given, shape=shape) if not isinstance(given, np.ndarray) else given > 0
+                if mask.shape != tuple(shape):
+                    raise ValueError(f"mask of '{key}' is {mask.shape}, the image {tuple(shape)}")
+                masks.append(torch.from_numpy(place_mask(mask, placement)))
+            mask_tensor = None if masks is None else torch.cat(masks).float()
+            for i in range(0, len(batch.pixels), step):
+                yield batch.pixels[i : i + step], None if mask_tensor is None else mask_tensor[i : i + step]
+
+    @property
+    def trained_on(self) -> set[str]:
+        """Digests of the labelled images this model (or its refine stage) learnt from: never evaluated."""
+        digests = set(self.fit_info.get("defects", {}).get("image_digests", []))
+        return digests | (self.refiner.trained_on if self.refiner is not None else set())
 
     def _pick_shots(self, items: list[InputItem]) -> list[InputItem]:
         """`shots` seeded goods (all when 0), in input order."""

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class TrainableDetector(Detector):
         progress: bool = False,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
+        defects: Iterable | np.ndarray | None = None,
+        defect_masks: Sequence | None = None,
     ) -> TrainableDetector:
         """Like `Detector.fit`; `checkpoint_dir` gets a checkpoint after every epoch, and `resume`
         continues from the one there (same options and images) instead of starting over."""
@@ -135,7 +137,7 @@ class TrainableDetector(Detector):
             raise ValueError(f"{self.name}: resume needs the checkpoint_dir of the interrupted run")
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._resume = resume
-        return super().fit(images, calibration, progress=progress)
+        return super().fit(images, calibration, progress=progress, defects=defects, defect_masks=defect_masks)
 
     @property
     def checkpoint_path(self) -> Path | None:

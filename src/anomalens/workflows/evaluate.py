@@ -110,8 +110,8 @@ def evaluate(
     """
     if not dataset.test:
         raise ValueError(f"dataset '{dataset.name}' has no test images to evaluate on")
-    # a refine stage's own training images never count: its classifier has seen their answers
-    trained_on = detector.refiner.trained_on if detector.refiner is not None else set()
+    # labelled images the model or its refine stage learnt from never count: it has seen their answers
+    trained_on = detector.trained_on
     kept = [
         s
         for s, d in zip(dataset.test, image_digests(str(s.path) for s in dataset.test))
@@ -120,7 +120,7 @@ def evaluate(
     n_trained_on = len(dataset.test) - len(kept)
     if not kept:
         raise ValueError(
-            f"every test image of '{dataset.name}' trained the model's refine stage: nothing to evaluate"
+            f"every test image of '{dataset.name}' was a labelled image the model learnt from: nothing to evaluate"
         )
     dataset = replace(dataset, test=kept)
     start = time.perf_counter()
