@@ -27,6 +27,7 @@ from anomalens.workflows.benchmark import (
     parse_model_sets,
     plan_cells,
     run_benchmark,
+    run_cell_in_process,
     run_cell_subprocess,
     summarize,
 )
@@ -361,3 +362,33 @@ def test_real_runner_repeats_a_trained_model_over_seeds(texture_root, tmp_path):
     assert numbers[0] != numbers[1]  # two seeds, two models
     [row] = result.summary
     assert row["seeds"] == [0, 1] and row["pixel_auroc"]["n"] == 2
+
+
+def test_train_defects_protocol_plans_every_seed_and_evaluates_on_the_same_rest(texture_root, tmp_path):
+    with pytest.raises(ValueError, match="--train-defects"):
+        plan_cells(["patchcore+refine"], texture_root, seeds=2)
+    cells = plan_cells(["padim", "padim+refine"], texture_root, seeds=2, train_defects=1)
+    assert [(c.model, c.seed) for c in cells] == [
+        ("padim", 0),
+        ("padim", 1),
+        ("padim+refine", 0),
+        ("padim+refine", 1),
+    ]
+    assert cells[0].key != CellSpec("padim", cells[0].category, str(texture_root), 0).key  # resumes apart
+    options = {k: str(v) for k, v in fast_options("padim").items()}
+    result = run_benchmark(
+        ["padim", "padim+refine"],
+        texture_root,
+        tmp_path / "bench",
+        seeds=1,
+        sets={"padim": options, "padim+refine": options},
+        train_defects=1,
+        runner=run_cell_in_process,
+    )
+    assert all(c["status"] == "ok" for c in result.cells), [c.get("error") for c in result.cells]
+    plain, refined = result.cells
+    # 6 test defects over 3 types: one per type lent, with as many goods; both score the same rest
+    assert plain["n_test"] == refined["n_test"] == 12 - 6
+    # the refine stage learnt from the 3 lent defects and 3 lent goods; plain PaDiM from none
+    assert plain["n_labelled_trained_on"] == 0 and refined["n_labelled_trained_on"] == 6
+    assert result.config["train_defects"] == 1

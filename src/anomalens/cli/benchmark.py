@@ -34,6 +34,13 @@ def benchmark(
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     cell_timeout: float = typer.Option(0, "--cell-timeout", help="seconds allowed per cell, 0 = no limit"),
+    train_defects: int = typer.Option(
+        0,
+        "--train-defects",
+        help="the labelled-defects protocol: K seeded test defects per type lent to training (every model "
+        "runs every seed, all evaluated on the rest); methods that learn from defects get them, and "
+        "NAME+refine adds `anomalens refine` on them",
+    ),
 ) -> None:
     """Run every model on every category (over seeds) and write a comparison: JSON, Markdown, HTML.
 
@@ -43,6 +50,9 @@ def benchmark(
     the same command again (failed cells are retried).
 
     Example: anomalens benchmark --data ../shared/datasets --models patchcore,padim -o bench/ --seeds 3
+
+    A few labelled defects (the papers' protocol, K = 5 per type, 5 seeds):
+    anomalens benchmark --data DATA --models patchcore,patchcore+refine,capsnet --train-defects 5 --seeds 5 -o bench/
     """
     from anomalens.models.classical import expand_models
     from anomalens.report.benchmark_report import write_outputs
@@ -60,6 +70,7 @@ def benchmark(
             output,
             seeds=seeds,
             sets=sets,
+            train_defects=train_defects,
             timeout=cell_timeout or None,
             log=lambda message: err.print(message, highlight=False, soft_wrap=True),
         )

@@ -100,14 +100,15 @@ class CellSpec:
     path: str  # the category folder
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
+    train_defects: int = 0  # K labelled test defects per type lent to training (seeded by `seed`)
 
     @property
     def key(self) -> str:
-        """Identity for resuming: same model, category, seed and options = same cell."""
-        return json.dumps(
-            [self.model, self.category, self.seed, {k: self.options[k] for k in sorted(self.options)}],
-            default=str,
-        )
+        """Identity for resuming: same model, category, seed, options (and lent defects) = same cell."""
+        key = [self.model, self.category, self.seed, {k: self.options[k] for k in sorted(self.options)}]
+        if self.train_defects:
+            key.append({"train_defects": self.train_defects})
+        return json.dumps(key, default=str)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,6 +123,7 @@ class CellSpec:
             path=d["path"],
             seed=int(d["seed"]),
             options=dict(d.get("options") or {}),
+            train_defects=int(d.get("train_defects") or 0),
         )
 
 
@@ -165,11 +167,20 @@ def parse_model_sets(pairs: Iterable[str], models: Sequence[str]) -> dict[str, d
     return out
 
 
+#: a model name's suffix that adds `anomalens refine` on the lent defects (needs train_defects)
+REFINE_SUFFIX = "+refine"
+
+
+def split_model(model: str) -> tuple[str, bool]:
+    """('patchcore', True) for 'patchcore+refine': the detector and whether a refine stage goes on top."""
+    return (model[: -len(REFINE_SUFFIX)], True) if model.endswith(REFINE_SUFFIX) else (model, False)
+
+
 def is_stochastic(model: str) -> bool:
     """Whether `model` depends on its seed: declared once, on the detector class (`Detector.stochastic`)."""
     from anomalens.registry import get_class
 
-    return get_class(model).stochastic
+    return get_class(split_model(model)[0]).stochastic
 
 
 def find_categories(data: str | Path) -> list[tuple[str, Path]]:
@@ -196,11 +207,16 @@ def plan_cells(
     data: str | Path,
     seeds: int = 3,
     sets: Mapping[str, Mapping[str, Any]] | None = None,
+    train_defects: int = 0,
 ) -> list[CellSpec]:
     """Every cell to run, category by category, model by model, seed by seed.
 
     Stochastic models run with seed = 0..seeds-1, others once with seed 0; a user-given `seed`
-    option pins one seed. Unknown models and options are rejected here, before anything runs.
+    option pins one seed. With `train_defects` K (the labelled-defects protocol), every model runs
+    every seed, since the seed also draws the K defects per type lent to training; the methods that
+    learn from defects get them, `NAME+refine` adds a refine stage on them, and every model is
+    evaluated on the same remaining test images. Unknown models and options are rejected here,
+    before anything runs.
     """
     from anomalens.registry import get_class
 
@@ -213,17 +229,24 @@ def plan_cells(
     for model in models:
         options = dict(sets.get(model, {}))
         seed_option = options.pop("seed", None)
-        get_class(model)(**options)  # validates names and values now, not in every cell
+        name, refined = split_model(model)
+        cls = get_class(name)
+        cls(**options)  # validates names and values now, not in every cell
+        if (refined or cls.uses_defects == "required") and not train_defects:
+            raise ValueError(
+                f"{model} learns from labelled defects: give --train-defects K (K test defects per type "
+                "lent to training, the rest evaluated)"
+            )
         if seed_option is not None:
             seed_list = [int(seed_option)]
         else:
-            seed_list = list(range(seeds)) if is_stochastic(model) else [0]
+            seed_list = list(range(seeds)) if is_stochastic(model) or train_defects else [0]
         per_model[model] = (options, seed_list)
     cells = []
     for name, folder in find_categories(data):
         for model in models:
             options, seed_list = per_model[model]
-            cells += [CellSpec(model, name, str(folder), s, options) for s in seed_list]
+            cells += [CellSpec(model, name, str(folder), s, options, train_defects) for s in seed_list]
     return cells
 
 
@@ -330,16 +353,28 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
     import numpy as np
 
     from anomalens.data import load_dataset
+    from anomalens.data.labels import split_train_defects
     from anomalens.registry import create
     from anomalens.workflows.evaluate import evaluate
+    from anomalens.workflows.refine import refine
 
     dataset = load_dataset(spec.path)
-    det = create(spec.model, **{**spec.options, "seed": spec.seed})
+    lent = []
+    if spec.train_defects:
+        dataset, lent = split_train_defects(dataset, spec.train_defects, spec.seed)
+    name, refined = split_model(spec.model)
+    det = create(name, **{**spec.options, "seed": spec.seed})
+    defects = [s for s in lent if s.label == 1] if det.uses_defects != "none" else []
     start = time.perf_counter()
     _warm_up(det)
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    det.fit(dataset.train)
+    if defects:
+        det.fit(dataset.train, defects=defects, defect_masks=[s.mask_path for s in defects])
+    else:
+        det.fit(dataset.train)
+    if refined:
+        det, _ = refine(det, lent, seed=spec.seed, source=f"{spec.path} (train_defects {spec.train_defects})")
     fit_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         model_mb = det.save(Path(tmp) / "cell.model").stat().st_size / 2**20
@@ -380,6 +415,7 @@ def run_cell(spec: CellSpec, latency_images: int = 10) -> dict[str, Any]:
         **{k: sizes.get(k) for k in NETWORK_KEYS},
         "batch_size": det.options.get("batch_size"),
         "n_train": len(dataset.train),
+        "n_labelled_trained_on": len(det.trained_on),  # never among the n_test evaluated
         "n_test": m.get("n_images"),
         "per_defect_type": m.get("per_defect_type"),
         "device": str(det.device),
@@ -439,6 +475,7 @@ def run_benchmark(
     *,
     seeds: int = 3,
     sets: Mapping[str, Mapping[str, Any]] | None = None,
+    train_defects: int = 0,
     runner: CellRunner | None = None,
     timeout: float | None = None,
     log: Callable[[str], None] | None = None,
@@ -450,7 +487,7 @@ def run_benchmark(
     an exception from it marks the cell failed with its one-line message and the run goes on.
     """
     models = list(models)
-    cells = plan_cells(models, data, seeds, sets)
+    cells = plan_cells(models, data, seeds, sets, train_defects)
     if runner is None:
 
         def runner(spec: CellSpec) -> Mapping[str, Any]:
@@ -500,6 +537,7 @@ def run_benchmark(
         "models": models,
         "data": str(data),
         "seeds": seeds,
+        "train_defects": train_defects,
         "options": {m: dict((sets or {}).get(m, {})) for m in models},
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "python": sys.version.split()[0],
