@@ -306,3 +306,39 @@ def test_ssim_residual_exports_to_onnx_with_the_same_scores(texture, tmp_path):
     ref, got = det.predict(texture.test), OnnxDetector.load(path, threads=1).predict(texture.test)
     assert np.abs(got.scores - ref.scores).max() < 1e-4
     assert max(float(np.abs(a - b).max()) for a, b in zip(got.maps, ref.maps)) < 1e-4
+
+
+def _planted_squares(rng: np.random.Generator, n: int, defects: bool) -> list[np.ndarray]:
+    """32 px grey noise; with `defects`, a 10 px black or white square at a random place."""
+    images = [np.clip(0.5 + 0.05 * rng.standard_normal((32, 32)), 0, 1).astype(np.float32) for _ in range(n)]
+    if defects:
+        for i, im in enumerate(images):
+            y, x = rng.integers(4, 18, 2)
+            im[y : y + 10, x : x + 10] = float(i % 2)
+    return images
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_fanogan_default_score_finds_planted_defects(seed):
+    """f-AnoGAN at its default image score (the residual map's mean), not the map-max setting the
+    contract uses: a planted square ranks above every good (measured 1.0 on seeds 0-2). GANomaly's
+    paper score is not tested this way: at this scale its latent distance stays near chance on
+    2 of 3 seeds even after 40 epochs (1.0, 0.64, 0.50), see docs/reconstruction.md."""
+    rng = np.random.default_rng(seed)
+    train, goods, defects = (_planted_squares(rng, n, d) for n, d in ((24, False), (8, False), (8, True)))
+    det = anomalens.create(
+        "fanogan",
+        image_size=32,
+        width=8,
+        latent=16,
+        gan_epochs=10,
+        epochs=10,
+        lr=1e-3,
+        channels=1,
+        batch_size=8,
+        min_steps=0,
+        seed=seed,
+    ).fit(train)
+    assert det.options["score"] == "mean"
+    scores = det.predict(goods + defects).scores
+    assert scores[8:].min() > scores[:8].max()
