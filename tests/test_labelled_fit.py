@@ -109,3 +109,17 @@ def test_cli_fit_takes_labels_only_for_methods_that_use_them(texture_root, tmp_p
         ],
     )
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_labelled_folder_reads_masks_from_ground_truth(tmp_path):
+    from anomalens.data.labels import load_labelled
+    from anomalens.data.synthetic import _save
+
+    rng = np.random.default_rng(0)
+    for rel in ("good/a.png", "scratch/b.png", "scratch/c.png", "ground_truth/scratch/b_mask.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        _save((rng.random((16, 16)) * 255).astype(np.uint8), tmp_path / rel)
+    samples = {s.path.name: s for s in load_labelled(tmp_path)}
+    assert set(samples) == {"a.png", "b.png", "c.png"}  # ground_truth/ is no defect type
+    assert samples["b.png"].mask_path == tmp_path / "ground_truth/scratch/b_mask.png"
+    assert samples["c.png"].mask_path is None and samples["a.png"].label == 0

@@ -80,7 +80,7 @@ def _goods(paths: Sequence[Path]) -> list[Sample]:
     return [Sample(path=p, label=0) for p in paths]
 
 
-def _mask_index(folder: Path) -> dict[str, Path]:
+def mask_index(folder: Path) -> dict[str, Path]:
     """Lower-cased file stem -> path for the mask files of one defect type (any image extension;
     of two masks with one stem, the first by name)."""
     if not folder.is_dir():
@@ -92,7 +92,7 @@ def _mask_index(folder: Path) -> dict[str, Path]:
     return index
 
 
-def _find_mask(index: Mapping[str, Path], stem: str) -> Path | None:
+def find_mask(index: Mapping[str, Path], stem: str) -> Path | None:
     # MVTec names masks "<stem>_mask.png"; VisA/BTAD reuse the image stem (BTAD: .bmp images, .png masks)
     for name in (f"{stem}_mask", stem):
         found = index.get(name.lower())
@@ -136,9 +136,9 @@ def load_mvtec(root: str | Path) -> Dataset:
         if defect_type == good:
             test.extend(_goods(images))
             continue
-        masks = _mask_index(root / "ground_truth" / defect_type)
+        masks = mask_index(root / "ground_truth" / defect_type)
         test.extend(
-            Sample(path=p, label=1, defect_type=defect_type, mask_path=_find_mask(masks, p.stem))
+            Sample(path=p, label=1, defect_type=defect_type, mask_path=find_mask(masks, p.stem))
             for p in images
         )
     return Dataset(name=root.resolve().name, root=root, train=train, test=test)

@@ -9,22 +9,29 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from anomalens.data.datasets import GOOD, Dataset, DatasetError, Sample, load_csv
+from anomalens.data.datasets import GOOD, Dataset, DatasetError, Sample, find_mask, load_csv, mask_index
 from anomalens.data.io import list_images, natural_sorted
 
 __all__ = ["load_labelled", "split_train_defects"]
 
 
-def _labelled_folder(folder: Path) -> list[Sample]:
-    """`good/` (or `ok/`) beside one folder per defect type; an MVTec category's `train/` is one."""
+def _labelled_folder(folder: Path, masks_root: Path) -> list[Sample]:
+    """`good/` (or `ok/`) beside one folder per defect type; an MVTec category's `train/` is one.
+    Masks, where there are any, in `masks_root/<defect>/` named like MVTec's (`<stem>_mask.<ext>`
+    or `<stem>.<ext>`)."""
     subdirs = natural_sorted(
         [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")], folder
     )
     samples: list[Sample] = []
     for sub in subdirs:
-        good = sub.name.lower() in (GOOD, "ok")
+        if sub.name.lower() in (GOOD, "ok"):
+            samples.extend(Sample(path=p, label=0) for p in list_images(sub))
+            continue
+        if sub.resolve() == masks_root.resolve():
+            continue
+        masks = mask_index(masks_root / sub.name)
         samples.extend(
-            Sample(path=p, label=0) if good else Sample(path=p, label=1, defect_type=sub.name)
+            Sample(path=p, label=1, defect_type=sub.name, mask_path=find_mask(masks, p.stem))
             for p in list_images(sub)
         )
     return samples
@@ -32,8 +39,9 @@ def _labelled_folder(folder: Path) -> list[Sample]:
 
 def load_labelled(source: str | Path) -> list[Sample]:
     """Labelled images from a CSV (`path,label[,mask]`: every row, whatever its split column), a
-    folder with `good/` beside `<defect>/` folders, or an MVTec category whose `train/` holds defect
-    folders beside `good/`. A result store's review labels are read by `workflows.refine`."""
+    folder with `good/` beside `<defect>/` folders (masks in `ground_truth/<defect>/` there), or an
+    MVTec category whose `train/` holds defect folders beside `good/` (masks in the category's
+    `ground_truth/<defect>/`). A result store's review labels are read by `workflows.refine`."""
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"labels not found: '{source}'")
@@ -46,7 +54,7 @@ def load_labelled(source: str | Path) -> list[Sample]:
         samples = dataset.train + dataset.test
     else:
         folder = source / "train" if (source / "train" / GOOD).is_dir() else source
-        samples = _labelled_folder(folder)
+        samples = _labelled_folder(folder, source / "ground_truth")
     if not any(s.label == 1 for s in samples):
         raise DatasetError(f"no defective images among the labels in '{source}'")
     if not any(s.label == 0 for s in samples):
