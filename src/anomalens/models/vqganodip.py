@@ -240,7 +240,7 @@ class VQGanoDip(TrainableDetector):
         "batch_size": 8,
         "epochs": 60,
         "min_steps": 3000,
-        "lr": 2e-4,
+        "lr": 1e-3,
         "max_minutes": 12.0,
     }
     option_bounds = {
