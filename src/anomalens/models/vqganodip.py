@@ -181,7 +181,9 @@ class VQGanoDipModel(nn.Module):
         residual = diff.abs().mean(1)
         maps = self.smooth(residual) if self.smooth is not None else residual
         flat, mflat = residual.flatten(1), maps.flatten(1)
-        k = max(1, round(0.01 * flat.shape[1]))  # the 99th percentile: the k-th largest value
+        k = max(
+            1, round(0.01 * int(flat.shape[1]))
+        )  # 99th percentile: the k-th largest; int(): a constant under the ONNX tracer
         mean = flat.mean(1)
         logits = self.discriminator(x).float().flatten(1)
         feats = [
