@@ -90,6 +90,18 @@ FAST_OPTIONS = {
         "epochs": 20,
         "lr": 2e-3,
     },
+    "vqganodip": {
+        "channels": 1,
+        "width": 8,
+        "levels": 2,
+        "code_dim": 16,
+        "n_codes": 32,
+        "disc_width": 8,
+        "disc_layers": 2,
+        "ae_epochs": 15,
+        "epochs": 15,
+        "lr": 2e-3,
+    },
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {
@@ -135,6 +147,7 @@ TRAINED = (
     "draem",
     "pyramid_ae",
     "piade",
+    "vqganodip",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0
