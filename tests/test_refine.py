@@ -233,3 +233,13 @@ def test_review_page_counts_labels_since_the_last_refine(patchcore, planted, tmp
     client.post(f"/api/review/items/{ids[0]}/label", json={"label": "defect"})
     client.post(f"/api/review/items/{ids[1]}/label", json={"label": "good"})
     assert client.get("/api/review/stats").json()["labels_since_refine"] == 2
+
+
+@pytest.mark.parametrize("kind", ["adaboost", "hist_gradient_boosting"])
+def test_refine_with_boosted_trees_saves_and_scores_probabilities(patchcore, planted, tmp_path, kind):
+    rest, lent = split_train_defects(load_mvtec(planted), 3, seed=0)
+    refined, _ = refine(patchcore, lent, classifier=kind, seed=0)
+    again = anomalens.load(refined.save(tmp_path / f"{kind}.model"))
+    scores = refined.predict(rest.test).scores
+    np.testing.assert_allclose(again.predict(rest.test).scores, scores)
+    assert ((scores >= 0) & (scores <= 1)).all() and np.ptp(scores) > 0

@@ -30,7 +30,9 @@ def refine(
         help="take K seeded test defects per type (and as many test goods) of --data as the labels; "
         "`evaluate --train-defects K --seed S` then leaves exactly those out",
     ),
-    classifier: str = typer.Option("extra_trees", "--classifier", help="extra_trees or logistic"),
+    classifier: str = typer.Option(
+        "extra_trees", "--classifier", help="extra_trees, logistic, adaboost or hist_gradient_boosting"
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the folds, the classifier and --train-defects"),
     output: Path = typer.Option(..., "--output", "-o", help="refined model file to write"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),

@@ -105,7 +105,11 @@ def fit_classifier(
     if kind == "hist_gradient_boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        model = HistGradientBoostingClassifier(class_weight="balanced", random_state=seed).fit(x, y)
+        # scikit-learn's default leaf of 20 samples never splits a few dozen labels: scale it down
+        leaf_size = int(np.clip(len(y) // 10, 2, 20))
+        model = HistGradientBoostingClassifier(
+            class_weight="balanced", min_samples_leaf=leaf_size, random_state=seed
+        ).fit(x, y)
         if list(model.classes_) != [0, 1]:
             raise ValueError("hist_gradient_boosting needs labels 0 (good) and 1 (defect)")
         nodes = [p.nodes for (p,) in model._predictors]  # binary: one tree per iteration

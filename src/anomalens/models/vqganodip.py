@@ -52,6 +52,8 @@ FEATURES = (
     "disc_fake_max",  # -min D(x): its least real patch
 )
 COMPOSITES = ("zmean", "mahalanobis")
+#: validation goods needed to take the goods' statistics from them alone (else training goods join)
+MIN_UNSEEN_GOODS = 8
 
 
 def adaptive_weight(
@@ -380,8 +382,11 @@ class VQGanoDip(TrainableDetector):
     def _train(self, train: torch.Tensor, val: torch.Tensor | None) -> None:
         super()._train(train, val)
         self._classifier, self._classifier_module = None, None
-        # the goods' statistics: training and validation goods (the calibration ones set the threshold)
-        goods = self._features(train if val is None else torch.cat([train, val]))
+        # the goods' statistics and the classifier's goods: goods the networks never trained on (the
+        # validation goods) where there are enough, since trained-on goods reconstruct better than any
+        # new good and would teach the classifier that new goods look defective
+        unseen = val is not None and len(val) >= MIN_UNSEEN_GOODS
+        goods = self._features(val if unseen else (train if val is None else torch.cat([train, val])))
         composite = self.modules["composite"]
         mean = goods.double().mean(0)
         std = goods.double().std(0, correction=0)
@@ -393,7 +398,11 @@ class VQGanoDip(TrainableDetector):
             from sklearn.covariance import LedoitWolf  # shrunk: few goods, correlated features
 
             composite.precision.copy_(torch.from_numpy(LedoitWolf().fit(z_goods.double().numpy()).precision_))
-        info: dict[str, Any] = {"n_goods": len(goods), "composite": self.options["composite"]}
+        info: dict[str, Any] = {
+            "n_goods": len(goods),
+            "goods": "validation (unseen by the networks)" if unseen else "training and validation",
+            "composite": self.options["composite"],
+        }
         defects = [p for p, _ in self.defect_batches()]
         if defects:
             z_defects = composite(self._features(torch.cat(defects)).to(composite.mean.device)).cpu()
