@@ -9,6 +9,7 @@ import torch
 import anomalens
 from anomalens.data.inputs import as_items, iter_batches
 from anomalens.data.io import read_mask
+from anomalens.export import OnnxDetector, export_onnx
 from anomalens.metrics import image_metrics, pixel_metrics
 from anomalens.models.capsnet import balanced_draw, class_balanced_mean
 from anomalens.models.components.capsules import route_by_agreement, squash
@@ -104,3 +105,15 @@ def test_the_map_sums_the_capsule_and_points_at_the_defects(capsnet, texture):
         for s, m in zip(texture.test, pred.maps)
     ]
     assert pixel_metrics(masks, pred.maps)["pixel_auroc"] >= 0.6
+
+
+def test_lite0_stem_is_frozen_saved_and_exported(texture, labelled, tmp_path):
+    det = fit_fast("capsnet", texture, labelled, stem="lite0", image_size=32, epochs=2)
+    stem = det.modules["net"].stem.extractor
+    assert not any(p.requires_grad for p in stem.parameters()) and not stem.training
+    path = det.save(tmp_path / "caps.model")
+    again = anomalens.load(path)
+    ref = det.predict(texture.test)
+    np.testing.assert_array_equal(again.predict(texture.test).scores, ref.scores)
+    got = OnnxDetector.load(export_onnx(det, tmp_path / "caps.onnx"), threads=1).predict(texture.test)
+    assert np.abs(got.scores - ref.scores).max() < 1e-4

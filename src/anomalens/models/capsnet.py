@@ -31,15 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.data.inputs import Batch
+from anomalens.data.inputs import Batch, Preprocess
 from anomalens.models.components.capsules import route_by_agreement, squash
 from anomalens.models.components.layers import SmoothUpsample
 from anomalens.models.components.ranking import wmw_loss
-from anomalens.models.trainable import TrainableDetector, check_choice
+from anomalens.models.feature_base import BackboneDetector
+from anomalens.models.trainable import BackboneTrainableDetector, TrainableDetector, check_choice
 from anomalens.models.training import Phase, augment_batch, parse_augment
 from anomalens.registry import register
 
 LOSSES = ("margin", "wmw", "wmw_full_recall")
+STEMS = ("conv", "lite0")
 NORMAL, ANOMALOUS = 0, 1
 
 
@@ -104,11 +106,16 @@ class CapsuleNet(nn.Module):
         iterations: int,
         grid: int,
         shared: bool,
+        stem: nn.Module | None = None,
+        stem_channels: int = 0,
     ) -> None:
         super().__init__()
         widths = [width * min(2**i, 4) for i in range(depth)]
-        self.stem = nn.Sequential(*(_stage(a, b) for a, b in zip([channels, *widths[:-1]], widths)))
-        self.primary = nn.Conv2d(widths[-1], types * primary_dim, 3, 2, 1)
+        if stem is None:
+            stem = nn.Sequential(*(_stage(a, b) for a, b in zip([channels, *widths[:-1]], widths)))
+            stem_channels = widths[-1]
+        self.stem = stem
+        self.primary = nn.Conv2d(stem_channels, types * primary_dim, 3, 2, 1)
         self.types, self.primary_dim, self.class_dim, self.iterations = (
             types,
             primary_dim,
@@ -139,6 +146,17 @@ class CapsuleNet(nn.Module):
         return self.route(x)[0].norm(dim=-1)
 
 
+class BackboneStem(nn.Module):
+    """The frozen pretrained backbone's deepest requested stage as the stem (stem=lite0)."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)[-1]
+
+
 class CapsnetScorer(nn.Module):
     """Pixels -> (anomalous capsule length (B,), map (B, S, S)): each grid position's share of the
     anomalous capsule, sum over its capsule types of c_i,anom u_anom|i . v_anom / |v_anom|,
@@ -166,7 +184,7 @@ class CapsnetScorer(nn.Module):
 
 
 @register
-class Capsnet(TrainableDetector):
+class Capsnet(BackboneTrainableDetector):
     """Capsule network trained on goods and labelled defects. Options: channels (1 = grayscale),
     width and depth (convolutional stem), primary_types and primary_dim (primary capsules per
     position and their size), class_dim (size of the two class capsules), routing_iterations,
@@ -178,6 +196,8 @@ class Capsnet(TrainableDetector):
     name = "capsnet"
     uses_defects = "required"
     defaults = {
+        "stem": "conv",
+        "layers": (2,),
         "channels": 1,
         "image_size": 128,
         "batch_size": 16,
@@ -226,6 +246,11 @@ class Capsnet(TrainableDetector):
         super().__init__(**options)
         o = self.options
         check_choice(self.name, "loss", o["loss"], LOSSES)
+        check_choice(self.name, "stem", o["stem"], STEMS)
+        if o["stem"] == "lite0" and (o["backbone"] != "efficientnet_lite0" or len(o["layers"]) != 1):
+            raise ValueError(
+                f"{self.name}: stem=lite0 takes one stage (layers) of backbone=efficientnet_lite0"
+            )
         for key in ("width", "depth", "primary_types", "primary_dim", "class_dim", "routing_iterations"):
             if o[key] < 1:
                 raise ValueError(f"{self.name}: option {key} must be >= 1, got {o[key]}")
@@ -236,7 +261,7 @@ class Capsnet(TrainableDetector):
             raise ValueError(
                 f"{self.name}: need 0 <= m_minus < m_plus <= 1, got {o['m_minus']}, {o['m_plus']}"
             )
-        if self.input_side % 2 ** (o["depth"] + 1):
+        if o["stem"] == "conv" and self.input_side % 2 ** (o["depth"] + 1):
             raise ValueError(
                 f"{self.name}: image_size {self.input_side} must be a multiple of 2**(depth + 1) = "
                 f"{2 ** (o['depth'] + 1)}"
@@ -244,8 +269,28 @@ class Capsnet(TrainableDetector):
         self._defect_pixels: torch.Tensor | None = None  # the labelled defects, during a fit only
 
     @property
+    def backbone_stem(self) -> bool:
+        return self.options["stem"] == "lite0"
+
+    @property
     def grid(self) -> int:
-        return self.input_side // 2 ** (self.options["depth"] + 1)
+        stride = self.extractor.strides[-1] if self.backbone_stem else 2 ** self.options["depth"]
+        return self.input_side // (2 * stride)
+
+    # the conv stem needs no backbone: plain trainable-detector input, state and restore
+    def _preprocess(self) -> Preprocess:
+        if self.backbone_stem:
+            return BackboneDetector._preprocess(self)
+        return TrainableDetector._preprocess(self)
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return super()._state() if self.backbone_stem else TrainableDetector._state(self)
+
+    def _restore(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        if self.backbone_stem:
+            super()._restore(arrays, meta)
+        else:
+            TrainableDetector._restore(self, arrays, meta)
 
     def _build_modules(self) -> dict[str, nn.Module]:
         o = self.options
@@ -260,6 +305,7 @@ class Capsnet(TrainableDetector):
                 o["routing_iterations"],
                 self.grid,
                 bool(o["shared_transforms"]),
+                *((BackboneStem(self.extractor), self.extractor.channels[-1]) if self.backbone_stem else ()),
             )
         }
 
