@@ -91,7 +91,7 @@ FAST_OPTIONS = {
         "lr": 2e-3,
     },
     # a narrow stem and 8 capsule types: the margin loss leaves its plateau within the 80 steps
-    "capsnet": {"width": 8, "primary_types": 8, "epochs": 40, "lr": 2e-3},
+    "capsnet": {"stem": "conv", "width": 8, "primary_types": 8, "epochs": 40, "lr": 2e-3},
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {

@@ -2,7 +2,9 @@
 anomaly detection with capsule networks and imbalanced datasets", ICIAP 2019), on Sabour, Frosst
 and Hinton's CapsNet ("Dynamic routing between capsules", NeurIPS 2017).
 
-Trained on the goods and the few labelled defects: a convolutional stem, primary capsules (a
+Trained on the goods and the few labelled defects: a stem (by default the frozen offline
+EfficientNet-Lite0 up to its stride-8 stage, `stem=lite0`; or a small convolutional stem trained
+from scratch, `stem=conv`, for grayscale input), primary capsules (a
 convolution whose channels are grouped into `primary_dim`-vectors, squashed), routing by agreement
 (`components.capsules`, `routing_iterations` iterations) to two class capsules, normal and
 anomalous. The image score is the anomalous capsule's length (in [0, 1)). The map is each
@@ -185,8 +187,9 @@ class CapsnetScorer(nn.Module):
 
 @register
 class Capsnet(BackboneTrainableDetector):
-    """Capsule network trained on goods and labelled defects. Options: channels (1 = grayscale),
-    width and depth (convolutional stem), primary_types and primary_dim (primary capsules per
+    """Capsule network trained on goods and labelled defects. Options: stem (lite0: the frozen
+    pretrained backbone's stage `layers`; conv: trained from scratch, with channels (1 = grayscale),
+    width and depth), primary_types and primary_dim (primary capsules per
     position and their size), class_dim (size of the two class capsules), routing_iterations,
     shared_transforms, loss (margin, wmw, wmw_full_recall), m_plus, m_minus, down_weight (margin
     loss), wmw_gamma, wmw_power, full_recall_k (WMW losses), defects_per_batch (labelled defects
@@ -196,7 +199,7 @@ class Capsnet(BackboneTrainableDetector):
     name = "capsnet"
     uses_defects = "required"
     defaults = {
-        "stem": "conv",
+        "stem": "lite0",
         "layers": (2,),
         "channels": 1,
         "image_size": 128,
