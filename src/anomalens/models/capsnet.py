@@ -264,11 +264,10 @@ class Capsnet(BackboneTrainableDetector):
             raise ValueError(
                 f"{self.name}: need 0 <= m_minus < m_plus <= 1, got {o['m_minus']}, {o['m_plus']}"
             )
-        if o["stem"] == "conv" and self.input_side % 2 ** (o["depth"] + 1):
-            raise ValueError(
-                f"{self.name}: image_size {self.input_side} must be a multiple of 2**(depth + 1) = "
-                f"{2 ** (o['depth'] + 1)}"
-            )
+        # Lite0's stage l has stride 2^(l+1); the primary capsules halve it once more
+        step = 2 ** (o["layers"][-1] + 2) if o["stem"] == "lite0" else 2 ** (o["depth"] + 1)
+        if self.input_side % step:
+            raise ValueError(f"{self.name}: image_size {self.input_side} must be a multiple of {step}")
         self._defect_pixels: torch.Tensor | None = None  # the labelled defects, during a fit only
 
     @property
