@@ -102,6 +102,8 @@ FAST_OPTIONS = {
         "epochs": 15,
         "lr": 2e-3,
     },
+    # a narrow stem and 8 capsule types: the margin loss leaves its plateau within the 80 steps
+    "capsnet": {"stem": "conv", "width": 8, "primary_types": 8, "epochs": 40, "lr": 2e-3},
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {
@@ -148,6 +150,7 @@ TRAINED = (
     "pyramid_ae",
     "piade",
     "vqganodip",
+    "capsnet",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0

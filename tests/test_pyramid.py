@@ -8,7 +8,8 @@ import torch
 
 import anomalens
 from anomalens.data.inputs import as_items, iter_batches
-from anomalens.models.components.pyramid import DynamicRouting, PerceptualResidual, squash
+from anomalens.models.components.capsules import squash
+from anomalens.models.components.pyramid import DynamicRouting, PerceptualResidual
 from conftest import fast_options
 
 

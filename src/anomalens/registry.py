@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.pyramid_ae",
     "anomalens.models.piade",
     "anomalens.models.vqganodip",
+    "anomalens.models.capsnet",
     "anomalens.models.multi",
 )
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.models.components.capsules import route_by_agreement
 from anomalens.models.components.features import normalized_sq_distance
 from anomalens.models.components.layers import SmoothUpsample
 
@@ -55,19 +56,13 @@ class PyramidEncoder(nn.Module):
         return codes
 
 
-def squash(s: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sabour et al.'s capsule non-linearity: |s|^2 / (1 + |s|^2) * s / |s|."""
-    sq = (s * s).sum(dim=dim, keepdim=True)
-    return sq / (1 + sq) * s / torch.sqrt(sq + 1e-8)
-
-
 class DynamicRouting(nn.Module):
     """Routing by agreement (Sabour et al. 2017) from the L pyramid codes to K latent capsules,
     at every position of the grid: the input capsules are the levels' code vectors u_i, their
     predictions u_j|i = W_ij u_i (a 1x1 convolution per level), the coupling coefficients
     c_ij = softmax_j(b_ij) (each level's coefficients sum to one over the latent capsules), the
     outputs v_j = squash(sum_i c_ij u_j|i), and b_ij grows by the agreement u_j|i . v_j over a
-    fixed number of iterations (a static graph: ONNX-exportable)."""
+    fixed number of iterations (`components.capsules.route_by_agreement`: a static graph)."""
 
     def __init__(self, levels: int, code: int, capsules: int, capsule_dim: int, iterations: int) -> None:
         super().__init__()
@@ -89,12 +84,7 @@ class DynamicRouting(nn.Module):
         k, d = self.capsules, self.capsule_dim
         # (B, L, K, D, h, w)
         u_hat = torch.stack([p(c).reshape(b, k, d, h, w) for p, c in zip(self.predict, codes)], dim=1)
-        logits = torch.zeros_like(u_hat[:, :, :, 0])  # (B, L, K, h, w)
-        for it in range(self.iterations):
-            c = torch.softmax(logits, dim=2)
-            v = squash((c.unsqueeze(3) * u_hat).sum(dim=1), dim=2)  # (B, K, D, h, w)
-            if it + 1 < self.iterations:
-                logits = logits + (u_hat * v.unsqueeze(1)).sum(dim=3)
+        v, c = route_by_agreement(u_hat, self.iterations)  # (B, K, D, h, w), (B, L, K, h, w)
         return v.reshape(b, k * d, h, w), c
 
     def forward(self, codes: list[torch.Tensor]) -> torch.Tensor:
