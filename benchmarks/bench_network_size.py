@@ -49,10 +49,13 @@ HEADER = (
 )
 
 
-def measure(name: str, goods: list) -> dict:
+def measure(name: str, dataset) -> dict:
     cls = get_class(name)
     options = {k: v for k, v in SHORT_TRAINING.items() if k in {**cls.base_defaults, **cls.defaults}}
-    det = anomalens.create(name, **options, **EXTRA.get(name, {})).fit(goods)
+    # the supervised methods (unet, ...) also get the set's labelled defect and its mask
+    defects = dataset.test_defective if cls.uses_defects != "none" else []
+    labelled = {"defects": [s.path for s in defects], "defect_masks": [s.mask_path for s in defects]}
+    det = anomalens.create(name, **options, **EXTRA.get(name, {})).fit(dataset.train, **labelled)
     sizes = network_size(det)
     if sizes is None:
         return {}
@@ -90,10 +93,10 @@ def main() -> None:
         root = make_synthetic_dataset(
             Path(tmp) / "tex", n_train=10, n_test_good=1, n_test_defect=1, size=64, seed=0
         )
-        goods = load_mvtec(root).train
+        dataset = load_mvtec(root)
         rows = []
         for name in models:
-            r = measure(name, goods)
+            r = measure(name, dataset)
             if r:
                 rows.append(r)
                 print(row(r), flush=True)

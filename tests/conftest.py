@@ -104,6 +104,9 @@ FAST_OPTIONS = {
     },
     # a narrow stem and 8 capsule types: the margin loss leaves its plateau within the 80 steps
     "capsnet": {"stem": "conv", "width": 8, "primary_types": 8, "epochs": 40, "lr": 2e-3},
+    # the supervised U-Net on the labelled fixture's 8 masked defects: three encoder stages, the
+    # third fine-tuned, 60 steps
+    "unet": {"layers": (0, 1, 2), "frozen_stages": 2, "lr": 1e-2, "epochs": 15, "smooth": 3},
 }
 # classical (PyOD) detectors: pooled stage-3 backbone features; neighbour counts below the 14 fit images
 _CLASSICAL_PYOD = {
@@ -151,6 +154,7 @@ TRAINED = (
     "piade",
     "vqganodip",
     "capsnet",
+    "unet",
 )
 for _name in TRAINED:  # the tiny sets train for the epochs given, not the defaults' minimum step count
     FAST_OPTIONS[_name]["min_steps"] = 0

@@ -26,6 +26,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.piade",
     "anomalens.models.vqganodip",
     "anomalens.models.capsnet",
+    "anomalens.models.unet",
     "anomalens.models.multi",
 )
 

@@ -32,36 +32,18 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from anomalens.data.defects import DefectSynthesizer
+from anomalens.models.components.layers import conv_block, group_norm
 from anomalens.models.components.reconstruction import reconstruction_loss
 from anomalens.models.trainable import TrainableDetector
 from anomalens.models.training import Phase
 from anomalens.registry import register
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    # group norm, not the paper's batch norm: the same in training and inference, where batch norm's
-    # running statistics, taken over batches that are half synthetic defects and far from converged
-    # in a CPU budget, turned the segmentation's ranking upside down on unseen images
-    return nn.GroupNorm(min(8, c), c)
-
-
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    """DRAEM's level: two 3x3 conv - norm - ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1),
-        _norm(c_out),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1),
-        _norm(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
 def _up(c: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
         nn.Conv2d(c, c, 3, padding=1),
-        _norm(c),
+        group_norm(c),
         nn.ReLU(inplace=True),
     )
 
@@ -74,17 +56,19 @@ def level_widths(width: int, depth: int) -> list[int]:
 class UNet(nn.Module):
     """`depth` max-pool levels; with `skips` each decoder level also sees its encoder level
     (the discriminative sub-network), without them it is a plain encoder-decoder (the
-    reconstructive one, which must not copy the defect through)."""
+    reconstructive one, which must not copy the defect through). Group norm, not the paper's batch
+    norm: batch norm's running statistics, over batches half synthetic defects and far from converged
+    in a CPU budget, turned the segmentation's ranking upside down on unseen images."""
 
     def __init__(self, c_in: int, c_out: int, width: int, depth: int, skips: bool) -> None:
         super().__init__()
         widths = level_widths(width, depth)
         self.skips = skips
-        self.down = nn.ModuleList([_block(c_in, widths[0])])
-        self.down.extend(_block(widths[i], widths[i + 1]) for i in range(depth))
+        self.down = nn.ModuleList([conv_block(c_in, widths[0])])
+        self.down.extend(conv_block(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(_up(widths[i + 1]) for i in reversed(range(depth)))
         self.dec = nn.ModuleList(
-            _block(widths[i + 1] + (widths[i] if skips else 0), widths[i]) for i in reversed(range(depth))
+            conv_block(widths[i + 1] + (widths[i] if skips else 0), widths[i]) for i in reversed(range(depth))
         )
         self.out = nn.Conv2d(widths[0], c_out, 3, padding=1)
 

@@ -9,6 +9,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def group_norm(c: int) -> nn.GroupNorm:
+    """Group norm of up to 8 groups: the same in training and inference, unlike batch norm, whose
+    running statistics over small batches of mixed goods and defects are unreliable."""
+    return nn.GroupNorm(min(8, c), c)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """A U-Net level: two 3x3 conv - group norm - ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        group_norm(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        group_norm(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
 def _gaussian_kernel(sigma: float) -> tuple[torch.Tensor, int]:
     radius = max(1, int(math.ceil(4 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
