@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.draem",
     "anomalens.models.pyramid_ae",
     "anomalens.models.piade",
+    "anomalens.models.cyclegan_ad",
     "anomalens.models.multi",
 )
 
