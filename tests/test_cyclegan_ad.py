@@ -57,7 +57,7 @@ def test_cycle_and_identity_losses_decrease(fitted):
 def test_goods_translate_close_to_identity(fitted, texture):
     x = _pixels(fitted, texture.test_good)
     o = fitted.options
-    untrained = ResnetGenerator(o["channels"], o["width"], o["blocks"]).eval()
+    untrained = ResnetGenerator(o["channels"], o["width"], o["blocks"], o["norm"]).eval()
     with torch.no_grad():
         trained_error = (fitted.modules["cyclegan"].to_normal(x) - x).abs().mean()
         untrained_error = (untrained(x) - x).abs().mean()
@@ -89,8 +89,9 @@ def test_score_options(fitted, texture):
 
 
 def test_feature_score_saves_loads_and_exports(texture, labelled, tmp_path):
-    """score=feature: the backbone joins the graph (and its checksum the model file)."""
-    det = fit_fast("cyclegan_ad", texture, labelled, score="feature", image_size=32, epochs=1)
+    """score=feature (the default, with batch norm): the backbone joins the graph and its checksum
+    the model file."""
+    det = fit_fast("cyclegan_ad", texture, labelled, score="feature", norm="batch", image_size=32, epochs=1)
     pred = det.predict(texture.test)
     assert np.isfinite(pred.scores).all() and len(np.unique(pred.scores)) == len(pred.scores)
     again = anomalens.load(det.save(tmp_path / "feature.model"))

@@ -11,23 +11,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORMS = ("batch", "instance")
 
-def _norm(c: int) -> nn.InstanceNorm2d:
-    # instance norm, as CycleGAN: the same in training and inference, whatever the batch
-    return nn.InstanceNorm2d(c)
+
+def _norm(kind: str, c: int) -> nn.Module:
+    # instance norm (CycleGAN's photos) discards each image's mean level: a generator built on it
+    # cannot give back the brightness of an input whose brightness varies (magnetic tile: identity
+    # loss stuck at 0.46), so batch norm, as the CycleGAN-AD code, is the default
+    return nn.BatchNorm2d(c) if kind == "batch" else nn.InstanceNorm2d(c)
+
+
+def init_weights(module: nn.Module) -> None:
+    """CycleGAN's initialisation: conv weights N(0, 0.02), batch-norm scales N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
 
 
 class ResnetBlock(nn.Module):
-    """Two reflect-padded 3x3 conv - instance norm, with a skip connection."""
+    """Two reflect-padded 3x3 conv - norm, with a skip connection."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, norm: str) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"),
-            _norm(c),
+            _norm(norm, c),
             nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"),
-            _norm(c),
+            _norm(norm, c),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,27 +55,30 @@ class ResnetGenerator(nn.Module):
     residual blocks, as many transposed convs back, c7s1-C and tanh. (B, C, S, S) in [-1, 1] ->
     the same shape; S must be a multiple of 2**n_down."""
 
-    def __init__(self, channels: int, width: int, n_blocks: int, n_down: int = 2) -> None:
+    def __init__(
+        self, channels: int, width: int, n_blocks: int, norm: str = "batch", n_down: int = 2
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(channels, width, 7, padding=3, padding_mode="reflect"),
-            _norm(width),
+            _norm(norm, width),
             nn.ReLU(inplace=True),
         ]
         c = width
         for _ in range(n_down):
-            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), _norm(2 * c), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), _norm(norm, 2 * c), nn.ReLU(inplace=True)]
             c *= 2
-        layers += [ResnetBlock(c) for _ in range(n_blocks)]
+        layers += [ResnetBlock(c, norm) for _ in range(n_blocks)]
         for _ in range(n_down):
             layers += [
                 nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                _norm(c // 2),
+                _norm(norm, c // 2),
                 nn.ReLU(inplace=True),
             ]
             c //= 2
         layers += [nn.Conv2d(c, channels, 7, padding=3, padding_mode="reflect"), nn.Tanh()]
         self.net = nn.Sequential(*layers)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -69,17 +88,18 @@ class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / CycleGAN): 4x4 convs, `n_layers` of them stride 2, widths doubling up to
     8x; one real/fake logit per overlapping patch, (B, 1, h, w). No sigmoid (LSGAN)."""
 
-    def __init__(self, channels: int, width: int, n_layers: int = 3) -> None:
+    def __init__(self, channels: int, width: int, n_layers: int = 3, norm: str = "batch") -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
         c = width
         for i in range(1, n_layers + 1):
             c_out = width * min(2**i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, c_out, 4, stride, 1), _norm(c_out), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [nn.Conv2d(c, c_out, 4, stride, 1), _norm(norm, c_out), nn.LeakyReLU(0.2, inplace=True)]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -111,12 +131,14 @@ class CycleGan(nn.Module):
     """The four networks between a normal domain N and an abnormal domain A: generators A->N and
     N->A, discriminators of N and of A."""
 
-    def __init__(self, channels: int, width: int, n_blocks: int, d_width: int, d_layers: int) -> None:
+    def __init__(
+        self, channels: int, width: int, n_blocks: int, d_width: int, d_layers: int, norm: str = "batch"
+    ) -> None:
         super().__init__()
-        self.to_normal = ResnetGenerator(channels, width, n_blocks)
-        self.to_abnormal = ResnetGenerator(channels, width, n_blocks)
-        self.d_normal = PatchDiscriminator(channels, d_width, d_layers)
-        self.d_abnormal = PatchDiscriminator(channels, d_width, d_layers)
+        self.to_normal = ResnetGenerator(channels, width, n_blocks, norm)
+        self.to_abnormal = ResnetGenerator(channels, width, n_blocks, norm)
+        self.d_normal = PatchDiscriminator(channels, d_width, d_layers, norm)
+        self.d_abnormal = PatchDiscriminator(channels, d_width, d_layers, norm)
 
     def generator_parameters(self):
         return itertools.chain(self.to_normal.parameters(), self.to_abnormal.parameters())
