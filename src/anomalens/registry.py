@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "anomalens.models.vqganodip",
     "anomalens.models.capsnet",
     "anomalens.models.unet",
+    "anomalens.models.cyclegan_ad",
     "anomalens.models.multi",
 )
 
