@@ -528,6 +528,9 @@ def demo(
         checkpoint_dir=None,
         roi=None,
         multi=False,
+        labels=None,
+        train_defects=None,
+        seed=0,
     )
     evaluate(
         output / "demo.model",
