@@ -204,6 +204,20 @@ def fit_fast(name: str, dataset, labelled=None, **options):
     return det.fit(dataset.train, **kwargs)
 
 
+class ContractFits(dict):
+    """One `fit_fast` detector per method on the texture, fitted when a test first asks for it and
+    shared by the contract and export tests (a fit per method, not one per test file). Tests must
+    not change these detectors."""
+
+    def __init__(self, dataset, labelled) -> None:
+        super().__init__()
+        self.dataset, self.labelled = dataset, labelled
+
+    def __missing__(self, name: str):
+        self[name] = fit_fast(name, self.dataset, self.labelled)
+        return self[name]
+
+
 def require_openvino() -> None:
     """Skip a test of the openvino runtime when OpenVINO is not installed, except in CI, whose
     `make test` installs it (the dev extra): there it fails."""
@@ -232,6 +246,11 @@ def texture_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def texture(texture_root):
     return load_mvtec(texture_root)
+
+
+@pytest.fixture(scope="session")
+def contract_fits(texture, labelled):
+    return ContractFits(texture, labelled)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import anomalens
 from anomalens.data import ImageReadError
 from anomalens.metrics import image_metrics
 from anomalens.models.base import ModelFileError
-from conftest import fit_fast
 
 ALL = anomalens.available()
 # GAN methods need thousands of steps even on the synthetic texture, and VT-ADL's global
@@ -19,9 +18,10 @@ MIN_IMAGE_AUROC = {"fanogan": 0.65, "ganomaly": 0.65, "vtadl": 0.8, "draem": 0.8
 
 
 @pytest.fixture(scope="module")
-def fitted(texture, labelled):
-    """One fitted detector per method, shared by the tests of this module."""
-    return {name: fit_fast(name, texture, labelled) for name in ALL}
+def fitted(contract_fits):
+    """One fitted detector per method (conftest.ContractFits: fitted on first use, shared with the
+    export tests)."""
+    return contract_fits
 
 
 def test_registry_has_the_foundation_methods():

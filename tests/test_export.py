@@ -15,7 +15,7 @@ from anomalens.export import ExportError, NotExportableError, OnnxDetector, expo
 from anomalens.models.base import Detector, ModelFileError
 from anomalens.registry import get_class
 from anomalens.workflows.benchmark import onnx_size
-from conftest import fast_options, fit_fast, require_openvino
+from conftest import fast_options, require_openvino
 
 # methods that implement the export hook; a fitted one returning None is skipped in the test
 EXPORTABLE = [
@@ -46,8 +46,8 @@ def test_the_foundation_methods_are_exportable():
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
-def test_onnx_runtime_gives_the_torch_scores_and_maps(name, texture, labelled, tmp_path):
-    det = fit_fast(name, texture, labelled)
+def test_onnx_runtime_gives_the_torch_scores_and_maps(name, texture, contract_fits, tmp_path):
+    det = contract_fits[name]
     if det.inference_module() is None:
         pytest.skip(f"{name} has no inference graph with these options")
     path = export_onnx(det, tmp_path / f"{name}.onnx")
