@@ -21,7 +21,7 @@ class LabelledPaDiM(Padim):
     needs_defect_masks = True
 
     def _fit_batches(self, batches, n_images):
-        self.seen = list(self.defect_batches(batch_size=3))
+        self.seen = self.labelled_defects()
         super()._fit_batches(batches, n_images)
 
 
@@ -41,12 +41,12 @@ def test_masks_are_required_when_the_method_needs_them(texture, labelled):
 
 
 @pytest.mark.parametrize("resize", ["squash", "letterbox"])
-def test_defect_batches_carry_each_mask_onto_its_canvas(texture, labelled, resize):
+def test_labelled_defects_carry_each_mask_onto_its_canvas(texture, labelled, resize):
     defects = labelled.test_defective
-    det = LabelledPaDiM(**fast_options("padim"), resize=resize)
+    # batches of 3: the 8 defects are read in three batches and joined
+    det = LabelledPaDiM(**{**fast_options("padim"), "batch_size": 3}, resize=resize)
     det.fit(texture.train, defects=[s.path for s in defects], defect_masks=[s.mask_path for s in defects])
-    pixels = np.concatenate([p.numpy() for p, _ in det.seen])
-    masks = np.concatenate([m.numpy() for _, m in det.seen])
+    pixels, masks = (t.numpy() for t in det.seen)
     assert pixels.shape[0] == masks.shape[0] == len(defects)
     assert pixels.shape[-2:] == masks.shape[-2:] == (64, 64)
     assert set(np.unique(masks)) <= {0.0, 1.0} and (masks.reshape(len(masks), -1).sum(1) > 0).all()

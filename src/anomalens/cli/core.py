@@ -191,12 +191,7 @@ def fit(
         elif labels is not None:
             labelled = read_labels(labels)
         defect_samples = [s for s in labelled if s.label == 1]
-        goods = dataset.train
-        fit_labels = (
-            {"defects": defect_samples, "defect_masks": [s.mask_path for s in defect_samples]}
-            if labelled
-            else {}
-        )
+        fit_labels = {"defects": defect_samples, "defect_masks": [s.mask_path for s in defect_samples]}
         sets = parse_sets(set_)
         if max_minutes is not None:
             sets["max_minutes"] = str(max_minutes)
@@ -207,7 +202,7 @@ def fit(
             err.print(f"labelled: {len(defect_samples)} defects learnt from")
         if isinstance(detector, TrainableDetector):
             detector.fit(
-                goods,
+                dataset.train,
                 progress=not quiet,
                 resume=resume,
                 checkpoint_dir=checkpoint_dir or output.with_name(output.name + ".checkpoints"),
@@ -219,7 +214,7 @@ def fit(
                 "do not apply to it"
             )
         else:
-            detector.fit(goods, progress=not quiet, **fit_labels)
+            detector.fit(dataset.train, progress=not quiet, **fit_labels)
         detector.save(output)
     except user_errors() as e:
         fail(str(e))

@@ -612,29 +612,26 @@ class Detector(ABC):
                 "image_digests": image_digests(it.key for it in items if it.path is not None),
             }
 
-    def defect_batches(
-        self, batch_size: int | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The running fit's labelled defects as the model sees them: (pixels (B, C, H, W), masks
-        (B, H, W) float 0/1 on the same canvases, or None where no defect of the batch has a mask).
-        Masks follow the images through the geometry (resize, padding, tiles), by nearest neighbour."""
-        step = batch_size or self.options["batch_size"]
+    def labelled_defects(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The running fit's labelled defects as the model sees its goods, all at once (they are
+        few): pixels (N, C, H, W) and masks (N, H, W) float 0/1 on the same canvases, None unless
+        every defect has one. Masks follow the images through the geometry (resize, padding,
+        tiles) by nearest neighbour. No defects: an empty pixel tensor."""
         pre = self.preprocess()
+        masked = all(m is not None for m in self._defect_masks)
         by_key = {it.key: m for it, m in zip(self._defects, self._defect_masks)}
-        for batch in iter_batches(self._defects, pre, step):
-            masks = []
-            for key, shape, placement in zip(batch.keys, batch.shapes, batch.placements):
+        pixels, masks = [], []
+        for batch in iter_batches(self._defects, pre, self.options["batch_size"]):
+            pixels.append(batch.pixels)
+            for key, shape, placement in zip(batch.keys, batch.shapes, batch.placements) if masked else ():
                 given = by_key[key]
-                if given is None:
-                    masks = None
-                    break
                 mask = read_mask(given, shape=shape) if not isinstance(given, np.ndarray) else given > 0
                 if mask.shape != tuple(shape):
                     raise ValueError(f"mask of '{key}' is {mask.shape}, the image {tuple(shape)}")
                 masks.append(torch.from_numpy(place_mask(mask, placement)))
-            mask_tensor = None if masks is None else torch.cat(masks).float()
-            for i in range(0, len(batch.pixels), step):
-                yield batch.pixels[i : i + step], None if mask_tensor is None else mask_tensor[i : i + step]
+        if not pixels:
+            return torch.empty(0, pre.channels, *self.input_size), None
+        return torch.cat(pixels), torch.cat(masks).float() if masked else None
 
     @property
     def trained_on(self) -> set[str]:

@@ -316,7 +316,7 @@ class Capsnet(BackboneTrainableDetector):
 
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         # a few dozen labelled defects: kept as tensors for the fit, dropped after it
-        self._defect_pixels = torch.cat([pixels for pixels, _ in self.defect_batches()])
+        self._defect_pixels, _ = self.labelled_defects()
         try:
             super()._fit_batches(batches, n_images)
         finally:

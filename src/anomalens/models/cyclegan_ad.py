@@ -168,7 +168,7 @@ class CycleGanAd(BackboneTrainableDetector):
 
     def _fit_batches(self, batches, n_images: int) -> None:
         # the labelled defects are few (a few dozen): kept as one tensor for the whole training
-        self._defect_pixels = torch.cat([pixels for pixels, _ in self.defect_batches()])
+        self._defect_pixels, _ = self.labelled_defects()
         self.fit_info["n_defects_trained"] = len(self._defect_pixels)
         try:
             super()._fit_batches(batches, n_images)

@@ -234,9 +234,8 @@ class Unet(BackboneTrainableDetector):
     def _fit_batches(self, batches: Iterable[Batch], n_images: int) -> None:
         # half precision in memory: the 8-bit images lose nothing, and 764 goods at 256 px fit in 0.3 GB
         goods = torch.cat([b.pixels.half() for b in batches])
-        defects = list(self.defect_batches())
-        d_pixels = torch.cat([p for p, _ in defects]).half()
-        d_masks = torch.cat([m for _, m in defects]) > 0.5
+        d_pixels, d_masks = self.labelled_defects()
+        d_pixels, d_masks = d_pixels.half(), d_masks > 0.5
         self._pixels = torch.cat([goods, d_pixels])
         self._masks = torch.cat([torch.zeros(len(goods), *d_masks.shape[1:], dtype=torch.bool), d_masks])
         # the engine shuffles indices into that cache: every good once per epoch, each defect

@@ -403,9 +403,9 @@ class VQGanoDip(TrainableDetector):
             "goods": "validation (unseen by the networks)" if unseen else "training and validation",
             "composite": self.options["composite"],
         }
-        defects = [p for p, _ in self.defect_batches()]
-        if defects:
-            z_defects = composite(self._features(torch.cat(defects)).to(composite.mean.device)).cpu()
+        defects, _ = self.labelled_defects()
+        if len(defects):
+            z_defects = composite(self._features(defects).to(composite.mean.device)).cpu()
             x = torch.cat([z_goods, z_defects]).double().numpy()
             y = np.r_[np.zeros(len(z_goods), int), np.ones(len(z_defects), int)]
             kind = self.options["classifier"]
